@@ -1,0 +1,163 @@
+"""DiffExp: exploration for reward fine-tuning of text-to-image diffusion models (SPEC §3).
+
+Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
+
+(a) Dynamic CFG schedule. Denoising runs from t = T-1 (noise) to t = 0 (image). The noisiest steps,
+    t >= t_sw * T, use an extremely low guidance scale `w_low` (diverse layouts); the rest use the
+    ordinary scale `w_high` (quality). `cfg_scales` returns the scale for every step and sample.
+
+(b) Random prompt weighting. For each sample one word of its prompt is chosen at random and its
+    token embeddings are pushed away from the empty prompt's:
+        e'_k = e_empty_k + w * (e_k - e_empty_k)   at the chosen word's token positions k,
+    with w ~ U(w_min, w_max) per sample. `choose_words` draws (reproducibly, from a generator) and
+    records the choice; `apply_prompt_weights` applies it to text-encoder outputs.
+
+Exploration is applied only during the first `explore_frac` of fine-tuning (`is_exploring`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+# Function words that rarely carry content. Whether they may be picked is an option
+# (`exclude_stopwords`): emphasising "the" mostly wastes a sample.
+STOPWORDS = frozenset(
+    "a an the of in on at to for with and or but by from into onto over under near is are was were "
+    "be been being it its this that these those as his her their my your our".split()
+)
+
+
+@dataclass
+class DiffExpConfig:
+    """Everything that defines DiffExp's behaviour; both trainers build one from their flags."""
+
+    cfg_schedule: bool = True
+    """(a) dynamic CFG schedule on/off."""
+    prompt_weighting: bool = True
+    """(b) random prompt weighting on/off."""
+    t_sw: float = 0.8
+    """switch point in [0, 1]: steps with t >= t_sw * T use w_low."""
+    w_low: float = 1.0
+    """guidance scale of the noisy steps (extremely low)."""
+    w_high: float = 7.5
+    """the ordinary guidance scale (after the switch, and everywhere when not exploring)."""
+    weight_range: tuple[float, float] = (1.0, 2.0)
+    """prompt weight w ~ U(w_min, w_max) for the chosen word."""
+    exclude_stopwords: bool = True
+    """never pick function words such as 'a', 'the', 'of'."""
+    explore_frac: float = 0.75
+    """explore only during the first explore_frac of the epochs."""
+
+    def validate(self) -> "DiffExpConfig":
+        """Raise ValueError naming the command-line flag and the fix for any bad value."""
+        if not 0.0 <= self.t_sw <= 1.0:
+            raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {self.t_sw}")
+        if not 0.0 <= self.explore_frac <= 1.0:
+            raise ValueError(f"--explore-frac must be in [0, 1], got {self.explore_frac}")
+        if self.w_low < 0 or self.w_high < 0:
+            raise ValueError(f"--w-low and --w-high must be >= 0, got {self.w_low} and {self.w_high}")
+        lo, hi = self.weight_range
+        if not 0.0 <= lo <= hi:
+            raise ValueError(f"--prompt-weight-range must be two numbers 0 <= w_min <= w_max, got {lo} {hi}")
+        return self
+
+
+def is_exploring(epoch: int, num_epochs: int, explore_frac: float) -> bool:
+    """DiffExp is used for the first `explore_frac` of the epochs (paper: 0.75), then switched off."""
+    return epoch < explore_frac * num_epochs
+
+
+def cfg_scales(
+    timesteps: torch.Tensor, num_train_timesteps: int, t_sw: float, w_low: float, w_high: float, enabled: bool = True
+) -> torch.Tensor:
+    """Guidance scale for each entry of `timesteps` (any shape, any device): w_low where t >= t_sw * T.
+
+    With `enabled=False` (ablation, or after exploration) every step uses w_high.
+    t_sw = 1 never switches to w_low (t < T always); t_sw = 0 uses w_low everywhere.
+    """
+    if not 0.0 <= t_sw <= 1.0:
+        raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {t_sw}")
+    high = torch.full(timesteps.shape, float(w_high), device=timesteps.device)
+    if not enabled:
+        return high
+    return torch.where(timesteps >= t_sw * num_train_timesteps, torch.full_like(high, float(w_low)), high)
+
+
+@dataclass
+class PromptWeight:
+    """What random prompt weighting did to one sample (logged, and enough to redo it)."""
+
+    prompt: str
+    word: str | None  # None: nothing was weighted (no eligible word)
+    word_index: int  # index among the prompt's whitespace-separated words, -1 if none
+    positions: list[int] = field(default_factory=list)  # token positions in the encoder output (BOS = 0)
+    weight: float = 1.0
+
+
+def word_token_positions(prompt: str, tokenizer, max_length: int | None = None) -> list[tuple[str, list[int]]]:
+    """Split a prompt into whitespace words and give each the positions of all its BPE tokens.
+
+    CLIP's tokenizer never merges across whitespace, so tokenising word by word gives the same
+    sequence as tokenising the prompt; position 0 is <|startoftext|>. Tokens at or beyond the
+    truncation point (max_length - 1, the last slot being <|endoftext|>) are dropped, so a word
+    cut off by truncation keeps only its visible tokens, and a word wholly past it keeps none.
+    """
+    max_length = max_length or tokenizer.model_max_length
+    out, pos = [], 1
+    for word in prompt.split():
+        n = len(tokenizer(word, add_special_tokens=False).input_ids)
+        out.append((word, [p for p in range(pos, pos + n) if p < max_length - 1]))
+        pos += n
+    return out
+
+
+def _eligible(word: str, positions: list[int], exclude_stopwords: bool) -> bool:
+    core = re.sub(r"[^\w]", "", word.lower())
+    return bool(positions) and bool(core) and not (exclude_stopwords and core in STOPWORDS)
+
+
+def choose_words(
+    prompts: list[str],
+    tokenizer,
+    generator: torch.Generator,
+    weight_range: tuple[float, float] = (1.0, 2.0),
+    exclude_stopwords: bool = True,
+) -> list[PromptWeight]:
+    """Pick one random word per prompt and a weight w ~ U(weight_range), reproducibly from `generator`.
+
+    Exactly two draws are made per prompt (word, weight), whatever the prompt, so the stream of
+    random numbers and hence every later choice does not depend on earlier prompts' lengths.
+    """
+    lo, hi = weight_range
+    choices = []
+    for prompt in prompts:
+        u_word, u_weight = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
+        words = word_token_positions(prompt, tokenizer)
+        eligible = [i for i, (w, pos) in enumerate(words) if _eligible(w, pos, exclude_stopwords)]
+        if not eligible:
+            choices.append(PromptWeight(prompt, None, -1))
+            continue
+        i = eligible[min(int(u_word * len(eligible)), len(eligible) - 1)]
+        choices.append(PromptWeight(prompt, words[i][0], i, words[i][1], lo + (hi - lo) * u_weight))
+    return choices
+
+
+def apply_prompt_weights(embeds: torch.Tensor, empty_embeds: torch.Tensor, choices: list[PromptWeight]) -> torch.Tensor:
+    """e'_k = e_empty_k + w (e_k - e_empty_k) at each sample's chosen positions; elsewhere e is unchanged.
+
+    embeds: [B, L, D] text-encoder output of the prompts; empty_embeds: [L, D] or [1, L, D] for "".
+    Built as one blend with a per-position weight tensor (1 where untouched), so it is a single
+    device op and differentiable; w = 1 is exactly the identity.
+    """
+    if len(choices) != embeds.shape[0]:
+        raise ValueError(f"{len(choices)} prompt-weight choices for {embeds.shape[0]} embeddings")
+    w = torch.ones(embeds.shape[:2], dtype=torch.float32)
+    for b, c in enumerate(choices):
+        if c.positions:
+            w[b, c.positions] = c.weight
+    w = w.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(-1)
+    empty = empty_embeds.reshape(1, *embeds.shape[1:]).to(embeds.dtype)
+    return torch.where(w == 1, embeds, empty + w * (embeds - empty))
