@@ -1,0 +1,603 @@
+"""Rewards for fine-tuning and evaluation (SPEC §6): one contract for all of them.
+
+    reward = load_reward("hps:1,aesthetic:0.5", device="cuda")
+    scores, components = reward(images, prompts)   # images: N x 3 x H x W floats in [0, 1]; scores: [N]
+
+`components` holds each ensemble part's unweighted score (detached, for logging); `scores` is their
+weighted sum and keeps the autograd graph when every part is differentiable (`reward.differentiable`).
+
+| name                   | model                                                         | differentiable |
+| aesthetic              | CLIP ViT-L/14 image embedding -> LAION aesthetic MLP          | yes |
+| pickscore              | PickScore_v1 (CLIP ViT-H/14): logit_scale * cos(image, text) | yes |
+| hps / hpsv2            | HPS v2.1 / v2.0 (open_clip ViT-H/14): cos(image, text)        | yes |
+| imagereward            | ImageReward-v1.0 (BLIP), re-implemented on transformers' BLIP | yes |
+| jpeg                   | -(JPEG kB at quality 95): compressibility                     | no (DDPO only) |
+| jpeg_incompressibility | +(JPEG kB at quality 95)                                      | no (DDPO only) |
+| custom:DIR             | a model trained by train_reward.py                            | yes |
+
+Every checkpoint is a hub id or a local path, loaded through diffusion.from_pretrained (the same code
+path either way); `load_reward(..., pickscore_model="/some/dir")` etc. override the defaults in
+DEFAULT_MODELS. Nothing is loaded at import time. Preprocessing is done in torch (interpolate +
+normalise), never PIL, so gradients reach the pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffusion import CheckpointError, from_pretrained
+
+# Where each model comes from by default; every entry can be overridden with a hub id or a local path
+# (keyword argument of load_reward, command-line flag --aesthetic-model etc. in the trainers).
+DEFAULT_MODELS = dict(
+    aesthetic_clip="openai/clip-vit-large-patch14",  # CLIPModel whose image embedding the MLP reads
+    aesthetic_model="trl-lib/ddpo-aesthetic-predictor",  # repo (or dir, or file) with aesthetic-model.pth
+    pickscore_model="yuvalkirstain/PickScore_v1",  # CLIPModel
+    pickscore_processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K",  # CLIPProcessor: tokenizer + image size/mean/std
+    hps_model="xswu/HPSv2",  # repo (or dir, or file) with HPS_v2.1_compressed.pt / HPS_v2_compressed.pt
+    hps_arch="ViT-H-14",  # open_clip architecture: a model name or 'local-dir:DIR' (open_clip_config.json)
+    imagereward_model="THUDM/ImageReward",  # repo (or dir) with ImageReward.pt and med_config.json
+    imagereward_tokenizer="google-bert/bert-base-uncased",  # BLIP's text tokenizer
+)
+AESTHETIC_FILE = "aesthetic-model.pth"  # the LAION predictor sac+logos+ava1-l14-linearMSE.pth, renamed
+HPS_FILES = {"hps": "HPS_v2.1_compressed.pt", "hpsv2": "HPS_v2_compressed.pt"}
+IMAGEREWARD_FILES = ("ImageReward.pt", "med_config.json")
+# ImageReward standardises its MLP output with these (from its training set).
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+NAMES = ("aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility")
+NOT_DIFFERENTIABLE = ("jpeg", "jpeg_incompressibility")
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing: validate the --reward string before anything is loaded.
+
+
+def parse_reward_spec(spec: str, flag: str = "--reward") -> list[tuple[str, float]]:
+    """`"hps:1,aesthetic:0.5"` -> [("hps", 1.0), ("aesthetic", 0.5)]; a bare name has weight 1.
+
+    `custom:DIR` is a name (its DIR must hold a train_reward.py model); `custom:DIR:0.5` weights it.
+    Raises a one-line ValueError naming `flag` for any unknown name or malformed part; loads nothing.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"{flag} is empty: give a reward name ({', '.join(NAMES)}, custom:DIR) or 'name:weight,...'")
+    parts = []
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            raise ValueError(f"{flag} '{spec}' has an empty component: write 'name:weight,name:weight' without stray commas")
+        head, sep, tail = part.rpartition(":")
+        weight = 1.0
+        name = part
+        if sep and head:
+            try:
+                weight = float(tail)
+                name = head
+            except ValueError:
+                # "custom:DIR" has a colon but no weight; anything else after a colon must be a number.
+                if head in NAMES or head.startswith("custom:"):
+                    raise ValueError(f"{flag} '{spec}': weight '{tail}' of '{head}' is not a number (write e.g. '{head}:0.5')") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"{flag} '{spec}': weight of '{name}' must be a finite number, got {tail}")
+        if name.startswith("custom:"):
+            path = name[len("custom:"):]
+            if not path:
+                raise ValueError(f"{flag} '{spec}': custom needs a directory, e.g. custom:runs/reward-snow")
+            if not (Path(path).expanduser() / "config.json").is_file():
+                raise ValueError(f"{flag} '{spec}': '{path}' is not a reward model directory (no config.json); make one with train_reward.py")
+        elif name not in NAMES:
+            raise ValueError(f"{flag} '{spec}': unknown reward '{name}'; known: {', '.join(NAMES)}, custom:DIR")
+        if name in [n for n, _ in parts]:
+            raise ValueError(f"{flag} '{spec}': '{name}' appears twice; give each reward once with its weight")
+        parts.append((name, weight))
+    return parts
+
+
+def require_differentiable(spec: str, flag: str = "--reward") -> list[tuple[str, float]]:
+    """parse_reward_spec, plus a one-line error if any part cannot give gradients (AlignProp)."""
+    parts = parse_reward_spec(spec, flag)
+    for name, _ in parts:
+        if name in NOT_DIFFERENTIABLE:
+            raise ValueError(f"{flag}: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}")
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared pieces.
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+    """What CLIP image processors do (short side to `size`, bicubic; centre crop; normalise), in torch.
+
+    Differentiable: interpolate (antialiased when shrinking, like PIL), crop by slicing, affine normalise.
+    """
+    h, w = images.shape[-2:]
+    # Same output size as transformers' shortest_edge resize: short side = size, long side floored.
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    if (nh, nw) != (h, w):
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+        images = images.clamp(0, 1)  # bicubic overshoots; PIL's uint8 resize cannot
+    top, left = (nh - size) // 2, (nw - size) // 2
+    images = images[..., top : top + size, left : left + size]
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
+def _size(s) -> int:
+    """An image processor's crop size, which may be an int or a dict {'height', 'width'}/{'shortest_edge'}."""
+    if isinstance(s, int):
+        return s
+    s = dict(s)
+    return int(s.get("height", s.get("shortest_edge", 0)))
+
+
+class HubFile:
+    """One file of a hub repo, or a local file, or that file inside a local directory.
+
+    Exists so single-file checkpoints go through diffusion.from_pretrained like every other model
+    (same offline/missing errors); `from_pretrained` returns the file's local path.
+    """
+
+    @classmethod
+    def from_pretrained(cls, name: str, filename: str) -> str:
+        if os.path.isfile(name):
+            return name
+        if os.path.isdir(name):
+            path = os.path.join(name, filename)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"missing {filename}")
+            return path
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(name, filename)
+
+
+def load_state_dict_file(path: str) -> dict:
+    """A state dict from .safetensors or a torch pickle, safely (weights_only: no code runs)."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError (non-tensor objects inside), RuntimeError (not a torch file)
+        raise CheckpointError(f"cannot read '{path}' as a weights-only torch checkpoint ({str(e).splitlines()[0]})") from None
+
+
+def _load_strict(module: nn.Module, state_dict: dict, what: str, path: str):
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what}: '{path}' does not fit the model: missing {list(missing)[:4]}, unexpected {list(unexpected)[:4]}"
+        )
+
+
+def _freeze(module: nn.Module, device, dtype) -> nn.Module:
+    return module.to(device=device, dtype=dtype).requires_grad_(False).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The rewards. Each is an nn.Module: forward(images in [0, 1] N x 3 x H x W, prompts) -> float [N].
+
+
+class AestheticMLP(nn.Module):
+    """The LAION aesthetic predictor head, laid out as published (keys layers.0/2/4/6/7).
+
+    No non-linearities between the linears: the published model has none (its dropouts are no-ops
+    in eval), so the head is an affine map of the normalised CLIP embedding.
+    """
+
+    def __init__(self, dim: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(dim, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class AestheticReward(nn.Module):
+    differentiable = True
+
+    def __init__(self, clip_name: str, mlp_name: str):
+        super().__init__()
+        from transformers import CLIPModel
+
+        self.clip = from_pretrained(CLIPModel, clip_name, "--aesthetic-clip")
+        path = from_pretrained(HubFile, mlp_name, "--aesthetic-model", filename=AESTHETIC_FILE)
+        self.mlp = AestheticMLP(self.clip.config.projection_dim)
+        _load_strict(self.mlp, load_state_dict_file(path), "--aesthetic-model", path)
+        self.size = self.clip.config.vision_config.image_size
+
+    def forward(self, images, prompts):
+        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        emb = self.clip.get_image_features(pixel_values=pixels).pooler_output  # transformers 5: an output object
+        emb = emb / emb.norm(dim=-1, keepdim=True)
+        return self.mlp(emb).squeeze(-1)
+
+
+class PickScoreReward(nn.Module):
+    differentiable = True
+
+    def __init__(self, model_name: str, processor_name: str):
+        super().__init__()
+        from transformers import CLIPModel, CLIPProcessor
+
+        self.model = from_pretrained(CLIPModel, model_name, "--pickscore-model")
+        processor = from_pretrained(CLIPProcessor, processor_name, "--pickscore-processor")
+        self.tokenizer = processor.tokenizer
+        ip = processor.image_processor
+        self.size, self.mean, self.std = _size(ip.crop_size), tuple(ip.image_mean), tuple(ip.image_std)
+
+    def forward(self, images, prompts):
+        pixels = clip_preprocess(images, self.size, self.mean, self.std)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(images.device)
+        img = self.model.get_image_features(pixel_values=pixels).pooler_output
+        txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+        img = img / img.norm(dim=-1, keepdim=True)
+        txt = txt / txt.norm(dim=-1, keepdim=True)
+        return self.model.logit_scale.exp() * (img * txt).sum(-1)
+
+
+class HPSReward(nn.Module):
+    """HPS v2 / v2.1: an open_clip ViT-H/14 whose every weight comes from the HPS checkpoint."""
+
+    differentiable = True
+
+    def __init__(self, ckpt_name: str, arch: str, filename: str):
+        super().__init__()
+        import open_clip
+
+        path = from_pretrained(HubFile, ckpt_name, "--hps-model", filename=filename)
+        try:  # pretrained=None: the HPS checkpoint replaces all weights, so nothing else is fetched
+            self.model = open_clip.create_model(arch, pretrained=None, load_weights=False)
+            self.tokenizer = open_clip.get_tokenizer(arch)
+        except (RuntimeError, FileNotFoundError, ValueError) as e:
+            raise CheckpointError(f"--hps-arch: cannot build open_clip model '{arch}' ({str(e).splitlines()[0]})") from None
+        ckpt = load_state_dict_file(path)
+        state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt  # the HPS release wraps it in 'state_dict'
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        _load_strict(self.model, state, "--hps-model", path)
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        size = cfg["size"]
+        self.size = size if isinstance(size, int) else size[0]
+        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+
+    def forward(self, images, prompts):
+        pixels = clip_preprocess(images, self.size, self.mean, self.std)
+        text = self.tokenizer(list(prompts)).to(images.device)
+        img = self.model.encode_image(pixels, normalize=True)
+        txt = self.model.encode_text(text, normalize=True)
+        return (img * txt).sum(-1)
+
+
+def _blip_vit_to_transformers(state: dict) -> dict:
+    """BLIP's timm-style ViT keys (ImageReward.pt, 'blip.visual_encoder.*' stripped) -> BlipVisionModel's."""
+    out = {}
+    for k, v in state.items():
+        k2 = (
+            k.replace("cls_token", "embeddings.class_embedding")
+            .replace("pos_embed", "embeddings.position_embedding")
+            .replace("patch_embed.proj", "embeddings.patch_embedding")
+            .replace("blocks.", "encoder.layers.")
+            .replace(".attn.qkv", ".self_attn.qkv")  # same q/k/v packing (3, heads, head_dim) in both
+            .replace(".attn.proj", ".self_attn.projection")
+            .replace(".norm1", ".layer_norm1")
+            .replace(".norm2", ".layer_norm2")
+        )
+        out["post_layernorm" + k2[len("norm"):] if k2.startswith("norm.") else k2] = v
+    return out
+
+
+class ImageRewardReward(nn.Module):
+    """ImageReward-v1.0: BLIP ViT image tokens cross-attended by a BERT text encoder, [CLS] -> MLP.
+
+    The `image-reward` package cannot import under transformers 5 (it needs helpers transformers
+    removed) and pins timm 0.6, so this loads its published checkpoint (ImageReward.pt + med_config.json)
+    into transformers' own BLIP classes. The vision tower's shape is read from the checkpoint.
+    """
+
+    differentiable = True
+
+    def __init__(self, model_name: str, tokenizer_name: str):
+        super().__init__()
+        from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
+
+        ckpt_path = from_pretrained(HubFile, model_name, "--imagereward-model", filename=IMAGEREWARD_FILES[0])
+        if os.path.isfile(model_name):  # a bare ImageReward.pt: its med_config.json must lie beside it
+            cfg_path = os.path.join(os.path.dirname(ckpt_path), IMAGEREWARD_FILES[1])
+        else:
+            cfg_path = from_pretrained(HubFile, model_name, "--imagereward-model", filename=IMAGEREWARD_FILES[1])
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"--imagereward-model: '{cfg_path}' is missing; it comes with ImageReward.pt in THUDM/ImageReward")
+        med = json.loads(Path(cfg_path).read_text())
+        state = load_state_dict_file(ckpt_path)
+        vit = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+        text = {k[len("blip.text_encoder."):]: v for k, v in state.items() if k.startswith("blip.text_encoder.")}
+        mlp = {k[len("mlp."):]: v for k, v in state.items() if k.startswith("mlp.")}
+        if not vit or not text or not mlp:
+            raise CheckpointError(f"--imagereward-model: '{ckpt_path}' has no blip.visual_encoder/blip.text_encoder/mlp weights")
+        text.pop("embeddings.position_ids", None)  # a buffer older torch saved; not a weight
+
+        width = vit["cls_token"].shape[-1]
+        patch = vit["patch_embed.proj.weight"].shape[-1]
+        grid = int(round(math.sqrt(vit["pos_embed"].shape[1] - 1)))
+        depth = len({k.split(".")[1] for k in vit if k.startswith("blocks.")})
+        self.vision = BlipVisionModel(
+            BlipVisionConfig(
+                hidden_size=width,
+                intermediate_size=vit["blocks.0.mlp.fc1.weight"].shape[0],
+                num_hidden_layers=depth,
+                num_attention_heads=max(1, width // 64),  # BLIP's ViTs use 64-wide heads (base 12, large 16)
+                image_size=grid * patch,
+                patch_size=patch,
+                layer_norm_eps=1e-6,  # BLIP's ViT LayerNorm eps
+                hidden_act="gelu",
+            )
+        )
+        _load_strict(self.vision, _blip_vit_to_transformers(vit), "--imagereward-model", ckpt_path)
+        self.text = BlipTextModel(
+            BlipTextConfig(
+                vocab_size=med["vocab_size"],
+                hidden_size=med["hidden_size"],
+                encoder_hidden_size=width,
+                intermediate_size=med["intermediate_size"],
+                num_hidden_layers=med["num_hidden_layers"],
+                num_attention_heads=med["num_attention_heads"],
+                max_position_embeddings=med["max_position_embeddings"],
+                hidden_act=med.get("hidden_act", "gelu"),
+                layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+                pad_token_id=med.get("pad_token_id", 0),
+                bos_token_id=None,  # only used for generation, which a reward never does
+                sep_token_id=None,
+                is_decoder=True,  # in transformers' BLIP this is what creates the cross-attention layers
+            ),
+            add_pooling_layer=False,
+        )
+        _load_strict(self.text, text, "--imagereward-model", ckpt_path)
+        self.mlp = AestheticMLP(med["hidden_size"])  # same 5-linear head layout as the aesthetic MLP
+        _load_strict(self.mlp, mlp, "--imagereward-model", ckpt_path)
+        self.tokenizer = from_pretrained(BertTokenizer, tokenizer_name, "--imagereward-tokenizer")
+        self.size = grid * patch
+
+    def forward(self, images, prompts):
+        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(images.device)
+        image_tokens = self.vision(pixel_values=pixels).last_hidden_state
+        image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=images.device)
+        hidden = self.text(
+            input_ids=tok.input_ids,
+            attention_mask=tok.attention_mask,
+            encoder_hidden_states=image_tokens,
+            encoder_attention_mask=image_mask,
+        ).last_hidden_state
+        return ((self.mlp(hidden[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).squeeze(-1)
+
+
+class JpegReward(nn.Module):
+    """JPEG file size at quality 95 in kB (1 kB = 1000 bytes), negated for compressibility."""
+
+    differentiable = False
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, images, prompts):
+        from PIL import Image
+
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        sizes = []
+        for p in pixels:
+            buf = io.BytesIO()
+            Image.fromarray(p).save(buf, format="JPEG", quality=95)
+            sizes.append(buf.tell() / 1000)
+        return self.sign * torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom reward models (train_reward.py trains them; `custom:DIR` loads them). The networks live
+# here so that both trainers and train_reward.py share one definition.
+
+
+class SmallCNN(nn.Module):
+    """A small CNN trained from scratch: works fully offline. Input: normalised images at a fixed size."""
+
+    def __init__(self, num_outputs: int, width: int = 32):
+        super().__init__()
+        chans = [3, width, width * 2, width * 4, width * 4]
+        layers = []
+        for c_in, c_out in zip(chans[:-1], chans[1:]):
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1, stride=2), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.Linear(2 * chans[-1], width * 2), nn.SiLU(), nn.Linear(width * 2, num_outputs))
+
+    def forward(self, x):
+        f = self.features(x)
+        # Mean and max pooling: mean sees global tone (fog), max sees sparse high-frequency marks (snow, rain).
+        return self.head(torch.cat([f.mean((2, 3)), f.amax((2, 3))], dim=1))
+
+
+class ClipHead(nn.Module):
+    """A frozen CLIP image encoder and a small trained head on its normalised embedding."""
+
+    def __init__(self, clip_model, num_outputs: int, hidden: int = 256):
+        super().__init__()
+        self.clip = clip_model.requires_grad_(False).eval()
+        dim = clip_model.config.projection_dim
+        self.head = nn.Sequential(nn.Linear(dim, hidden), nn.SiLU(), nn.Linear(hidden, num_outputs))
+
+    def forward(self, x):
+        emb = self.clip.get_image_features(pixel_values=x).pooler_output
+        return self.head(emb / emb.norm(dim=-1, keepdim=True))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.clip.eval()  # the backbone stays frozen and in eval mode (no dropout) while the head trains
+        return self
+
+
+def build_custom_network(config: dict) -> nn.Module:
+    """The network a custom reward's config.json describes (weights not loaded)."""
+    outputs = 1 if config["task"] == "regression" else len(config["classes"])
+    if config["backbone"] == "cnn":
+        return SmallCNN(outputs, width=config.get("width", 32))
+    from transformers import CLIPModel
+
+    clip = from_pretrained(CLIPModel, config["clip_model"], "--clip-model")
+    return ClipHead(clip, outputs, hidden=config.get("width", 256))
+
+
+def custom_preprocess(images: torch.Tensor, config: dict) -> torch.Tensor:
+    """The custom model's input: CLIP's preprocessing for the CLIP backbone, a plain resize for the CNN."""
+    if config["backbone"] == "clip":
+        return clip_preprocess(images, config["image_size"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+    size = config["image_size"]
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (images - 0.5) / 0.5
+
+
+def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, target=None) -> torch.Tensor:
+    """Network outputs -> reward [N], by the config's reward mode (or the given override).
+
+    mode 'prediction': the regression prediction, or for a classifier the expected class value;
+    mode 'target': -|prediction - target| (highest at the target strength);
+    mode 'class_prob': probability of the target class (classification only).
+    """
+    mode = mode or config.get("reward_mode", "prediction")
+    target = config.get("target") if target is None else target
+    if config["task"] == "regression":
+        pred = outputs.squeeze(-1)
+    else:
+        probs = outputs.float().softmax(-1)
+        if mode == "class_prob":
+            classes = config["classes"]
+            if str(target) not in classes:
+                raise ValueError(f"custom reward: target class '{target}' is not one of {classes}")
+            return probs[:, classes.index(str(target))]
+        values = torch.tensor(config["class_values"], dtype=probs.dtype, device=probs.device)
+        pred = probs @ values
+    if mode == "prediction":
+        return pred
+    if mode == "target":
+        if target is None:
+            raise ValueError("custom reward: reward mode 'target' needs a target value (train_reward.py --target)")
+        return -(pred - float(target)).abs()
+    raise ValueError(f"custom reward: unknown reward mode '{mode}' (prediction, target, class_prob)")
+
+
+def load_custom_model(directory: str | Path, device="cpu", dtype=torch.float32):
+    """(network with its trained weights, config) from a train_reward.py output directory."""
+    directory = Path(directory).expanduser()
+    cfg_path = directory / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"--reward custom:{directory}: no config.json there; train a reward with train_reward.py")
+    config = json.loads(cfg_path.read_text())
+    net = build_custom_network(config)
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        raise CheckpointError(f"--reward custom:{directory}: model.safetensors is missing; train_reward.py writes it")
+    state = load_state_dict_file(str(weights))
+    if config["backbone"] == "clip":  # only the head is saved; the backbone comes from its own checkpoint
+        _load_strict(net.head, state, f"custom:{directory}", str(weights))
+    else:
+        _load_strict(net, state, f"custom:{directory}", str(weights))
+    return _freeze(net, device, dtype), config
+
+
+class CustomReward(nn.Module):
+    differentiable = True
+
+    def __init__(self, directory: str, device, dtype, mode: str | None = None, target=None):
+        super().__init__()
+        self.net, self.config = load_custom_model(directory, device, dtype)
+        self.mode, self.target = mode, target
+        custom_value(torch.zeros(1, 1 if self.config["task"] == "regression" else len(self.config["classes"])), self.config, mode, target)  # fail now on a bad mode/target
+
+    def forward(self, images, prompts):
+        return custom_value(self.net(custom_preprocess(images, self.config)), self.config, self.mode, self.target)
+
+
+# ----------------------------------------------------------------------------------------------
+# The object the trainers hold.
+
+
+class Reward:
+    """A weighted sum of rewards. `reward(images, prompts) -> (scores [N] float32, {name: score [N]})`."""
+
+    def __init__(self, parts: list[tuple[str, float, nn.Module]]):
+        self.parts = parts
+        self.name = ",".join(n if w == 1 else f"{n}:{w:g}" for n, w, _ in parts)
+        self.differentiable = all(m.differentiable for _, _, m in parts)
+
+    def __call__(self, images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
+            raise ValueError(f"reward {self.name}: images must be an N x 3 x H x W float tensor in [0, 1], got {getattr(images, 'shape', type(images))}")
+        if len(prompts) != len(images):
+            raise ValueError(f"reward {self.name}: {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+        lo, hi = images.detach().aminmax()
+        if lo < -1e-3 or hi > 1 + 1e-3:
+            raise ValueError(f"reward {self.name}: images must be in [0, 1], got [{lo:.3f}, {hi:.3f}] (decoded SD images are in [-1, 1]: use (x / 2 + 0.5).clamp(0, 1))")
+        if not self.differentiable and images.requires_grad and torch.is_grad_enabled():
+            bad = [n for n, _, m in self.parts if not m.differentiable]
+            raise ValueError(f"reward {self.name}: {', '.join(bad)} is not differentiable and cannot give gradients: use it with train_ddpo.py, or score under torch.no_grad()")
+        total, components = 0.0, {}
+        for name, weight, module in self.parts:
+            p = next(module.parameters(), None)
+            x = images if p is None else images.to(device=p.device, dtype=p.dtype)
+            score = module(x, prompts).float().to(images.device)
+            components[name] = score.detach()
+            total = total + weight * score
+        return total, components
+
+
+def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides) -> Reward:
+    """Load every reward of `spec` (see parse_reward_spec) once, frozen, on `device` in `dtype`.
+
+    `model_overrides`: any key of DEFAULT_MODELS (hub id or local path), plus `custom_mode` /
+    `custom_target` to change a custom reward's value ('prediction', 'target', 'class_prob').
+    """
+    parts = parse_reward_spec(spec)
+    custom_mode = model_overrides.pop("custom_mode", None)
+    custom_target = model_overrides.pop("custom_target", None)
+    unknown = set(model_overrides) - set(DEFAULT_MODELS)
+    if unknown:
+        raise ValueError(f"load_reward: unknown model override(s) {sorted(unknown)}; known: {', '.join(DEFAULT_MODELS)}")
+    m = {**DEFAULT_MODELS, **{k: v for k, v in model_overrides.items() if v is not None}}
+    loaded = []
+    for name, weight in parts:
+        if name == "aesthetic":
+            module = AestheticReward(m["aesthetic_clip"], m["aesthetic_model"])
+        elif name == "pickscore":
+            module = PickScoreReward(m["pickscore_model"], m["pickscore_processor"])
+        elif name in HPS_FILES:
+            module = HPSReward(m["hps_model"], m["hps_arch"], HPS_FILES[name])
+        elif name == "imagereward":
+            module = ImageRewardReward(m["imagereward_model"], m["imagereward_tokenizer"])
+        elif name in NOT_DIFFERENTIABLE:
+            module = JpegReward(-1.0 if name == "jpeg" else 1.0)
+        else:
+            module = CustomReward(name[len("custom:"):], device, dtype, custom_mode, custom_target)
+        loaded.append((name, weight, _freeze(module, device, dtype)))
+    return Reward(loaded)

@@ -1,0 +1,291 @@
+"""rewards.py against independent references, with tiny models saved in the published layouts."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import rewards
+from diffusion import CheckpointError
+from tiny_rewards import IR_VISION, make_tiny_aesthetic, make_tiny_clip, make_tiny_hps, make_tiny_imagereward
+
+PROMPTS = ["a photo of a cat", "a dog riding a bike", "a red tree in the snow"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Overrides of rewards.DEFAULT_MODELS pointing at tiny checkpoints."""
+    root = tmp_path_factory.mktemp("rewards")
+    hps_dir, hps_arch = make_tiny_hps(root / "hps")
+    ir_dir, ir_tok = make_tiny_imagereward(root / "imagereward")
+    return dict(
+        aesthetic_clip=str(make_tiny_clip(root / "clip-openai", seed=1)),
+        aesthetic_model=str(make_tiny_aesthetic(root / "aesthetic", dim=32)),
+        # PickScore's processor with a mean/std unlike OpenAI's, so ignoring the processor would show.
+        pickscore_model=str(make_tiny_clip(root / "clip-pick", seed=2, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))),
+        pickscore_processor=str(root / "clip-pick"),
+        hps_model=str(hps_dir),
+        hps_arch=hps_arch,
+        imagereward_model=str(ir_dir),
+        imagereward_tokenizer=str(ir_tok),
+    )
+
+
+_cache = {}
+
+
+def get(spec, models):
+    if spec not in _cache:
+        _cache[spec] = rewards.load_reward(spec, **models)
+    return _cache[spec]
+
+
+def uint8_images(n, size, seed=0):
+    """Images on the uint8 grid, so the PIL reference path sees exactly the same pixels."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, *size), generator=g).float() / 255
+
+
+def to_pil(images):
+    return [Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy()) for x in images]
+
+
+@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility"])
+def test_every_reward_shape_dtype_finite_and_gradient(name, models):
+    reward = get(name, models)
+    assert reward.name == name and reward.differentiable == (name not in rewards.NOT_DIFFERENTIABLE)
+    images = uint8_images(3, (40, 56)).requires_grad_(True)  # not the model's resolution, not square
+    if not reward.differentiable:
+        with pytest.raises(ValueError, match=f"reward {name}: {name} is not differentiable and cannot give gradients"):
+            reward(images, PROMPTS)
+        with torch.no_grad():
+            scores, comps = reward(images, PROMPTS)
+        assert scores.grad_fn is None
+    else:
+        scores, comps = reward(images, PROMPTS)
+        scores.sum().backward()
+        assert images.grad is not None and images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+        params = [p for _, _, m in reward.parts for p in m.parameters()]
+        assert params and not any(p.requires_grad for p in params)  # frozen
+    assert scores.shape == (3,) and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    assert list(comps) == [name] and torch.equal(comps[name], scores.detach())
+
+
+def test_pickscore_equals_clipmodel_logits_per_image(models):
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(models["pickscore_model"]).eval()
+    processor = CLIPProcessor.from_pretrained(models["pickscore_processor"])
+    reward = get("pickscore", models)
+    for size, atol in (((32, 32), 1e-4), ((64, 80), 2e-2)):  # at the model's size exact; resized: PIL vs torch bicubic
+        images = uint8_images(3, size, seed=size[0])
+        inputs = processor(images=to_pil(images), text=PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        with torch.no_grad():
+            expected = model(**inputs).logits_per_image.diagonal()
+            got, _ = reward(images, PROMPTS)
+        torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+    assert expected.std() > 10 * atol  # the comparison distinguishes the three samples
+
+
+def test_aesthetic_matches_hand_computation(models):
+    """CLIP image embedding via the image processor's PIL path, normalised, then the published
+    linear layers applied one by one from the state-dict file (no activations in between)."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    clip = CLIPModel.from_pretrained(models["aesthetic_clip"]).eval()
+    pixels = CLIPImageProcessor.from_pretrained(models["aesthetic_clip"])(images=to_pil(uint8_images(3, (32, 32))), return_tensors="pt").pixel_values
+    sd = torch.load(f"{models['aesthetic_model']}/aesthetic-model.pth", weights_only=True)
+    with torch.no_grad():
+        x = clip.get_image_features(pixel_values=pixels).pooler_output
+        x = x / x.norm(dim=-1, keepdim=True)
+        for i in (0, 2, 4, 6, 7):
+            x = x @ sd[f"layers.{i}.weight"].T + sd[f"layers.{i}.bias"]
+        got, _ = get("aesthetic", models)(uint8_images(3, (32, 32)), PROMPTS)
+    torch.testing.assert_close(got, x.squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_aesthetic_rejects_a_state_dict_of_another_layout(models, tmp_path):
+    sd = torch.load(f"{models['aesthetic_model']}/aesthetic-model.pth", weights_only=True)
+    sd["layers.8.weight"] = sd.pop("layers.7.weight")  # e.g. a head with a ReLU in between
+    torch.save(sd, tmp_path / "aesthetic-model.pth")
+    with pytest.raises(CheckpointError, match=r"--aesthetic-model: '.*aesthetic-model.pth' does not fit the model: missing \['layers.7.weight'\], unexpected \['layers.8.weight'\]"):
+        rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
+
+
+def test_hps_matches_open_clip_forward(models):
+    """The HPS recipe with open_clip's own pieces: image_transform on PIL, get_tokenizer, model(...)."""
+    import open_clip
+
+    for name, file in rewards.HPS_FILES.items():
+        model = open_clip.create_model(models["hps_arch"], pretrained=None, load_weights=False, output_dict=True).eval()
+        model.load_state_dict(torch.load(f"{models['hps_model']}/{file}", weights_only=True)["state_dict"])
+        preprocess = open_clip.image_transform(32, is_train=False)
+        images = uint8_images(3, (32, 32), seed=3)
+        with torch.no_grad():
+            out = model(torch.stack([preprocess(im) for im in to_pil(images)]), open_clip.get_tokenizer(models["hps_arch"])(PROMPTS))
+            expected = (out["image_features"] @ out["text_features"].T).diagonal()
+            got, _ = get(name, models)(images, PROMPTS)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(get("hps", models)(images, PROMPTS)[0], get("hpsv2", models)(images, PROMPTS)[0])
+
+
+def _blip_vit_reference(sd, pixels, heads):
+    """BLIP's ViT written directly on the published keys: patchify, [CLS] + positions, pre-LN blocks."""
+    p, d = sd["patch_embed.proj.weight"].shape[-1], sd["cls_token"].shape[-1]
+    x = F.conv2d(pixels, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], dim=1) + sd["pos_embed"]
+    b, n, _ = x.shape
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        k = lambda s: sd[f"blocks.{i}.{s}"]  # noqa: E731
+        h = F.layer_norm(x, (d,), k("norm1.weight"), k("norm1.bias"), eps=1e-6)
+        q, kk, v = F.linear(h, k("attn.qkv.weight"), k("attn.qkv.bias")).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        att = ((q @ kk.transpose(-2, -1)) * (d // heads) ** -0.5).softmax(-1) @ v
+        x = x + F.linear(att.transpose(1, 2).reshape(b, n, d), k("attn.proj.weight"), k("attn.proj.bias"))
+        h = F.layer_norm(x, (d,), k("norm2.weight"), k("norm2.bias"), eps=1e-6)
+        x = x + F.linear(F.gelu(F.linear(h, k("mlp.fc1.weight"), k("mlp.fc1.bias"))), k("mlp.fc2.weight"), k("mlp.fc2.bias"))
+        i += 1
+    return F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
+
+
+def test_imagereward_matches_reference_on_published_keys(models):
+    import json
+
+    from transformers import BertTokenizer, BlipTextConfig, BlipTextModel
+
+    sd = torch.load(f"{models['imagereward_model']}/ImageReward.pt", weights_only=True)
+    med = json.load(open(f"{models['imagereward_model']}/med_config.json"))
+    vit = {k.removeprefix("blip.visual_encoder."): v for k, v in sd.items() if k.startswith("blip.visual_encoder.")}
+    images = uint8_images(3, (32, 32), seed=4)
+    mean = torch.tensor(rewards.OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(rewards.OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    text = BlipTextModel(
+        BlipTextConfig(**{k: med[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings")},
+                       encoder_hidden_size=IR_VISION["width"], is_decoder=True, bos_token_id=None, sep_token_id=None),
+        add_pooling_layer=False,
+    ).eval()  # fmt: skip
+    text.load_state_dict({k.removeprefix("blip.text_encoder."): v for k, v in sd.items() if k.startswith("blip.text_encoder.") and "position_ids" not in k})
+    prompts = PROMPTS[:2] + [" ".join(["a red cat riding a blue bike"] * 6)]  # 42 words: cut at ImageReward's 35 tokens
+    tok = BertTokenizer.from_pretrained(models["imagereward_tokenizer"])(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    with torch.no_grad():
+        image_tokens = _blip_vit_reference(vit, (images - mean) / std, heads=IR_VISION["width"] // 64)
+        cls = text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=image_tokens).last_hidden_state[:, 0]
+        for i in (0, 2, 4, 6, 7):
+            cls = cls @ sd[f"mlp.layers.{i}.weight"].T + sd[f"mlp.layers.{i}.bias"]
+        expected = (cls.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
+        got, _ = get("imagereward", models)(images, prompts)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert expected.std() > 1e-3
+
+
+def test_ensemble_is_the_weighted_sum_of_its_parts(models):
+    ens = rewards.load_reward("aesthetic:0.5, pickscore:2,hps:-1", **models)
+    assert ens.name == "aesthetic:0.5,pickscore:2,hps:-1" and ens.differentiable
+    images = uint8_images(3, (48, 48), seed=5).requires_grad_(True)
+    total, comps = ens(images, PROMPTS)
+    assert list(comps) == ["aesthetic", "pickscore", "hps"]
+    with torch.no_grad():
+        singles = {n: get(n, models)(images, PROMPTS)[0] for n in comps}
+    for n in comps:
+        torch.testing.assert_close(comps[n], singles[n])
+    torch.testing.assert_close(total, 0.5 * singles["aesthetic"] + 2 * singles["pickscore"] - singles["hps"])
+    total.sum().backward()
+    assert images.grad.abs().sum() > 0
+    # With jpeg in it the ensemble is not differentiable, and says so.
+    assert not rewards.load_reward("hps,jpeg:0.1", **models).differentiable
+
+
+def test_jpeg_scores_noise_lower_than_flat():
+    reward = rewards.load_reward("jpeg")
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    scores, _ = reward(torch.cat([flat, noise]), ["x", "y"])
+    assert scores[1] < scores[0] < 0
+    assert scores[1] < -5  # 64x64 noise at quality 95 is well over 5 kB; a flat image well under 1 kB
+    assert scores[0] > -1
+    inc, _ = rewards.load_reward("jpeg_incompressibility")(torch.cat([flat, noise]), ["x", "y"])
+    torch.testing.assert_close(inc, -scores)
+
+
+def test_parse_reward_spec_valid(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    assert rewards.parse_reward_spec("hps") == [("hps", 1.0)]
+    assert rewards.parse_reward_spec("hps:1,aesthetic:0.5,pickscore:1") == [("hps", 1.0), ("aesthetic", 0.5), ("pickscore", 1.0)]
+    assert rewards.parse_reward_spec(f"custom:{tmp_path}") == [(f"custom:{tmp_path}", 1.0)]
+    assert rewards.parse_reward_spec(f"jpeg:-2, custom:{tmp_path}:0.25") == [("jpeg", -2.0), (f"custom:{tmp_path}", 0.25)]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hsp", "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, custom:DIR"),
+        ("hps:abc", "--reward 'hps:abc': weight 'abc' of 'hps' is not a number (write e.g. 'hps:0.5')"),
+        ("hps:1,,x", "--reward 'hps:1,,x' has an empty component: write 'name:weight,name:weight' without stray commas"),
+        ("hps:1,", "--reward 'hps:1,' has an empty component"),
+        ("", "--reward is empty: give a reward name"),
+        ("hps:nan", "--reward 'hps:nan': weight of 'hps' must be a finite number, got nan"),
+        ("hps,aesthetic,hps:2", "--reward 'hps,aesthetic,hps:2': 'hps' appears twice"),
+        ("custom:", "--reward 'custom:': custom needs a directory"),
+        ("custom:/no/such/dir", "--reward 'custom:/no/such/dir': '/no/such/dir' is not a reward model directory (no config.json); make one with train_reward.py"),
+    ],
+)
+def test_parse_reward_spec_errors(spec, message):
+    with pytest.raises(ValueError) as e:
+        rewards.parse_reward_spec(spec)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_require_differentiable():
+    assert rewards.require_differentiable("hps:1,aesthetic:2") == [("hps", 1.0), ("aesthetic", 2.0)]
+    for spec, name in (("jpeg", "jpeg"), ("hps:1,jpeg_incompressibility:0.1", "jpeg_incompressibility")):
+        with pytest.raises(ValueError) as e:
+            rewards.require_differentiable(spec)
+        assert str(e.value) == f"--reward: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}"
+
+
+def test_missing_weights_offline_name_the_checkpoint_and_the_fix(tmp_path):
+    with pytest.raises(CheckpointError, match=r"--pickscore-model: cannot load 'yuvalkirstain/PickScore_v1'.*HF_HUB_OFFLINE is set.*`hf download yuvalkirstain/PickScore_v1`"):
+        rewards.load_reward("pickscore")
+    with pytest.raises(CheckpointError, match=r"--hps-model: cannot load 'xswu/HPSv2'.*`hf download xswu/HPSv2`"):
+        rewards.load_reward("hps")
+    with pytest.raises(CheckpointError, match=r"--aesthetic-clip: local directory '/no/such/clip' does not exist"):
+        rewards.load_reward("aesthetic", aesthetic_clip="/no/such/clip")
+
+
+def test_incomplete_local_directory_names_the_missing_file(models, tmp_path):
+    with pytest.raises(CheckpointError, match=r"--aesthetic-model: '.*' is not a complete checkpoint directory \(missing aesthetic-model.pth\)"):
+        rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
+    with pytest.raises(CheckpointError, match=r"--hps-model: .* \(missing HPS_v2.1_compressed.pt\)"):
+        rewards.load_reward("hps", **{**models, "hps_model": str(tmp_path)})
+
+
+def test_bad_calls_and_overrides(models):
+    reward = get("pickscore", models)
+    with pytest.raises(ValueError, match=r"reward pickscore: images must be an N x 3 x H x W float tensor in \[0, 1\], got torch.Size\(\[3, 32, 32\]\)"):
+        reward(torch.rand(3, 32, 32), PROMPTS)
+    with pytest.raises(ValueError, match="reward pickscore: 3 images but 2 prompts; give one prompt per image"):
+        reward(torch.rand(3, 3, 32, 32), PROMPTS[:2])
+    with pytest.raises(ValueError, match=r"reward pickscore: images must be in \[0, 1\], got \[-1.000, 1.000\] .*\(x / 2 \+ 0.5\).clamp\(0, 1\)"):
+        reward(torch.linspace(-1, 1, 3 * 3 * 32 * 32).view(3, 3, 32, 32), PROMPTS)
+    with pytest.raises(ValueError, match=r"load_reward: unknown model override\(s\) \['pickscore_modle'\]; known: aesthetic_clip"):
+        rewards.load_reward("pickscore", pickscore_modle="x")
+
+
+def test_lower_precision_gives_float32_scores(models):
+    reward = rewards.load_reward("pickscore", dtype=torch.bfloat16, **models)
+    images = uint8_images(3, (32, 32))
+    with torch.no_grad():
+        low, _ = reward(images, PROMPTS)
+        full, _ = get("pickscore", models)(images, PROMPTS)
+    assert low.dtype == torch.float32 and math.isfinite(low.sum().item())
+    torch.testing.assert_close(low, full, atol=0.5, rtol=0.05)
+    assert np.corrcoef(low.numpy(), full.numpy())[0, 1] > 0.9
+
+
+def test_unreadable_checkpoint_is_a_clear_error(models, tmp_path):
+    (tmp_path / "aesthetic-model.pth").write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=r"cannot read '.*aesthetic-model.pth' as a weights-only torch checkpoint"):
+        rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
