@@ -161,3 +161,30 @@ def apply_prompt_weights(embeds: torch.Tensor, empty_embeds: torch.Tensor, choic
     w = w.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(-1)
     empty = empty_embeds.reshape(1, *embeds.shape[1:]).to(embeds.dtype)
     return torch.where(w == 1, embeds, empty + w * (embeds - empty))
+
+
+def diffexp_conditioning(
+    cfg: DiffExpConfig,
+    exploring: bool,
+    prompts: list[str],
+    prompt_embeds: torch.Tensor,
+    empty_embeds: torch.Tensor,
+    tokenizer,
+    timesteps: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, list[PromptWeight]]:
+    """One batch's DiffExp decision, shared by both trainers.
+
+    Returns the prompt embeddings to condition on (weighted while exploring), the guidance scale
+    of every denoising step ([num_steps], on the timesteps' device) and the per-sample record of
+    the prompt weighting. Outside exploration (or with a part switched off) the corresponding
+    output is the plain one: unweighted embeddings, constant w_high.
+    """
+    if exploring and cfg.prompt_weighting:
+        weights = choose_words(prompts, tokenizer, generator, cfg.weight_range, cfg.exclude_stopwords)
+        prompt_embeds = apply_prompt_weights(prompt_embeds, empty_embeds, weights)
+    else:
+        weights = [PromptWeight(p, None, -1) for p in prompts]
+    guidance = cfg_scales(timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule)
+    return prompt_embeds, guidance, weights

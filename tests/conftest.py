@@ -32,3 +32,37 @@ def tokenizer(tmp_path_factory):
     from diffusion import build_clip_tokenizer
 
     return build_clip_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_aesthetic(tmp_path_factory):
+    """--reward-models arguments pointing `aesthetic` at a tiny CLIP + a tiny MLP in the published layout."""
+    from tiny_rewards import make_tiny_aesthetic, make_tiny_clip
+
+    root = tmp_path_factory.mktemp("tiny-aesthetic")
+    clip = make_tiny_clip(root / "clip")
+    mlp = make_tiny_aesthetic(root / "mlp", dim=32)
+    return ["--reward-models", "aesthetic_clip", str(clip), "aesthetic_model", str(mlp)]
+
+
+def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
+    """Run a project script as users do (a subprocess), failing the test with its output on error."""
+    import subprocess
+
+    cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def read_log(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "log.jsonl").read_text().splitlines() if line.strip()]
+
+
+def lora_weights(ckpt_dir) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(ckpt_dir) / "pytorch_lora_weights.safetensors")

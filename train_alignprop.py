@@ -1,0 +1,349 @@
+"""AlignProp with DiffExp: fine-tune Stable Diffusion's LoRA weights by backpropagating a
+differentiable reward through the sampling chain (Prabhudesai et al. 2023), exploring with DiffExp.
+
+    python train_alignprop.py --reward pickscore --t-sw 0.8
+    accelerate launch --num_processes 8 train_alignprop.py --reward aesthetic
+
+Per epoch: sample images with the DiffExp CFG schedule and randomly weighted prompts (while
+exploring), decode them with the VAE, score them with the reward, and backpropagate -reward into
+the LoRA weights through the last K denoising steps (truncated backprop; the earlier steps run
+without a graph). See SPEC §3 and §5.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+
+
+@dataclass
+class Args:
+    # model and reward
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """hub id or local directory of a Stable Diffusion 1.x/2.x checkpoint (diffusers layout)"""
+    reward: str = "aesthetic"
+    """reward to maximise: a name from rewards.py or a weighted ensemble such as 'hps:1,aesthetic:0.5'"""
+    reward_models: dict[str, str] = field(default_factory=dict)
+    """override reward checkpoints (hub id or directory), e.g. --reward-models pickscore_model /ckpt/pickscore (keys: rewards.DEFAULT_MODELS)"""
+    prompts: str = "simple_animals"
+    """training prompts: a built-in set in prompts/ (without .txt) or a text file, one prompt a line"""
+    eval_prompts: str = "unseen_animals"
+    """held-out prompts evaluated with fixed seeds every --eval-every epochs"""
+
+    # DiffExp (SPEC §3)
+    cfg_schedule: bool = True
+    """DiffExp (a): low guidance scale w_low on the noisy steps t >= t_sw*T, w_high after"""
+    prompt_weighting: bool = True
+    """DiffExp (b): emphasise one random word of each prompt by a random weight"""
+    t_sw: float = 0.8
+    """switch point in [0, 1]: the first ~(1 - t_sw) of the steps use w_low"""
+    w_low: float = 1.0
+    """guidance scale of the noisy steps (extremely low)"""
+    w_high: float = 7.5
+    """ordinary guidance scale (paper: 7.5 for AlignProp)"""
+    prompt_weight_range: tuple[float, float] = (1.0, 2.0)
+    """the chosen word's weight w ~ U(w_min, w_max)"""
+    exclude_stopwords: bool = True
+    """never emphasise function words ('a', 'the', 'of', ...)"""
+    explore_frac: float = 0.75
+    """use DiffExp for the first explore_frac of the epochs, then plain sampling"""
+
+    # sampling
+    num_steps: int = 50
+    """DDIM denoising steps"""
+    eta: float = 0.0
+    """DDIM eta (0 = deterministic sampling)"""
+    resolution: int | None = None
+    """image size in pixels (default: the model's native size, 512 for SD 1.5)"""
+
+    # optimisation
+    num_epochs: int = 100
+    """number of epochs (one epoch = samples_per_epoch images, gradient averaged over them)"""
+    samples_per_epoch: int = 64
+    """images per epoch across all processes (paper: 64)"""
+    batch_size: int = 4
+    """images per process per forward/backward pass"""
+    gradient_accumulation_steps: int = 16
+    """batches accumulated per optimizer step (samples_per_epoch / (batch_size * processes) batches per epoch)"""
+    lr: float = 1e-3
+    """AdamW learning rate (paper: 1e-3)"""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 disables)"""
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    backprop_steps: int = 1
+    """K: only the last K denoising steps carry gradient (truncated backprop)"""
+    backprop_steps_random: bool = False
+    """draw K ~ U{1..backprop_steps} once per trajectory instead of fixing it"""
+    gradient_checkpointing: bool = True
+    """recompute each UNet call in backward instead of storing its activations"""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    """precision of the frozen weights and of autocast (LoRA weights stay fp32)"""
+    kernels: Literal["auto", "triton", "eager"] = "auto"
+    """CFG+DDIM step implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
+
+    # run
+    seed: int = 0
+    output_dir: str = "runs/alignprop"
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+    save_every: int = 1
+    """write a checkpoint every N epochs (and after the last)"""
+    keep_checkpoints: int = 3
+    eval_every: int = 5
+    """evaluate on --eval-prompts every N epochs (and before training and after the last epoch; 0 disables)"""
+    eval_num: int = 8
+    """number of held-out prompts evaluated (fixed seeds, w_high, no DiffExp)"""
+    track: bool = False
+    """log to Weights & Biases (plain JSON-lines logs are always written)"""
+    wandb_project: str = "diffexp"
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, epoch, rank, batch, ...): resuming redraws the same numbers."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+def main(args: Args):
+    # --- check everything that can be checked before any model is loaded --------------------------
+    import rewards
+    from diffusion import CheckpointError, latest_checkpoint, load_prompts
+    from explore import DiffExpConfig
+
+    diffexp = DiffExpConfig(
+        args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
+        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac,
+    )
+    try:
+        diffexp.validate()
+        rewards.require_differentiable(args.reward)
+        prompts = load_prompts(args.prompts, "--prompts")
+        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts")[: args.eval_num] if args.eval_every > 0 else []
+        unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
+        if unknown:
+            raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if args.num_steps < 1 or not 1 <= args.backprop_steps <= args.num_steps:
+        fail(f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}")
+    if args.eta < 0:
+        fail(f"--eta must be >= 0, got {args.eta}")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
+
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.samples_per_epoch % (args.batch_size * world):
+        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")
+    batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
+    if batches_per_epoch % args.gradient_accumulation_steps:
+        fail(
+            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {batches_per_epoch} batches "
+            f"per process per epoch (--samples-per-epoch / (--batch-size x processes))"
+        )
+    if not args.resume and latest_checkpoint(args.output_dir) is not None:
+        fail(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume to continue it, or choose another --output-dir")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        fail(f"--resume: no checkpoint in {args.output_dir}/checkpoints")
+
+    # --- setup ---------------------------------------------------------------------------------------
+    from torch.utils.checkpoint import checkpoint
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+
+    from diffusion import RunLog, add_lora, decode, encode_prompts, generate, load_checkpoint, load_pipeline, save_checkpoint
+    from explore import diffexp_conditioning, is_exploring
+    from kernels import DDIMSchedule, cfg_ddim_step
+
+    device = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    try:
+        pipe = load_pipeline(args.pretrained, device, weight_dtype)
+        reward_fn = rewards.load_reward(args.reward, device=device, dtype=weight_dtype, **args.reward_models)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    unet, T = pipe.unet, pipe.scheduler.config.num_train_timesteps
+    torch.manual_seed(args.seed)  # identical LoRA initialisation on every process
+    params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    optimizer = torch.optim.AdamW(
+        params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; the UNet itself is not wrapped (see below)
+
+    pipe.scheduler.set_timesteps(args.num_steps)
+    timesteps = pipe.scheduler.timesteps.to(device)  # T-1 ... 0: noise to image
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
+    step_coeffs = [schedule.coefficients(t.expand(args.batch_size), args.eta) for t in timesteps]  # computed once, on device
+    resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    latent_shape = (args.batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()  # steps at w_low while exploring
+    empty_embeds = encode_prompts(pipe, [""])  # [1, L, D]: the empty prompt, for CFG and prompt weighting
+    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
+
+    start_epoch, samples_seen = 0, 0
+    if args.resume:
+        ckpt = latest_checkpoint(args.output_dir)
+        try:
+            state = load_checkpoint(ckpt, unet)
+        except CheckpointError as e:
+            fail(str(e))
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, samples_seen = state["epoch"] + 1, state["samples_seen"]
+        log.truncate_after(state["epoch"])
+        accelerator.print(f"resumed from {ckpt} (epoch {state['epoch']}, {samples_seen} samples)")
+
+    def unet_eps(x, t, embeds):
+        """Unconditional and conditional model outputs in one UNet call on the doubled batch."""
+        with accelerator.autocast():
+            out = unet(torch.cat([x, x]).to(weight_dtype), t, torch.cat([empty_embeds.expand(len(x), -1, -1), embeds])).sample
+        return out.float().chunk(2)
+
+    def evaluate(epoch: int):
+        """Fixed seeds, held-out prompts, w_high, no DiffExp: the same images across epochs for the gallery."""
+        if not eval_prompts or not accelerator.is_main_process:
+            return {}
+        embeds = encode_prompts(pipe, eval_prompts)
+        guidance = torch.full((args.num_steps,), args.w_high, device=device)
+        with accelerator.autocast():
+            images = generate(pipe, embeds, guidance, args.num_steps, seeded(args.seed, 10**6), 0.0, resolution, args.kernels)
+            scores, components = reward_fn(images, eval_prompts)
+        out = log.dir / "eval" / f"epoch_{epoch:04d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, out / f"{i:03d}.png")
+        (out / "prompts.json").write_text(json.dumps({"prompts": eval_prompts, "reward": scores.tolist()}))
+        return {"eval_reward_mean": scores.mean().item()} | {f"eval_reward/{k}": v.mean().item() for k, v in components.items()}
+
+    if start_epoch == 0:
+        log.log({"epoch": -1, "samples": 0} | evaluate(0))
+
+    # --- training loop -------------------------------------------------------------------------------
+    for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
+        t0 = time.time()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
+        epoch_scores, epoch_components, losses, grad_norms, records, low_share = [], {}, [], [], [], []
+        first_images = None
+
+        for batch in range(batches_per_epoch):
+            g = seeded(args.seed, epoch, rank, batch)
+            batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.batch_size,), generator=g).tolist()]
+            embeds, guidance, weights = diffexp_conditioning(
+                diffexp, exploring, batch_prompts, encode_prompts(pipe, batch_prompts), empty_embeds[0],
+                pipe.tokenizer, timesteps, T, g,
+            )
+            K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g)) if args.backprop_steps_random else args.backprop_steps
+            x = torch.randn(latent_shape, generator=g).to(device)
+            noise = [torch.randn(latent_shape, generator=g).to(device) if args.eta > 0 else None for _ in timesteps]
+
+            # Denoise: the first N-K steps without a graph, the last K with one (truncated backprop).
+            for i, t in enumerate(timesteps):
+                with_grad = i >= args.num_steps - K
+                with torch.set_grad_enabled(with_grad):
+                    if with_grad and args.gradient_checkpointing:
+                        out_u, out_c = checkpoint(unet_eps, x, t, embeds, use_reentrant=False)
+                    else:
+                        out_u, out_c = unet_eps(x, t, embeds)
+                    w = guidance[i].expand(args.batch_size)
+                    x = cfg_ddim_step(out_u, out_c, x, w, step_coeffs[i], noise=noise[i], backend=args.kernels)
+
+            with accelerator.autocast():
+                images = decode(pipe, x.to(weight_dtype))
+                scores, components = reward_fn(images, batch_prompts)
+            loss = -scores.float().mean()
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+
+            if (batch + 1) % args.gradient_accumulation_steps == 0:
+                # The UNet is called K times per backward, which DDP does not allow, so the LoRA
+                # gradients are averaged across processes here, once per optimizer step.
+                if world > 1:
+                    flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                    torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+                grad_norms.append(accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            epoch_scores.append(scores.detach().float())
+            for k, v in components.items():
+                epoch_components.setdefault(k, []).append(v.detach().float())
+            losses.append(loss.detach())
+            low_share.append(w_low_share if exploring and diffexp.cfg_schedule else 0.0)
+            records += [{"prompt": r.prompt, "word": r.word, "weight": round(r.weight, 3)} for r in weights]
+            if first_images is None:
+                first_images = images.detach().float()
+
+        # --- log ----------------------------------------------------------------------------------------
+        scores = accelerator.gather(torch.cat(epoch_scores))  # every process's samples
+        components = {k: accelerator.gather(torch.cat(v)) for k, v in epoch_components.items()}
+        samples_seen += len(scores)
+        elapsed = time.time() - t0
+        record = {
+            "epoch": epoch,
+            "samples": samples_seen,
+            "reward_mean": scores.mean().item(),
+            "reward_std": scores.std().item() if len(scores) > 1 else 0.0,
+            **{f"reward/{k}": v.mean().item() for k, v in components.items()},
+            "loss": torch.stack(losses).mean().item(),
+            "grad_norm": torch.stack(grad_norms).mean().item(),
+            "exploring": exploring,
+            "w_low_share": sum(low_share) / len(low_share),
+            "prompt_weights": records[:8],
+            "seconds": elapsed,
+            "sec_per_sample": elapsed / len(scores),
+            "peak_mem_mb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        }
+        if world > 1:  # processes must hold identical LoRA weights; log how far apart they are (0 when in sync)
+            flat = torch.cat([p.detach().flatten() for p in params])
+            record["lora_sync_error"] = (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()  # max - min
+        images_logged = {}
+        if accelerator.is_main_process:
+            grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_image(first_images, grid, nrow=int(math.ceil(math.sqrt(len(first_images)))))
+            images_logged["samples"] = grid
+        last = epoch == args.num_epochs - 1
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or last):
+            record |= evaluate(epoch + 1)
+        log.log(record, images_logged)
+        accelerator.print(
+            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} "
+            f"loss {record['loss']:.4f} grad_norm {record['grad_norm']:.3g} exploring {exploring} "
+            f"{record['sec_per_sample']:.3f} s/sample peak {record['peak_mem_mb']:.0f} MiB"
+        )
+
+        if (epoch + 1) % args.save_every == 0 or last:
+            if accelerator.is_main_process:
+                state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch, "samples_seen": samples_seen}
+                save_checkpoint(args.output_dir, epoch, unet, state, args.keep_checkpoints)
+            accelerator.wait_for_everyone()
+
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

@@ -1,0 +1,444 @@
+"""DDPO with DiffExp: fine-tune Stable Diffusion's LoRA weights with a clipped policy gradient
+(Black et al. 2024), exploring with DiffExp.
+
+    python train_ddpo.py --reward aesthetic --t-sw 0.8
+    accelerate launch --num_processes 8 train_ddpo.py --reward jpeg
+
+Per epoch: sample trajectories with the DiffExp CFG schedule and randomly weighted prompts (while
+exploring), storing for every step the latents, the log-prob, the guidance scale and the prompt
+embeddings actually used; score the images (in a background thread while the next batch samples);
+turn rewards into advantages; then `inner_epochs` PPO passes over the trajectories, recomputing
+each step's log-prob under exactly the conditions that sampled it (SPEC §3's consistency rule).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+import tyro
+
+
+@dataclass
+class Args:
+    # model and reward
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """hub id or local directory of a Stable Diffusion 1.x/2.x checkpoint (diffusers layout)"""
+    reward: str = "aesthetic"
+    """reward to maximise: a name from rewards.py (jpeg works too) or an ensemble such as 'hps:1,aesthetic:0.5'"""
+    reward_models: dict[str, str] = field(default_factory=dict)
+    """override reward checkpoints (hub id or directory), e.g. --reward-models aesthetic_model /ckpt/aesthetic (keys: rewards.DEFAULT_MODELS)"""
+    prompts: str = "simple_animals"
+    """training prompts: a built-in set in prompts/ (without .txt) or a text file, one prompt a line"""
+    eval_prompts: str = "unseen_animals"
+    """held-out prompts evaluated with fixed seeds every --eval-every epochs"""
+
+    # DiffExp (SPEC §3)
+    cfg_schedule: bool = True
+    """DiffExp (a): low guidance scale w_low on the noisy steps t >= t_sw*T, w_high after"""
+    prompt_weighting: bool = True
+    """DiffExp (b): emphasise one random word of each prompt by a random weight"""
+    t_sw: float = 0.8
+    """switch point in [0, 1]: the first ~(1 - t_sw) of the steps use w_low"""
+    w_low: float = 1.0
+    """guidance scale of the noisy steps (extremely low)"""
+    w_high: float = 5.0
+    """ordinary guidance scale (paper: 5.0 for DDPO)"""
+    prompt_weight_range: tuple[float, float] = (1.0, 2.0)
+    """the chosen word's weight w ~ U(w_min, w_max)"""
+    exclude_stopwords: bool = True
+    """never emphasise function words ('a', 'the', 'of', ...)"""
+    explore_frac: float = 0.75
+    """use DiffExp for the first explore_frac of the epochs, then plain sampling"""
+
+    # sampling
+    num_steps: int = 50
+    """DDIM denoising steps"""
+    eta: float = 1.0
+    """DDIM eta; must be > 0 (the policy needs a density)"""
+    resolution: int | None = None
+    """image size in pixels (default: the model's native size, 512 for SD 1.5)"""
+    samples_per_epoch: int = 64
+    """trajectories per epoch across all processes (paper: 64)"""
+    sample_batch_size: int = 8
+    """trajectories sampled at once per process"""
+
+    # PPO
+    num_epochs: int = 100
+    train_batch_size: int = 4
+    """trajectories per training forward/backward pass per process"""
+    gradient_accumulation_steps: int = 4
+    """training batches per optimizer step (each already accumulates over its timesteps)"""
+    inner_epochs: int = 1
+    """PPO passes over each epoch's trajectories"""
+    timestep_fraction: float = 1.0
+    """fraction of the denoising steps trained on, a random subset per trajectory"""
+    clip_range: float = 1e-4
+    """PPO ratio clip epsilon (paper: 1e-4)"""
+    adv_clip_max: float = 5.0
+    """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
+    per_prompt_stat_tracking: bool = True
+    """normalise rewards per prompt with a running buffer (else by the batch)"""
+    stat_buffer_size: int = 32
+    """rewards kept per prompt for its mean/std"""
+    stat_min_count: int = 16
+    """below this many rewards for a prompt, normalise by the batch's mean/std"""
+    lr: float = 3e-4
+    """AdamW learning rate (paper: 3e-4)"""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-4
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    """gradient clipping by global norm (0 disables)"""
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    """precision of the frozen weights and of autocast (LoRA weights and log-probs stay fp32)"""
+    kernels: Literal["auto", "triton", "eager"] = "auto"
+    """step / loss implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
+
+    # run
+    seed: int = 0
+    output_dir: str = "runs/ddpo"
+    resume: bool = False
+    """continue from the last checkpoint in --output-dir"""
+    save_every: int = 1
+    keep_checkpoints: int = 3
+    eval_every: int = 5
+    """evaluate on --eval-prompts every N epochs (and before training and after the last epoch; 0 disables)"""
+    eval_num: int = 8
+    track: bool = False
+    """log to Weights & Biases (plain JSON-lines logs are always written)"""
+    wandb_project: str = "diffexp"
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, epoch, rank, batch, ...): resuming redraws the same numbers."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+class PerPromptStatTracker:
+    """Advantages (r - mean) / std with statistics per prompt string (DDPO): a prompt's own running
+    buffer once it holds `min_count` rewards, the whole batch's statistics before that."""
+
+    def __init__(self, buffer_size: int, min_count: int):
+        self.buffer_size, self.min_count, self.buffers = buffer_size, min_count, {}
+
+    def __call__(self, prompts: list[str], rewards: np.ndarray) -> np.ndarray:
+        rewards = np.asarray(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):  # unique, in order
+            idx = np.array([i for i, p in enumerate(prompts) if p == prompt])
+            buf = self.buffers.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buf.extend(rewards[idx].tolist())
+            ref = np.array(buf) if len(buf) >= self.min_count else rewards
+            advantages[idx] = (rewards[idx] - ref.mean()) / (ref.std() + 1e-6)
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {p: list(b) for p, b in self.buffers.items()}
+
+    def load_state_dict(self, state: dict):
+        self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
+
+
+def main(args: Args):
+    # --- check everything that can be checked before any model is loaded --------------------------
+    import rewards
+    from diffusion import CheckpointError, latest_checkpoint, load_prompts
+    from explore import DiffExpConfig
+
+    diffexp = DiffExpConfig(
+        args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
+        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac,
+    )
+    try:
+        diffexp.validate()
+        rewards.parse_reward_spec(args.reward)
+        prompts = load_prompts(args.prompts, "--prompts")
+        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts")[: args.eval_num] if args.eval_every > 0 else []
+        unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
+        if unknown:
+            raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if not args.eta > 0:
+        fail(f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0")
+    if not args.clip_range > 0:
+        fail(f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)")
+    if not 0 < args.timestep_fraction <= 1:
+        fail(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
+    if args.adv_clip_max <= 0 or args.inner_epochs < 1 or args.num_steps < 1:
+        fail("--adv-clip-max must be > 0, --inner-epochs and --num-steps >= 1")
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
+
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.samples_per_epoch % (args.sample_batch_size * world):
+        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes")
+    samples_per_process = args.samples_per_epoch // world
+    if samples_per_process % args.train_batch_size:
+        fail(f"--train-batch-size {args.train_batch_size} must divide the {samples_per_process} trajectories per process per epoch")
+    train_batches = samples_per_process // args.train_batch_size
+    if train_batches % args.gradient_accumulation_steps:
+        fail(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {train_batches} training batches per epoch")
+    if not args.resume and latest_checkpoint(args.output_dir) is not None:
+        fail(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume to continue it, or choose another --output-dir")
+    if args.resume and latest_checkpoint(args.output_dir) is None:
+        fail(f"--resume: no checkpoint in {args.output_dir}/checkpoints")
+
+    # --- setup ---------------------------------------------------------------------------------------
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+
+    from diffusion import RunLog, add_lora, decode, encode_prompts, generate, load_checkpoint, load_pipeline, save_checkpoint
+    from explore import diffexp_conditioning, is_exploring
+    from kernels import DDIMSchedule, cfg_ddim_step, ddpo_clip_loss
+
+    device = accelerator.device
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    try:
+        pipe = load_pipeline(args.pretrained, device, weight_dtype)
+        reward_fn = rewards.load_reward(args.reward, device=device, dtype=weight_dtype, **args.reward_models)
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    unet, T = pipe.unet, pipe.scheduler.config.num_train_timesteps
+    torch.manual_seed(args.seed)  # identical LoRA initialisation on every process
+    params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    optimizer = torch.optim.AdamW(
+        params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+    )
+    optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; gradients are averaged by hand below
+
+    pipe.scheduler.set_timesteps(args.num_steps)
+    timesteps = pipe.scheduler.timesteps.to(device)  # T-1 ... 0: noise to image
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
+    sample_coeffs = [schedule.coefficients(t.expand(args.sample_batch_size), args.eta) for t in timesteps]
+    resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    latent_shape = (args.sample_batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
+    w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()
+    empty_embeds = encode_prompts(pipe, [""])
+    tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
+    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
+    reward_worker = ThreadPoolExecutor(max_workers=1)  # scores batch k while batch k+1 samples
+
+    start_epoch, samples_seen = 0, 0
+    if args.resume:
+        ckpt = latest_checkpoint(args.output_dir)
+        try:
+            state = load_checkpoint(ckpt, unet)
+        except CheckpointError as e:
+            fail(str(e))
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        tracker.load_state_dict(state["stat_tracker"])
+        start_epoch, samples_seen = state["epoch"] + 1, state["samples_seen"]
+        log.truncate_after(state["epoch"])
+        accelerator.print(f"resumed from {ckpt} (epoch {state['epoch']}, {samples_seen} samples)")
+
+    def unet_eps(x, t, embeds):
+        """Unconditional and conditional outputs in one UNet call; t is a scalar or one timestep per sample."""
+        t = t.expand(len(x))
+        with accelerator.autocast():
+            out = unet(torch.cat([x, x]).to(weight_dtype), torch.cat([t, t]), torch.cat([empty_embeds.expand(len(x), -1, -1), embeds])).sample
+        return out.float().chunk(2)
+
+    def score(images, batch_prompts):
+        with torch.no_grad(), accelerator.autocast():
+            scores, components = reward_fn(images, batch_prompts)
+        return scores.float(), {k: v.float() for k, v in components.items()}
+
+    def evaluate(epoch: int):
+        """Fixed seeds, held-out prompts, w_high, no DiffExp: the same images across epochs for the gallery."""
+        if not eval_prompts or not accelerator.is_main_process:
+            return {}
+        embeds = encode_prompts(pipe, eval_prompts)
+        guidance = torch.full((args.num_steps,), args.w_high, device=device)
+        with accelerator.autocast():
+            images = generate(pipe, embeds, guidance, args.num_steps, seeded(args.seed, 10**6), 0.0, resolution, args.kernels)
+        scores, components = score(images, eval_prompts)
+        out = log.dir / "eval" / f"epoch_{epoch:04d}"
+        out.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, out / f"{i:03d}.png")
+        (out / "prompts.json").write_text(json.dumps({"prompts": eval_prompts, "reward": scores.tolist()}))
+        return {"eval_reward_mean": scores.mean().item()} | {f"eval_reward/{k}": v.mean().item() for k, v in components.items()}
+
+    if start_epoch == 0:
+        log.log({"epoch": -1, "samples": 0} | evaluate(0))
+
+    # --- training loop -------------------------------------------------------------------------------
+    for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
+        t0 = time.time()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
+
+        # --- sampling: store everything the training pass must reproduce ----------------------------
+        trajectories, pending, records, first_images = [], [], [], None
+        for batch in range(samples_per_process // args.sample_batch_size):
+            g = seeded(args.seed, epoch, rank, batch)
+            batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.sample_batch_size,), generator=g).tolist()]
+            embeds, guidance, weights = diffexp_conditioning(
+                diffexp, exploring, batch_prompts, encode_prompts(pipe, batch_prompts), empty_embeds[0],
+                pipe.tokenizer, timesteps, T, g,
+            )
+            x = torch.randn(latent_shape, generator=g).to(device)
+            latents, log_probs = [x], []
+            with torch.no_grad():
+                for i, t in enumerate(timesteps):
+                    out_u, out_c = unet_eps(x, t, embeds)
+                    z = torch.randn(latent_shape, generator=g).to(device)
+                    w = guidance[i].expand(args.sample_batch_size)
+                    x, log_prob = cfg_ddim_step(out_u, out_c, x, w, sample_coeffs[i], noise=z, return_log_prob=True, backend=args.kernels)
+                    latents.append(x)
+                    log_probs.append(log_prob)
+                images = decode(pipe, x.to(weight_dtype))
+            pending.append(reward_worker.submit(score, images, batch_prompts))
+            trajectories.append({
+                "latents": torch.stack(latents, 1),  # [B, N+1, C, H, W]: x_T ... x_0
+                "log_probs": torch.stack(log_probs, 1),  # [B, N]
+                "timesteps": timesteps.expand(args.sample_batch_size, -1),  # [B, N]
+                "guidance": guidance.expand(args.sample_batch_size, -1),  # [B, N]: the scale each step used
+                "embeds": embeds,  # [B, L, D]: the (weighted) prompt embeddings actually used
+            })
+            records += [{"prompt": r.prompt, "word": r.word, "weight": round(r.weight, 3)} for r in weights]
+            if first_images is None:
+                first_images = images.float()
+
+        local_prompts = [r["prompt"] for r in records]
+        results = [f.result() for f in pending]
+        local_rewards = torch.cat([r[0] for r in results])
+        components = {k: accelerator.gather(torch.cat([r[1][k] for r in results])) for k in results[0][1]}
+        traj = {k: torch.cat([b[k] for b in trajectories]) for k in trajectories[0]}
+
+        # --- advantages from every process's rewards -------------------------------------------------
+        all_rewards = accelerator.gather(local_rewards)
+        all_prompts = gather_object(local_prompts) if world > 1 else local_prompts
+        rewards_np = all_rewards.cpu().numpy()
+        if args.per_prompt_stat_tracking:
+            advantages = tracker(all_prompts, rewards_np)
+        else:
+            advantages = (rewards_np - rewards_np.mean()) / (rewards_np.std() + 1e-6)
+        advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-args.adv_clip_max, args.adv_clip_max)
+        traj["advantages"] = advantages.reshape(world, -1)[rank].to(device)  # this process's samples
+        samples_seen += len(all_rewards)
+
+        # --- PPO passes: recompute each selected step's log-prob under the sampling conditions -------
+        stats = {"approx_kl": [], "clipfrac": [], "ratio_min": [], "ratio_max": [], "ratio_mean": [], "loss": [], "grad_norm": []}
+        for inner in range(args.inner_epochs):
+            g = seeded(args.seed, epoch, rank, 10**4 + inner)
+            perm = torch.randperm(samples_per_process, generator=g)
+            step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in range(samples_per_process)])[:, :num_train_steps]
+            for tb in range(train_batches):
+                idx = perm[tb * args.train_batch_size : (tb + 1) * args.train_batch_size]
+                b = {k: v[idx.to(v.device)] for k, v in traj.items()}
+                for j in range(num_train_steps):
+                    s = step_perm[idx, j].to(device)  # one denoising step per trajectory, shuffled
+                    rows = torch.arange(len(idx), device=device)
+                    x_t, x_prev = b["latents"][rows, s], b["latents"][rows, s + 1]
+                    t = b["timesteps"][rows, s]
+                    coeffs = schedule.coefficients(t, args.eta)
+                    out_u, out_c = unet_eps(x_t, t, b["embeds"])
+                    loss, st = ddpo_clip_loss(
+                        out_u, out_c, x_t, x_prev, b["guidance"][rows, s], coeffs, b["log_probs"][rows, s],
+                        b["advantages"], args.clip_range, backend=args.kernels,
+                    )
+                    accelerator.backward(loss / (num_train_steps * args.gradient_accumulation_steps))
+                    stats["loss"].append(loss.detach())
+                    stats["approx_kl"].append(st["approx_kl"])
+                    stats["clipfrac"].append(st["clipfrac"])
+                    stats["ratio_min"].append(st["ratio"].min())
+                    stats["ratio_max"].append(st["ratio"].max())
+                    stats["ratio_mean"].append(st["ratio"].mean())
+                if (tb + 1) % args.gradient_accumulation_steps == 0:
+                    if world > 1:  # average LoRA gradients across processes (the UNet is not DDP-wrapped)
+                        flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
+                        torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
+                    stats["grad_norm"].append(accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+        # --- log ----------------------------------------------------------------------------------------
+        elapsed = time.time() - t0
+        st = {k: torch.stack([v.float() for v in vals]) for k, vals in stats.items()}
+        record = {
+            "epoch": epoch,
+            "samples": samples_seen,
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std().item() if len(all_rewards) > 1 else 0.0,
+            **{f"reward/{k}": v.mean().item() for k, v in components.items()},
+            "advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
+            "advantage_min": advantages.min().item(),
+            "advantage_max": advantages.max().item(),
+            "loss": st["loss"].mean().item(),
+            "approx_kl": st["approx_kl"].mean().item(),
+            "clipfrac": st["clipfrac"].mean().item(),
+            "ratio_mean": st["ratio_mean"].mean().item(),
+            "ratio_min": st["ratio_min"].min().item(),
+            "ratio_max": st["ratio_max"].max().item(),
+            "grad_norm": st["grad_norm"].mean().item(),
+            "exploring": exploring,
+            "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
+            "prompt_weights": records[:8],
+            "seconds": elapsed,
+            "sec_per_sample": elapsed / len(all_rewards),
+            "peak_mem_mb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+        }
+        if world > 1:  # processes must hold identical LoRA weights; log how far apart they are (0 when in sync)
+            flat = torch.cat([p.detach().flatten() for p in params])
+            record["lora_sync_error"] = (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()  # max - min
+        images_logged = {}
+        if accelerator.is_main_process:
+            grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
+            grid.parent.mkdir(parents=True, exist_ok=True)
+            save_image(first_images, grid, nrow=int(math.ceil(math.sqrt(len(first_images)))))
+            images_logged["samples"] = grid
+        last = epoch == args.num_epochs - 1
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or last):
+            record |= evaluate(epoch + 1)
+        log.log(record, images_logged)
+        accelerator.print(
+            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} "
+            f"kl {record['approx_kl']:.2e} clipfrac {record['clipfrac']:.3f} ratio [{record['ratio_min']:.4f}, {record['ratio_max']:.4f}] "
+            f"exploring {exploring} {record['sec_per_sample']:.3f} s/sample peak {record['peak_mem_mb']:.0f} MiB"
+        )
+
+        if (epoch + 1) % args.save_every == 0 or last:
+            if accelerator.is_main_process:
+                state = {
+                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
+                    "samples_seen": samples_seen, "stat_tracker": tracker.state_dict(),
+                }
+                save_checkpoint(args.output_dir, epoch, unet, state, args.keep_checkpoints)
+            accelerator.wait_for_everyone()
+
+    reward_worker.shutdown()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
