@@ -61,8 +61,8 @@ def gen():
 
 @pytest.fixture
 def ragged_blocks(monkeypatch):
-    """Several blocks per sample row, the last one partial (rows here are not multiples of 512)."""
-    monkeypatch.setattr(op1, "BLOCK_OVERRIDE", 512)
+    """Several blocks per sample row, the last one partial (no row length here is a multiple of 128)."""
+    monkeypatch.setattr(op1, "BLOCK_OVERRIDE", 128)
 
 
 def sd_schedule(device=DEVICE, prediction_type="epsilon"):
@@ -101,7 +101,7 @@ def guidance_for(batch, gen, per_sample, dtype):
 
 
 def assert_close(actual, expected, tol, what):
-    actual, expected = f64(actual), f64(expected)
+    actual, expected = f64(actual).cpu(), f64(expected).cpu()
     assert not torch.isnan(actual).any(), f"{what}: NaN (an unwritten element?)"
     scale = expected.abs().max().item() + 1e-30
     err = (actual - expected).abs().max().item()
@@ -153,7 +153,7 @@ def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4):
 @pytest.mark.parametrize("shape", [(3, 4, 17, 19), (1, 4, 17, 19), (5, 3, 7, 11)], ids=lambda s: "x".join(map(str, s)))
 def test_step_values_and_grads(dtype, shape, gen, request):
     """x_prev, the log-prob and the gradients, two-input and stacked, per-sample and scalar guidance."""
-    if shape[0] == 5:
+    if shape[0] != 1:  # batch 1 runs with the default block: one per row under the interpreter
         request.getfixturevalue("ragged_blocks")
     batch = shape[0]
     co = make_coeffs(batch, gen, dtype)
@@ -308,7 +308,7 @@ def _triton_loss(inp, clip_range, stacked, leaves):
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 4, 17, 19), (1, 4, 17, 19), (5, 3, 7, 11)], ids=lambda s: "x".join(map(str, s)))
 def test_loss_values_and_grads(dtype, shape, gen, request):
-    if shape[0] == 5:
+    if shape[0] != 1:  # batch 1 runs with the default block: one per row under the interpreter
         request.getfixturevalue("ragged_blocks")
     clip_range = 1e-4
     for stacked in (False, True):
@@ -517,6 +517,7 @@ def test_no_host_sync_in_loop():
     co = schedule.coefficients(t_all[:1].expand(4), 1.0)
     x1, lp = kernels.cfg_ddim_step_stacked(model_out, x, 7.5, co, torch.randn_like(x), True, backend="triton")
     kernels.ddpo_clip_loss_stacked(model_out, x, x1, 7.5, co, lp, adv, 1e-4, backend="triton")[0].backward()
+    kernels.cfg_ddim_step_stacked(model_out, x, 7.5, co, torch.randn_like(x), backend="triton").sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
