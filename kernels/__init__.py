@@ -63,10 +63,11 @@ def resolve_backend(backend: str | None, like: torch.Tensor) -> str:
 
 
 def _guidance_tensor(guidance, like: torch.Tensor) -> torch.Tensor:
-    """The guidance scale as a tensor on the latents' device: a [B] tensor as given, a number as a
-    one-element tensor (made by a fill kernel, so no host-device copy)."""
+    """The guidance scale as a tensor: a [B] (or one-element) tensor as given, which must already be
+    on the latents' device (a copy here would be a hidden host-device transfer every step), a number
+    as a one-element tensor made there by a fill kernel."""
     if torch.is_tensor(guidance):
-        return guidance.to(like.device)
+        return guidance
     return torch.full((1,), float(guidance), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
 
 

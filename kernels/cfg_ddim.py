@@ -170,6 +170,8 @@ def _per_sample_arg(v, batch: int, device, dtype=torch.float32):
     Python numbers get stride 0 so one value serves the whole batch."""
     if not torch.is_tensor(v):
         v = torch.full((1,), float(v), dtype=dtype, device=device)  # a fill kernel: no host->device copy
+    if v.device != torch.device(device):  # moving it here would hide a host-device copy in the loop
+        raise ValueError(f"per-sample scalars must live on the latents' device ({device}), got one on {v.device}")
     v = v.reshape(-1)
     if v.numel() == 1:
         return v, 0
@@ -404,6 +406,14 @@ def cfg_ddim_backward_triton(grad_x_prev, out_u, out_c, x_t, guidance, c_x, c_ep
     return grad_u, grad_c, grad_x
 
 
+@dataclass
+class _Meta:
+    """Shape and dtype of an input, all the backward needs of it."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+
+
 class CfgDdimStepFunction(torch.autograd.Function):
     """Op 1 on the Triton kernels: x_prev (and optionally the per-sample log-prob).
 
@@ -420,12 +430,7 @@ class CfgDdimStepFunction(torch.autograd.Function):
     def forward(ctx, out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob):
         x_prev, log_prob = cfg_ddim_forward_triton(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob)
         ctx.set_materialize_grads(False)
-        ctx.stacked = out_c is None
-        ctx.meta = (
-            (out_u.shape, out_u.dtype),
-            None if out_c is None else (out_c.shape, out_c.dtype),
-            (x_t.shape, x_t.dtype),
-        )
+        ctx.like = tuple(None if t is None else _Meta(t.shape, t.dtype) for t in (out_u, out_c, x_t))
         ctx.save_for_backward(guidance, c_x, c_eps)  # [B] (or one-element) tensors: nothing latent-sized
         if return_log_prob:
             ctx.mark_non_differentiable(log_prob)
@@ -438,18 +443,9 @@ class CfgDdimStepFunction(torch.autograd.Function):
             return (None,) * 9
         guidance, c_x, c_eps = ctx.saved_tensors
         need_u, need_c, need_x = ctx.needs_input_grad[:3]
-        meta_u, meta_c, meta_x = ctx.meta
-        like_u = _Meta(*meta_u)
-        like_c = None if ctx.stacked else _Meta(*meta_c)
+        like_u, like_c, like_x = ctx.like
         grad_u, grad_c, grad_x = cfg_ddim_backward_triton(
-            grad_x_prev, like_u, like_c, _Meta(*meta_x), guidance, c_x, c_eps, need_u or need_c, need_x
+            grad_x_prev, like_u, like_c, like_x, guidance, c_x, c_eps, need_u or need_c, need_x
         )
         return (grad_u if need_u else None, grad_c if need_c else None, grad_x, None, None, None, None, None, None)
 
-
-@dataclass
-class _Meta:
-    """Shape and dtype of an input, all the backward needs of it."""
-
-    shape: torch.Size
-    dtype: torch.dtype
