@@ -154,7 +154,8 @@ def main(args: Args):
 
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.samples_per_epoch % (args.batch_size * world):
         fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")

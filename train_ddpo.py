@@ -194,7 +194,8 @@ def main(args: Args):
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
     if args.samples_per_epoch % (args.sample_batch_size * world):
         fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes")

@@ -9,7 +9,9 @@ os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton kernels run through the CPU interpreter when there is no GPU; the flag is read when a
 # kernel is defined, so it must be set before any project module imports triton.
-if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+import torch  # noqa: E402  (does not import triton)
+
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parent.parent

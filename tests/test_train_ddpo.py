@@ -1,0 +1,126 @@
+"""train_ddpo.py end to end on the tiny offline pipeline (CPU), and its advantage computation."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, lora_weights, read_log, run_script
+
+from kernels import ppo_clip_loss_reference
+from train_ddpo import PerPromptStatTracker
+
+
+def tiny_args(tiny_sd_dir, out, *extra):
+    return [
+        "--pretrained", tiny_sd_dir, "--num-steps", 4, "--samples-per-epoch", 4, "--sample-batch-size", 2,
+        "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no", "--eval-every", 0,
+        "--output-dir", out, "--explore-frac", 1.0, "--t-sw", 0.5, *extra,
+    ]
+
+
+@pytest.mark.parametrize("diffexp", [[], ["--no-cfg-schedule", "--no-prompt-weighting"]], ids=["diffexp-on", "diffexp-off"])
+def test_ratio_is_one_before_any_update(tiny_sd_dir, tiny_aesthetic, tmp_path, diffexp):
+    """lr = 0: the policy never changes, so every recomputed log-prob (every sample, every step,
+    with the stored guidance scale and weighted embeddings) must equal the stored one."""
+    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
+               "--num-epochs", 1, "--lr", 0, "--adam-weight-decay", 0, *diffexp))
+    r = read_log(tmp_path / "run")[-1]
+    assert r["exploring"] and (r["w_low_share"] == 0.5) == (diffexp == [])
+    assert any(p["word"] for p in r["prompt_weights"]) == (diffexp == [])
+    assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
+    assert r["clipfrac"] == 0.0 and r["approx_kl"] < 1e-8
+
+
+def test_clipped_objective_matches_float64_hand_computation():
+    eps = 0.1
+    lp_old = torch.zeros(6, dtype=torch.float64)
+    ratio = torch.tensor([1.05, 1.3, 0.7, 1.05, 1.3, 0.7], dtype=torch.float64)
+    adv = torch.tensor([1.0, 1.0, 1.0, -2.0, -2.0, -2.0], dtype=torch.float64)
+    loss, stats = ppo_clip_loss_reference(ratio.log(), lp_old, adv, eps)
+    # By hand: max(-A r, -A clip(r)) per sample.
+    # A=+1: r=1.05 (inside) -> -1.05; r=1.3 -> max(-1.3, -1.1) = -1.1 (clipped); r=0.7 -> max(-0.7, -0.9) = -0.7 (unclipped)
+    # A=-2: r=1.05 -> 2.1; r=1.3 -> max(2.6, 2.2) = 2.6 (unclipped); r=0.7 -> max(1.4, 1.8) = 1.8 (clipped)
+    expected = (-1.05 - 1.1 - 0.7 + 2.1 + 2.6 + 1.8) / 6
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+    assert float(stats["clipfrac"]) == pytest.approx(4 / 6)  # |r - 1| > eps for r = 1.3 and 0.7
+
+
+def test_per_prompt_stat_tracking():
+    tracker = PerPromptStatTracker(buffer_size=8, min_count=3)
+    prompts = ["cat", "cat", "dog", "dog"]
+    r1 = np.array([1.0, 3.0, 10.0, 30.0])
+    # Fewer than min_count rewards per prompt: normalised by the whole batch.
+    np.testing.assert_allclose(tracker(prompts, r1), (r1 - r1.mean()) / (r1.std() + 1e-6))
+    r2 = np.array([2.0, 4.0, 20.0, 40.0])
+    # Now each prompt has 4 >= 3 rewards: normalised within its own buffer.
+    cat, dog = np.array([1.0, 3.0, 2.0, 4.0]), np.array([10.0, 30.0, 20.0, 40.0])
+    expected = np.concatenate([(r2[:2] - cat.mean()) / (cat.std() + 1e-6), (r2[2:] - dog.mean()) / (dog.std() + 1e-6)])
+    np.testing.assert_allclose(tracker(prompts, r2), expected)
+    state = tracker.state_dict()
+    again = PerPromptStatTracker(8, 3)
+    again.load_state_dict(state)
+    assert again.state_dict() == state
+
+
+@pytest.fixture(scope="module")
+def jpeg_run(tiny_sd_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddpo") / "run"
+    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, out, "--reward", "jpeg", "--num-epochs", 2, "--lr", 1e-2, "--eval-every", 2, "--eval-num", 2))
+    return out
+
+
+def test_jpeg_two_epochs_logs_checkpoint(jpeg_run, tiny_sd_dir):
+    log = read_log(jpeg_run)
+    assert [r["samples"] for r in log] == [0, 4, 8]
+    for key in ["reward_mean", "reward_std", "reward/jpeg", "approx_kl", "clipfrac", "ratio_mean", "ratio_min", "ratio_max", "advantage_std", "sec_per_sample", "peak_mem_mb"]:
+        assert key in log[1], key
+    weights = lora_weights(jpeg_run / "checkpoints" / "epoch_0001")
+    assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    pipe.load_lora_weights(jpeg_run / "checkpoints" / "epoch_0001")
+
+
+def test_resume_reproduces_uninterrupted(jpeg_run, tiny_sd_dir, tmp_path):
+    out = tmp_path / "run"
+    base = tiny_args(tiny_sd_dir, out, "--reward", "jpeg", "--lr", 1e-2, "--eval-every", 2, "--eval-num", 2)
+    run_script("train_ddpo.py", *base, "--num-epochs", 1)
+    run_script("train_ddpo.py", *base, "--num-epochs", 2, "--resume")
+    a, b = lora_weights(jpeg_run / "checkpoints" / "epoch_0001"), lora_weights(out / "checkpoints" / "epoch_0001")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
+
+
+def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
+    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "jpeg", "--num-epochs", 1, "--lr", 1e-2,
+               "--sample-batch-size", 2, "--train-batch-size", 1), launcher=launcher)
+    r = read_log(tmp_path / "run")[-1]
+    assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
+    assert r["lora_sync_error"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--eta", "0"], r"--eta must be > 0 for DDPO"),
+        (["--clip-range", "0"], r"--clip-range must be > 0"),
+        (["--t-sw", "-0.1"], r"--t-sw must be in \[0, 1\]"),
+        (["--samples-per-epoch", "6", "--sample-batch-size", "4"], r"--samples-per-epoch 6 must be divisible by --sample-batch-size 4"),
+        (["--train-batch-size", "3"], r"--train-batch-size 3 must divide"),
+        (["--reward", "hps:abc"], r"--reward"),
+    ],
+)
+def test_bad_input_fails_before_loading(extra, message, tmp_path):
+    import re
+
+    args = ["--pretrained", tmp_path / "missing", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
+            "--gradient-accumulation-steps", "1", "--output-dir", tmp_path / "out", *extra]
+    proc = subprocess.run([sys.executable, ROOT / "train_ddpo.py", *map(str, args)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and re.search(message, last), last
+    assert "Traceback" not in proc.stderr
