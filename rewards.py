@@ -427,7 +427,9 @@ class SmallCNN(nn.Module):
         chans = [3, width, width * 2, width * 4, width * 4]
         layers = []
         for c_in, c_out in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1, stride=2), nn.SiLU()]
+            # BatchNorm, not GroupNorm: a per-image norm divides out the amount of fine detail, which is
+            # exactly what pixelate/blur/jpeg change (measured: GroupNorm did not beat predicting the mean).
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1, stride=2), nn.SiLU()]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Linear(2 * chans[-1], width * 2), nn.SiLU(), nn.Linear(width * 2, num_outputs))
 
@@ -464,7 +466,7 @@ def build_custom_network(config: dict) -> nn.Module:
     from transformers import CLIPModel
 
     clip = from_pretrained(CLIPModel, config["clip_model"], "--clip-model")
-    return ClipHead(clip, outputs, hidden=config.get("width", 256))
+    return ClipHead(clip, outputs)
 
 
 def custom_preprocess(images: torch.Tensor, config: dict) -> torch.Tensor:
@@ -487,7 +489,10 @@ def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, t
     mode = mode or config.get("reward_mode", "prediction")
     target = config.get("target") if target is None else target
     if config["task"] == "regression":
-        pred = outputs.squeeze(-1)
+        # The network predicts standardised labels; undo that to get the label's own units.
+        pred = outputs.squeeze(-1) * config.get("label_std", 1.0) + config.get("label_mean", 0.0)
+        if mode == "class_prob":
+            raise ValueError("custom reward: reward mode 'class_prob' needs a classifier; a regression model gives 'prediction' or 'target'")
     else:
         probs = outputs.float().softmax(-1)
         if mode == "class_prob":

@@ -1,0 +1,558 @@
+"""Train a custom reward model for a visual attribute, then fine-tune towards it (SPEC §7).
+
+    # 1. make data: SD images of a prompt set, snowed at a random strength (the label), cached on disk
+    python train_reward.py --attribute snow --levels 2 --source animals_activities --data data/snow --only-make-data
+    # 2. train the reward (a small CNN from scratch, or --backbone clip for a frozen CLIP + head)
+    python train_reward.py --data data/snow --out runs/reward-snow --reward-mode class_prob --target 1
+    # 3. fine-tune towards it
+    python train_alignprop.py --reward custom:runs/reward-snow
+
+Data is either generated (--attribute: pixelate, jpeg, blur, snow, rain, fog applied at strength s in
+[0, 1] to source images; s is the label) or a labelled folder: root/<class>/*.png (classification) or a
+CSV with columns path,score (regression). A generated dataset is itself a CSV dataset (labels.csv), so
+the two paths meet. The output directory holds config.json + model.safetensors (what
+`--reward custom:DIR` loads through rewards.py, differentiably), a learning curve, and validation
+predictions against labels.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks for updates online at import otherwise
+
+import copy
+import csv
+import io
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+from diffusion import DEFAULT_PRETRAINED
+from rewards import build_custom_network, custom_preprocess, custom_value
+
+ATTRIBUTES = ("pixelate", "jpeg", "blur", "snow", "rain", "fog")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+@dataclass
+class Args:
+    out: str = "runs/reward"
+    """output directory: config.json + model.safetensors (use as --reward custom:OUT), plots and reports."""
+    data: str | None = None
+    """a dataset: folder root/<class>/*.png (classification), CSV 'path,score' (regression; paths relative to
+    the CSV), or a directory holding labels.csv. With --attribute: where the generated data is cached
+    (default OUT/data)."""
+
+    # --- generated data
+    attribute: Literal["pixelate", "jpeg", "blur", "snow", "rain", "fog"] | None = None
+    """generate data: apply this attribute at strength s in [0, 1] to source images; s is the label."""
+    source: str = "animals_activities"
+    """source images for --attribute: an image folder, or a prompt set (built-in name or text file) sampled
+    with --pretrained."""
+    pretrained: str = DEFAULT_PRETRAINED
+    """diffusion model that makes the source images from a prompt set (hub id or local directory)."""
+    num_source: int = 64
+    """number of source images: generated from the prompt set (cycled), or taken from the folder (0 = all)."""
+    variants: int = 8
+    """transformed copies of each source image, each at its own strength."""
+    levels: int = 0
+    """0: strengths uniform in [0, 1] (regression); K >= 2: strengths on the K levels 0, 1/(K-1), ..., 1
+    (classification; 2 = clean vs full strength)."""
+    data_size: int = 128
+    """side in pixels of the generated images (sources are resized and centre-cropped to it first)."""
+    sample_steps: int = 25
+    """DDIM steps when generating source images."""
+    guidance: float = 7.5
+    """CFG scale when generating source images."""
+    resolution: int | None = None
+    """resolution of generated source images (default: the model's)."""
+    only_make_data: bool = False
+    """stop after making (or finding cached) data."""
+
+    # --- model
+    task: Literal["auto", "regression", "classification"] = "auto"
+    """auto: classification for a folder, or for generated data with --levels >= 2; regression otherwise."""
+    backbone: Literal["cnn", "clip"] = "cnn"
+    """cnn: a small CNN trained from scratch (fully offline); clip: a frozen CLIP image encoder + trained head."""
+    clip_model: str = "openai/clip-vit-large-patch14"
+    """CLIPModel for --backbone clip (hub id or local directory)."""
+    image_size: int = 64
+    """CNN input side: images are resized to it in torch, in training and when used as a reward."""
+    width: int = 32
+    """CNN width (channels of its first stage)."""
+    classes: str | None = None
+    """classification: the class order, comma-separated. Default: sorted folder names / sorted distinct scores.
+    A class's value (its reward in 'prediction' mode) is its name if numeric, else its position 0, 1, ..."""
+    label_range: tuple[float, float] | None = None
+    """regression: reject a dataset with a label outside [lo, hi] (names the file and line)."""
+
+    # --- training
+    epochs: int = 30
+    """maximum number of epochs."""
+    batch_size: int = 64
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    val_frac: float = 0.2
+    """fraction held out for validation (generated data: whole source images, so no content leaks)."""
+    patience: int = 5
+    """early stopping: stop after this many epochs without a better validation loss; keep the best."""
+    seed: int = 0
+    """seeds data generation, the split, initialisation and batching."""
+    device: str = "auto"
+    """cuda if available, else cpu (or name one)."""
+
+    # --- reward value
+    reward_mode: Literal["prediction", "target", "class_prob"] = "prediction"
+    """prediction: the predicted strength / expected class value; target: -|prediction - target|;
+    class_prob: probability of the class --target."""
+    target: str | None = None
+    """the target strength (reward mode target) or class name (class_prob)."""
+
+
+def validate(args: Args) -> Args:
+    """One-line errors naming the flag and the fix, before any model or image is loaded."""
+    if args.attribute is None and args.data is None:
+        raise ValueError("give --data (a folder, a CSV or a generated dataset) or --attribute (to generate one)")
+    if args.attribute is None and args.only_make_data:
+        raise ValueError("--only-make-data needs --attribute (what to generate)")
+    if args.levels == 1 or args.levels < 0:
+        raise ValueError(f"--levels must be 0 (continuous strengths) or >= 2, got {args.levels}")
+    for flag, value in (("--num-source", args.num_source), ("--variants", args.variants), ("--data-size", args.data_size),
+                        ("--image-size", args.image_size), ("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--width", args.width)):  # fmt: skip
+        if value < (0 if flag == "--num-source" else 1):
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if not 0 < args.val_frac < 1:
+        raise ValueError(f"--val-frac must be in (0, 1), got {args.val_frac}")
+    if args.label_range is not None and not args.label_range[0] < args.label_range[1]:
+        raise ValueError(f"--label-range must be 'lo hi' with lo < hi, got {args.label_range}")
+    if args.reward_mode in ("target", "class_prob") and args.target is None:
+        raise ValueError(f"--reward-mode {args.reward_mode} needs --target (a strength for 'target', a class name for 'class_prob')")
+    if args.reward_mode == "target":
+        try:
+            float(args.target)
+        except ValueError:
+            raise ValueError(f"--target must be a number for --reward-mode target, got '{args.target}'") from None
+    if args.attribute is not None and args.data is not None and Path(args.data).is_file():
+        raise ValueError(f"--data '{args.data}' is a file; with --attribute it is the directory to cache generated data in")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Generated data: an attribute applied at strength s in [0, 1]; s = 0 leaves the image unchanged.
+
+
+def apply_attribute(img: np.ndarray, attribute: str, s: float, seed: int) -> np.ndarray:
+    """uint8 H x W x 3 -> uint8 H x W x 3 with `attribute` at strength `s` (deterministic given seed)."""
+    if s <= 0:
+        return img
+    size = img.shape[0]
+    pil = Image.fromarray(img)
+    if attribute == "pixelate":
+        factor = 1 + s * 7  # block side from 1 to 8 pixels
+        small = max(1, round(size / factor))
+        return np.asarray(pil.resize((small, small), Image.BOX).resize((size, size), Image.NEAREST))
+    if attribute == "jpeg":
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=int(round(95 - 90 * s)))  # quality 95 (s = 0) down to 5 (s = 1)
+        return np.asarray(Image.open(buf).convert("RGB"))
+    if attribute == "blur":
+        from PIL import ImageFilter
+
+        return np.asarray(pil.filter(ImageFilter.GaussianBlur(radius=s * 0.04 * size)))  # sigma up to 4% of the side
+    import albumentations as A
+
+    # The weather effects at a fixed full strength, blended in with opacity s: continuous, monotone,
+    # and the identity at s = 0 (albumentations' own intensity knobs are neither).
+    effect = {
+        "snow": lambda: A.RandomSnow(snow_point_range=(0.3, 0.3), brightness_coeff=2.5, method="bleach", p=1.0),  # "texture" leaves black blotches
+        "rain": lambda: A.RandomRain(rain_type="heavy", brightness_coefficient=0.8, p=1.0),
+        "fog": lambda: A.RandomFog(fog_coef_range=(0.8, 0.8), alpha_coef=0.1, p=1.0),
+    }[attribute]()
+    effect.set_random_seed(seed)
+    full = effect(image=img)["image"].astype(np.float32)
+    return np.clip(np.round((1 - s) * img + s * full), 0, 255).astype(np.uint8)
+
+
+def center_square(img: Image.Image, size: int) -> np.ndarray:
+    w, h = img.size
+    side = min(w, h)
+    img = img.convert("RGB").crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+    return np.asarray(img.resize((size, size), Image.BICUBIC))
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+
+
+def source_images(args: Args, device) -> list[np.ndarray]:
+    """Clean images at data_size: from an image folder, or sampled from a prompt set with our loader."""
+    if Path(args.source).is_dir():
+        paths = list_images(Path(args.source))
+        if not paths:
+            raise ValueError(f"--source '{args.source}' has no images ({', '.join(IMAGE_EXTS)})")
+        paths = paths[: args.num_source] if args.num_source else paths
+        out = []
+        for p in paths:
+            try:
+                out.append(center_square(Image.open(p), args.data_size))
+            except Exception as e:
+                raise ValueError(f"--source: cannot read image '{p}' ({e})") from None
+        return out
+
+    from diffusion import load_pipeline, load_prompts
+
+    prompts = load_prompts(args.source, "--source")
+    n = args.num_source or len(prompts)
+    prompts = [prompts[i % len(prompts)] for i in range(n)]
+    pipe = load_pipeline(args.pretrained, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    out = []
+    for start in tqdm(range(0, n, 8), desc="source images"):
+        batch = prompts[start : start + 8]
+        gen = torch.Generator("cpu").manual_seed(args.seed * 100003 + start)  # same images whatever the device
+        images = pipe(prompt=batch, num_inference_steps=args.sample_steps, guidance_scale=args.guidance, generator=gen,
+                      height=args.resolution, width=args.resolution, output_type="np").images  # fmt: skip
+        out += [center_square(Image.fromarray((im * 255).round().astype(np.uint8)), args.data_size) for im in images]
+    del pipe
+    return out
+
+
+def make_data(args: Args, device) -> Path:
+    """Generate (or reuse) the dataset in --data: images/*.png, labels.csv (path,score,group), meta.json."""
+    root = Path(args.data or Path(args.out) / "data")
+    meta = dict(attribute=args.attribute, source=args.source, pretrained=args.pretrained if not Path(args.source).is_dir() else None,
+                num_source=args.num_source, variants=args.variants, levels=args.levels, data_size=args.data_size,
+                sample_steps=args.sample_steps, guidance=args.guidance, resolution=args.resolution, seed=args.seed)  # fmt: skip
+    if (root / "meta.json").is_file():
+        old = json.loads((root / "meta.json").read_text())
+        if old == meta and (root / "labels.csv").is_file():
+            print(f"using cached dataset {root} ({meta['attribute']})")
+            return root
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        raise ValueError(f"--data '{root}' holds data made with other settings {diff}: pass another --data or delete it")
+    sources = source_images(args, device)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, img in enumerate(tqdm(sources, desc=f"applying {args.attribute}")):
+        for v in range(args.variants):
+            rng = np.random.default_rng([args.seed, i, v])  # each sample its own stream: order-independent
+            s = float(rng.integers(args.levels)) / (args.levels - 1) if args.levels else float(rng.random())
+            name = f"images/{i:05d}_{v}.png"
+            Image.fromarray(apply_attribute(img, args.attribute, s, int(rng.integers(2**31)))).save(root / name)
+            rows.append((name, f"{s:.6g}", str(i)))
+    with open(root / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("path", "score", "group"), *rows])
+    (root / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+    print(f"wrote {len(rows)} images of {args.attribute} to {root}")
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: (paths, labels, groups, classes) from a folder or a CSV, with errors naming file and line.
+
+
+def read_image(path: Path, where: str) -> torch.Tensor:
+    """3 x H x W float in [0, 1]."""
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except Exception as e:
+        raise ValueError(f"{where}: cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+
+
+def load_folder(root: Path, class_order: list[str] | None):
+    """root/<class>/*.png -> (paths, class indices, groups, classes)."""
+    stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+    if stray:
+        raise ValueError(f"--data '{root}': image '{stray[0]}' lies outside a class folder; arrange images as {root}/<class>/*.png")
+    dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if len(dirs) < 2:
+        raise ValueError(f"--data '{root}': a folder dataset needs at least two class folders ({root}/<class>/*.png), found {dirs}")
+    classes = class_order or dirs
+    unknown = sorted(set(dirs) - set(classes))
+    if unknown:
+        raise ValueError(f"--data '{root}': folder '{unknown[0]}' is not one of --classes {classes}")
+    paths, labels = [], []
+    for k, c in enumerate(classes):
+        if not (root / c).is_dir():
+            raise ValueError(f"--classes: '{c}' has no folder in '{root}'")
+        files = list_images(root / c)
+        if not files:
+            raise ValueError(f"--data '{root}': class folder '{c}' has no images ({', '.join(IMAGE_EXTS)})")
+        paths += files
+        labels += [k] * len(files)
+    return paths, labels, [str(p) for p in paths], classes
+
+
+def load_csv(csv_path: Path, label_range):
+    """CSV with columns path,score (and optionally group) -> (paths, scores, groups, 'file line N' of each)."""
+    with open(csv_path, newline="") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip() for h in rows[0]] if rows else []
+    if "path" not in header or "score" not in header:
+        raise ValueError(f"{csv_path} line 1: the header must name the columns 'path' and 'score', got {','.join(header) or 'an empty file'}")
+    ip, isc, ig = header.index("path"), header.index("score"), header.index("group") if "group" in header else None
+    paths, scores, groups, origins = [], [], [], []
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < len(header):
+            raise ValueError(f"{csv_path} line {line}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+        try:
+            score = float(row[isc])
+        except ValueError:
+            raise ValueError(f"{csv_path} line {line}: score '{row[isc]}' is not a number") from None
+        if not math.isfinite(score):
+            raise ValueError(f"{csv_path} line {line}: score '{row[isc]}' is not finite")
+        if label_range is not None and not label_range[0] <= score <= label_range[1]:
+            raise ValueError(f"{csv_path} line {line}: score {score:g} is outside --label-range [{label_range[0]:g}, {label_range[1]:g}]")
+        path = Path(row[ip].strip())
+        paths.append(path if path.is_absolute() else csv_path.parent / path)
+        scores.append(score)
+        groups.append(row[ig] if ig is not None else str(line))
+        origins.append(f"{csv_path} line {line}")
+    if len(paths) < 2:
+        raise ValueError(f"{csv_path}: needs at least two labelled images, found {len(paths)}")
+    return paths, scores, groups, origins
+
+
+def load_dataset(args: Args, data: Path):
+    """(paths, targets, groups, where each came from, task description for config.json, dataset name)."""
+    csv_path = data if data.is_file() else data / "labels.csv"
+    meta = json.loads((data / "meta.json").read_text()) if data.is_dir() and (data / "meta.json").is_file() else {}
+    order = [c.strip() for c in args.classes.split(",")] if args.classes else None
+    if csv_path.is_file():
+        paths, scores, groups, origins = load_csv(csv_path, args.label_range)
+        task = args.task if args.task != "auto" else ("classification" if meta.get("levels", 0) >= 2 else "regression")
+        if task == "regression":
+            return paths, scores, groups, origins, dict(task="regression"), str(csv_path)
+        classes = order or [f"{s:g}" for s in sorted(set(scores))]
+        missing = sorted({f"{s:g}" for s in scores} - set(classes))
+        if missing:
+            raise ValueError(f"{csv_path}: score {missing[0]} is not one of --classes {classes}")
+        labels = [classes.index(f"{s:g}") for s in scores]
+        values = [float(c) for c in classes]
+        return paths, labels, groups, origins, dict(task="classification", classes=classes, class_values=values), str(csv_path)
+    if not data.is_dir():
+        raise ValueError(f"--data '{data}' does not exist")
+    if args.task == "regression":
+        raise ValueError(f"--task regression needs a CSV 'path,score'; '{data}' is a folder dataset (classification)")
+    paths, labels, groups, classes = load_folder(data, order)
+    try:
+        values = [float(c) for c in classes]
+    except ValueError:
+        values = [float(k) for k in range(len(classes))]
+    origins = [f"folder dataset '{data}'"] * len(paths)
+    return paths, labels, groups, origins, dict(task="classification", classes=classes, class_values=values), str(data)
+
+
+def split(groups: list[str], val_frac: float, seed: int):
+    """Train/val indices, whole groups (source images) on one side; at least one group each side."""
+    unique = sorted(set(groups))
+    perm = np.random.default_rng(seed).permutation(len(unique))
+    n_val = min(len(unique) - 1, max(1, round(val_frac * len(unique))))
+    val_groups = {unique[i] for i in perm[:n_val]}
+    val = [i for i, g in enumerate(groups) if g in val_groups]
+    train = [i for i, g in enumerate(groups) if g not in val_groups]
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1]) if len(a) > 1 and ra.std() > 0 and rb.std() > 0 else float("nan")
+
+
+def plot_report(out: Path, history: list[dict], config: dict, val_labels: np.ndarray, val_pred: np.ndarray):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    ep = [h["epoch"] for h in history]
+    axes[0].plot(ep, [h["train_loss"] for h in history], label="train")
+    axes[0].plot(ep, [h["val_loss"] for h in history], label="validation")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel("MSE (standardised labels)" if config["task"] == "regression" else "cross-entropy")
+    axes[0].legend()
+    axes[0].set_title("learning curve")
+    if config["task"] == "regression":
+        axes[1].scatter(val_labels, val_pred, s=8, alpha=0.6)
+        lo, hi = float(min(val_labels.min(), val_pred.min())), float(max(val_labels.max(), val_pred.max()))
+        axes[1].plot([lo, hi], [lo, hi], "k--", lw=1)
+        axes[1].set_xlabel("label")
+        axes[1].set_ylabel("prediction")
+        axes[1].set_title("validation: prediction vs label")
+    else:
+        k = len(config["classes"])
+        cm = np.zeros((k, k), dtype=int)
+        for t, p in zip(val_labels.astype(int), val_pred.astype(int)):
+            cm[t, p] += 1
+        axes[1].imshow(cm, cmap="Blues")
+        for (t, p), n in np.ndenumerate(cm):
+            axes[1].text(p, t, str(n), ha="center", va="center")
+        axes[1].set_xticks(range(k), config["classes"])
+        axes[1].set_yticks(range(k), config["classes"])
+        axes[1].set_xlabel("predicted class")
+        axes[1].set_ylabel("true class")
+        axes[1].set_title("validation confusion matrix")
+    fig.tight_layout()
+    fig.savefig(out / "learning_curve.png", dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args) -> dict:
+    validate(args)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    data = make_data(args, device) if args.attribute else Path(args.data)
+    if args.only_make_data:
+        return {"data": str(data)}
+
+    paths, targets, groups, origins, task, source = load_dataset(args, data)
+    config = dict(**task, backbone=args.backbone, image_size=args.image_size, width=args.width,
+                  reward_mode=args.reward_mode, target=args.target, data=source, attribute=args.attribute)  # fmt: skip
+    if args.backbone == "clip":
+        config["clip_model"] = args.clip_model
+    if task["task"] == "regression" and args.reward_mode == "class_prob":
+        raise ValueError("--reward-mode class_prob needs a classification task; use prediction or target for regression")
+    if task["task"] == "classification" and args.reward_mode == "class_prob" and args.target not in task["classes"]:
+        raise ValueError(f"--target '{args.target}' is not a class; classes: {', '.join(task['classes'])}")
+    train_idx, val_idx = split(groups, args.val_frac, args.seed)
+    if task["task"] == "classification" and len({targets[i] for i in train_idx}) < 2:
+        raise ValueError("the training split has a single class: add images of the other classes or lower --val-frac")
+
+    torch.manual_seed(args.seed)
+    net = build_custom_network(config).to(device)
+    if args.backbone == "clip":  # CLIP's input size is its own, not --image-size
+        config["image_size"] = net.clip.config.vision_config.image_size
+
+    # Inputs go through the very preprocessing the reward applies (rewards.custom_preprocess). With the
+    # frozen CLIP backbone its normalised embedding is computed once and only the head is trained.
+    feats, chunk = [], []
+    for i, p in enumerate(tqdm(paths, desc="loading images")):
+        chunk.append(custom_preprocess(read_image(p, origins[i])[None], config)[0])
+        if len(chunk) == 32 or i == len(paths) - 1:
+            x = torch.stack(chunk).to(device)
+            if args.backbone == "clip":
+                with torch.no_grad():
+                    e = net.clip.get_image_features(pixel_values=x).pooler_output
+                    x = e / e.norm(dim=-1, keepdim=True)
+            feats.append(x.cpu())
+            chunk = []
+    X = torch.cat(feats)
+    model = net.head if args.backbone == "clip" else net
+    if task["task"] == "regression":
+        y_all = torch.tensor(targets, dtype=torch.float32)
+        mean, std = y_all[train_idx].mean().item(), y_all[train_idx].std().item() or 1.0
+        config.update(label_mean=mean, label_std=std)
+        y = (y_all - mean) / std
+        loss_fn = lambda out, t: F.mse_loss(out.squeeze(-1), t)  # noqa: E731
+    else:
+        y = torch.tensor(targets, dtype=torch.long)
+        loss_fn = F.cross_entropy
+    Xtr, ytr, Xva, yva = X[train_idx].to(device), y[train_idx].to(device), X[val_idx].to(device), y[val_idx].to(device)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    gen = torch.Generator().manual_seed(args.seed)
+    history, best, best_state, bad_epochs = [], float("inf"), None, 0
+    print(f"{task['task']} on {len(train_idx)} train / {len(val_idx)} val images, backbone {args.backbone}, device {device}")
+    bar = tqdm(range(1, args.epochs + 1), desc="epochs")
+    for epoch in bar:
+        model.train()
+        t0, total = time.time(), 0.0
+        for b in torch.randperm(len(Xtr), generator=gen).split(args.batch_size):
+            x, t = Xtr[b.to(device)], ytr[b.to(device)]
+            if args.backbone == "cnn":  # horizontal flips change none of the attributes
+                flip = torch.rand(len(x), generator=gen).to(device) < 0.5
+                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            loss = loss_fn(model(x), t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        model.eval()
+        with torch.no_grad():
+            out_va = torch.cat([model(xb) for xb in Xva.split(256)])
+            val_loss = loss_fn(out_va, yva).item()
+        h = dict(epoch=epoch, train_loss=total / len(Xtr), val_loss=val_loss, seconds=time.time() - t0)
+        if task["task"] == "regression":
+            h["val_mse"] = val_loss * std**2  # in label units
+        else:
+            h["val_acc"] = (out_va.argmax(-1) == yva).float().mean().item()
+        history.append(h)
+        metric = f"val MSE {h['val_mse']:.4f}" if "val_mse" in h else f"val acc {h['val_acc']:.3f}"
+        tqdm.write(f"epoch {epoch:3d}  train loss {h['train_loss']:.4f}  val loss {val_loss:.4f}  {metric}  ({h['seconds']:.1f}s)")
+        bar.set_postfix(val_loss=f"{val_loss:.4f}")
+        if val_loss < best - 1e-6:
+            best, best_state, bad_epochs = val_loss, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= args.patience:
+                tqdm.write(f"early stop: no better validation loss for {args.patience} epochs")
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+
+    # Validation report with the best weights, in the reward's own terms.
+    with torch.no_grad():
+        out_va = torch.cat([model(xb) for xb in Xva.split(256)]).cpu()
+    val_paths = [str(paths[i]) for i in val_idx]
+    if task["task"] == "regression":
+        labels = np.array([targets[i] for i in val_idx])
+        pred = (out_va.squeeze(-1) * std + mean).numpy()
+        train_mean = float(np.mean([targets[i] for i in train_idx]))
+        metrics = dict(val_mse=float(np.mean((pred - labels) ** 2)), baseline_mse=float(np.mean((train_mean - labels) ** 2)),
+                       val_spearman=spearman(pred, labels))  # fmt: skip
+        print(f"validation MSE {metrics['val_mse']:.4f} vs {metrics['baseline_mse']:.4f} predicting the training mean; Spearman {metrics['val_spearman']:.3f}")
+        rows = [(p, f"{l:g}", f"{q:.4f}") for p, l, q in zip(val_paths, labels, pred)]
+        header = ("path", "label", "prediction")
+    else:
+        labels = np.array([targets[i] for i in val_idx])
+        probs = out_va.softmax(-1).numpy()
+        pred = probs.argmax(-1)
+        counts = np.bincount([targets[i] for i in train_idx], minlength=len(task["classes"]))
+        metrics = dict(val_acc=float((pred == labels).mean()), majority_acc=float((labels == counts.argmax()).mean()),
+                       chance_acc=1.0 / len(task["classes"]))  # fmt: skip
+        print(f"validation accuracy {metrics['val_acc']:.3f} (majority class {metrics['majority_acc']:.3f}, chance {metrics['chance_acc']:.3f})")
+        rows = [(p, task["classes"][l], task["classes"][q], *(f"{x:.4f}" for x in pr)) for p, l, q, pr in zip(val_paths, labels, pred, probs)]
+        header = ("path", "label", "prediction", *(f"p_{c}" for c in task["classes"]))
+    metrics.update(best_epoch=int(min(history, key=lambda h: h["val_loss"])["epoch"]), epochs_run=len(history),
+                   n_train=len(train_idx), n_val=len(val_idx))  # fmt: skip
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config["metrics"] = metrics
+    config["args"] = {k: v for k, v in asdict(args).items()}
+    # Check the reward value works before saving (e.g. a class_prob target that is not a class).
+    custom_value(out_va[:1], config)
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    with open(out / "val_predictions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    (out / "history.json").write_text(json.dumps(history, indent=2))
+    plot_report(out, history, config, labels, pred)
+    print(f"saved reward model to {out}: use it with --reward custom:{out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
