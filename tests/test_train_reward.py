@@ -254,3 +254,21 @@ def test_help_lists_the_flags_with_their_docs():
     for flag in ("--attribute", "--levels", "--backbone", "--reward-mode", "--only-make-data", "--label-range"):
         assert flag in out.stdout
     assert "strength s in" in out.stdout
+
+
+def test_alignprop_fine_tunes_towards_the_custom_reward(pixelate_model, tiny_sd_dir, tmp_path):
+    """The third README command: a short train_alignprop.py run with --reward custom:DIR moves that reward
+    (fixed-seed evaluation before vs after training)."""
+    from conftest import read_log, run_script
+
+    root, _, _ = pixelate_model
+    out = tmp_path / "run"
+    run_script("train_alignprop.py", "--pretrained", tiny_sd_dir, "--reward", f"custom:{root / 'model'}", "--num-steps", 4,
+               "--samples-per-epoch", 4, "--batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no",
+               "--num-epochs", 6, "--lr", 5e-2, "--backprop-steps", 2, "--eval-every", 6, "--eval-num", 2, "--output-dir", out)  # fmt: skip
+    log = read_log(out)
+    before, after = log[0]["eval_reward_mean"], log[-1]["eval_reward_mean"]
+    # Measured when written: 0.1191 -> 0.1476. The tiny random pipeline makes nearly flat images,
+    # so the signal is small; the run is deterministic from its seed.
+    print(f"custom pixelate reward (fixed-seed eval) {before:.4f} -> {after:.4f}")
+    assert after > before + 0.01
