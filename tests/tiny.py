@@ -25,6 +25,20 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 
+# A tiny CLIP text tower over the real 49408-token CLIP vocabulary (shared with tiny_rewards.py).
+CLIP_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=49407,
+)
+
+
 def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny SD 1.x pipeline (32 px images, 4x16x16 latents) saved with save_pretrained."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -57,20 +71,7 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         norm_num_groups=32,
         sample_size=32,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-            projection_dim=32,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp)
     scheduler = DDIMScheduler(**{**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type})

@@ -11,18 +11,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from tiny import CLIP_TEXT
 
-CLIP_TEXT = dict(
-    vocab_size=49408,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    max_position_embeddings=77,
-    bos_token_id=49406,
-    eos_token_id=49407,
-    pad_token_id=49407,
-)
 CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 
 
