@@ -146,6 +146,32 @@ def generate(
     return decode(pipe, x)
 
 
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator determined by (seed, epoch, rank, batch, ...): resuming redraws the same numbers."""
+    import numpy as np
+
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
+
+
+@torch.no_grad()
+def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None) -> dict:
+    """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
+    time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
+    `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
+    from torchvision.utils import save_image
+
+    embeds = encode_prompts(pipe, prompts)
+    guidance = torch.full((num_steps,), float(w_high), device=embeds.device)
+    images = generate(pipe, embeds, guidance, num_steps, generator, 0.0, resolution, backend)
+    scores, components = reward_fn(images, prompts)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        save_image(image, out_dir / f"{i:03d}.png")
+    (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
+    return {"eval_reward_mean": scores.float().mean().item()} | {f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()}
+
+
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1] (differentiable)."""
     images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample

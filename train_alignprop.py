@@ -12,7 +12,6 @@ without a graph). See SPEC §3 and §5.
 
 from __future__ import annotations
 
-import json
 import math
 import resource
 import sys
@@ -20,7 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import tyro
 
@@ -117,11 +115,6 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def seeded(*keys: int) -> torch.Generator:
-    """A CPU generator determined by (seed, epoch, rank, batch, ...): resuming redraws the same numbers."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
-
-
 def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
@@ -175,7 +168,7 @@ def main(args: Args):
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import RunLog, add_lora, decode, encode_prompts, generate, load_checkpoint, load_pipeline, save_checkpoint
+    from diffusion import RunLog, add_lora, decode, encode_prompts, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step
 
@@ -224,20 +217,13 @@ def main(args: Args):
         return out.float().chunk(2)
 
     def evaluate(epoch: int):
-        """Fixed seeds, held-out prompts, w_high, no DiffExp: the same images across epochs for the gallery."""
         if not eval_prompts or not accelerator.is_main_process:
             return {}
-        embeds = encode_prompts(pipe, eval_prompts)
-        guidance = torch.full((args.num_steps,), args.w_high, device=device)
         with accelerator.autocast():
-            images = generate(pipe, embeds, guidance, args.num_steps, seeded(args.seed, 10**6), 0.0, resolution, args.kernels)
-            scores, components = reward_fn(images, eval_prompts)
-        out = log.dir / "eval" / f"epoch_{epoch:04d}"
-        out.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            save_image(image, out / f"{i:03d}.png")
-        (out / "prompts.json").write_text(json.dumps({"prompts": eval_prompts, "reward": scores.tolist()}))
-        return {"eval_reward_mean": scores.mean().item()} | {f"eval_reward/{k}": v.mean().item() for k, v in components.items()}
+            return evaluate_held_out(
+                pipe, reward_fn, eval_prompts, log.dir / "eval" / f"epoch_{epoch:04d}", args.num_steps, args.w_high,
+                seeded(args.seed, 10**6), resolution, args.kernels,
+            )
 
     if start_epoch == 0:
         log.log({"epoch": -1, "samples": 0} | evaluate(0))
