@@ -26,10 +26,16 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") > 1
 
 
+# Short names for the checkpoints shipped in this repository (built by toy.py), accepted wherever a
+# hub id or directory is: `--pretrained toy`, `--reward-models pickscore_model toy-scorer ...`.
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+ALIASES = {"toy": MODELS_DIR / "toy", "toy-scorer": MODELS_DIR / "toy-scorer"}
+
+
 def from_pretrained(cls, name: str, what: str, **kwargs):
     """`cls.from_pretrained(name)` for a hub id or a local directory, with a one-line error when
     the checkpoint is missing (offline, wrong id, wrong directory) instead of a library stack trace."""
-    name = os.path.expanduser(str(name))
+    name = os.path.expanduser(str(ALIASES.get(str(name), name)))
     if _looks_like_path(name) and not os.path.exists(name):
         raise CheckpointError(f"{what}: local directory '{name}' does not exist")
     try:

@@ -1,0 +1,624 @@
+"""Build the offline toy world: a tiny text-to-image model and its scorer, trained on CPU from scratch.
+
+    python toy.py                 # the real build (~25 min on 2 CPU cores) -> models/toy, models/toy-scorer
+    python toy.py --smoke --out /tmp/toy --scorer-out /tmp/toy-scorer   # a few steps of each stage (CI)
+    python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
+
+The world: 32 px images of one or two coloured shapes on light plain or textured backgrounds, captioned
+"a red circle" or "a blue square left of a green triangle", rendered procedurally from a seed. Stages:
+
+  1. data       render the training images (deterministic from --seed)
+  2. vae        AutoencoderKL, 32x32x3 <-> 16x16x4 latents (SD's layout, downsampling by 2 instead of 8)
+  3. clip       CLIPModel (text tower + image tower) trained contrastively: it becomes the scorer, and
+                its text tower (a CLIPTextModel) is the pipeline's frozen text encoder, as in SD
+  4. unet       UNet2DConditionModel, epsilon prediction with SD's noise schedule, caption dropout for CFG
+  5. save       StableDiffusionPipeline.save_pretrained (fp16 safetensors) + CLIPModel/CLIPProcessor
+  6. eval       load both back through diffusion.load_pipeline / rewards.load_reward and measure quality
+
+The prompt sets written to prompts/ are toy_shapes (seen single shapes), toy_two_shapes (seen pairs)
+and toy_unseen (held-out shape-colour combinations, alone and in pairs). Like the paper's unseen
+animals, which SD knows but fine-tuning never sees, the held-out combinations are in the base model's
+training data (set --holdout-from-data to remove them there too) and in no fine-tuning prompt set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Passive OpenMP waiting: on a shared 2-core machine spinning threads fight other processes and a
+# training step can get several times slower (measured 7.5 s vs 0.9 s); must be set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import tyro  # noqa: E402
+from tqdm.auto import tqdm
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Args:
+    out: str = "models/toy"
+    """where the pipeline is written (diffusers layout)"""
+    scorer_out: str = "models/toy-scorer"
+    """where the scorer is written (CLIPModel + CLIPProcessor, loadable as --reward pickscore)"""
+    seed: int = 0
+    """seeds everything: data, initialisation, noise"""
+    smoke: bool = False
+    """a few steps of each stage (CI); the result is not a good model"""
+    eval_only: bool = False
+    """skip training: measure the model and scorer already at --out / --scorer-out"""
+    write_prompts: bool = True
+    """write prompts/toy_*.txt (the fine-tuning and held-out prompt sets)"""
+    holdout_from_data: bool = False
+    """also remove the held-out combinations from the training images (the model never sees them)"""
+    threads: int = 2
+    """torch CPU threads"""
+
+    # data
+    num_images: int = 40000
+    """training images (rendered once; the UNet's latents are encoded once)"""
+    two_shape_frac: float = 0.5
+    """fraction of training images with two shapes"""
+
+    # vae
+    vae_steps: int = 600
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    """KL(posterior || N(0, I)) weight per latent element: keeps latents near unit scale"""
+
+    # clip
+    clip_steps: int = 700
+    clip_batch: int = 128
+    clip_lr: float = 1e-3
+    text_width: int = 48
+    """text tower width (its 49408-token embedding table dominates the file size)"""
+    hard_negatives: bool = True
+    """add each two-shape image's swapped-order and swapped-colour captions as negatives (teaches relations)"""
+
+    # unet
+    unet_steps: int = 1800
+    unet_batch: int = 48
+    unet_lr: float = 1e-3
+    caption_dropout: float = 0.1
+    """probability of training on the empty prompt (what classifier-free guidance contrasts with)"""
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+    """min-SNR loss weighting (faster convergence); 0 turns it off"""
+
+    # save
+    fp16: bool = True
+    """save weights in float16 (the shipped files); they load into any dtype"""
+
+    # eval
+    eval_per_prompt: int = 4
+    """generated images per prompt in the quality evaluation"""
+    eval_two_prompts: int = 32
+    """two-shape prompts evaluated"""
+    eval_steps: int = 50
+    """DDIM steps in the evaluation (the trainers' default)"""
+    eval_cfg: float = 7.5
+    """guidance scale in the evaluation (AlignProp's default w_high)"""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. The world: shapes, colours, captions, rendering.
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+COLORS = {  # well separated in RGB so a 32 px image shows them unambiguously
+    "red": (0.86, 0.12, 0.12),
+    "orange": (1.00, 0.55, 0.00),
+    "yellow": (0.94, 0.86, 0.08),
+    "green": (0.12, 0.67, 0.16),
+    "blue": (0.12, 0.24, 0.86),
+    "purple": (0.55, 0.16, 0.78),
+}
+# One held-out combination per shape, each colour used at most once: every word stays in training.
+UNSEEN = (("yellow", "circle"), ("blue", "square"), ("purple", "triangle"), ("red", "diamond"))
+RELATIONS = ("left of", "above")  # "B right of A" would restate "A left of B": one canonical form each
+SIZE = 32
+
+OBJECTS = [(c, s) for s in SHAPES for c in COLORS]  # 24 (colour, shape) objects
+SEEN = [o for o in OBJECTS if o not in UNSEEN]
+
+
+def name(obj) -> str:
+    return f"{'an' if obj[0][0] in 'aeiou' else 'a'} {obj[0]} {obj[1]}"
+
+
+def single_captions(objects=OBJECTS) -> list[str]:
+    return [name(o) for o in objects]
+
+
+def two_captions(objects=OBJECTS) -> list[str]:
+    return [f"{name(a)} {r} {name(b)}" for a in objects for b in objects if a != b for r in RELATIONS]
+
+
+ALL_SINGLE = single_captions()
+ALL_TWO = two_captions()
+
+
+def render(n: int, gen: torch.Generator, two_frac: float = 0.5, objects=OBJECTS, pairs=None):
+    """n images [n, 3, 32, 32] in [0, 1] and their captions, from `gen` only (deterministic).
+
+    Shapes are signed-distance functions with a one-pixel soft edge (antialiasing), vectorised over
+    the batch. `pairs` (a list of (a, relation, b)) fixes the content instead of drawing it.
+    """
+
+    def u(lo, hi, size=(n,)):
+        return lo + (hi - lo) * torch.rand(size, generator=gen)
+
+    if pairs is None:
+        two = torch.rand(n, generator=gen) < two_frac
+        ia = torch.randint(len(objects), (n,), generator=gen)
+        ib = (ia + torch.randint(1, len(objects), (n,), generator=gen)) % len(objects)  # never the same object
+        rel = torch.randint(len(RELATIONS), (n,), generator=gen)
+        pairs = [(objects[a], RELATIONS[r], objects[b]) if t else (objects[a], None, None) for a, b, r, t in zip(ia.tolist(), ib.tolist(), rel.tolist(), two.tolist())]
+    else:
+        pairs = list(pairs)
+        n = len(pairs)
+    is_two = torch.tensor([p[1] is not None for p in pairs])
+    is_above = torch.tensor([p[1] == "above" for p in pairs])
+
+    # Background: a light, low-saturation base, plain or with a faint texture (stripes, checks, noise).
+    yy, xx = torch.meshgrid(torch.arange(SIZE) + 0.5, torch.arange(SIZE) + 0.5, indexing="ij")
+    base = u(0.72, 0.96)[:, None] + u(-0.04, 0.04, (n, 3))
+    kind = torch.randint(4, (n,), generator=gen)
+    angle, freq, phase = u(0, math.pi), u(0.3, 0.9), u(0, 2 * math.pi)
+    proj = xx[None] * torch.cos(angle)[:, None, None] + yy[None] * torch.sin(angle)[:, None, None]
+    stripes = torch.sin(proj * freq[:, None, None] + phase[:, None, None])
+    cell = torch.randint(3, 7, (n,), generator=gen)[:, None, None]
+    checks = (((xx[None] // cell) + (yy[None] // cell)) % 2) * 2 - 1
+    noise = F.avg_pool2d(torch.randn(n, 1, SIZE, SIZE, generator=gen), 3, 1, 1)[:, 0] * 2
+    texture = torch.stack([torch.zeros_like(stripes), stripes, checks.float(), noise], 1)[torch.arange(n), kind]
+    img = (base[:, :, None, None] + 0.05 * texture[:, None]).expand(n, 3, SIZE, SIZE).clone()
+
+    # Geometry: one shape anywhere near the centre, or two on either side of the image's middle.
+    r1 = torch.where(is_two, u(3.6, 5.6), u(5.0, 9.0))
+    r2 = u(3.6, 5.6)
+    first = torch.stack([u(10, 22), u(10, 22)], 1)  # single shape: (x, y)
+    lead, trail, side = u(6, 11), u(21, 26), u(9, 23)
+    off = side + u(-3, 3)
+    a_xy = torch.where(is_above[:, None], torch.stack([side, lead], 1), torch.stack([lead, side], 1))
+    b_xy = torch.where(is_above[:, None], torch.stack([off, trail], 1), torch.stack([trail, off], 1))
+    a_xy = torch.where(is_two[:, None], a_xy, first)
+    jitter = u(-0.06, 0.06, (n, 2, 3))
+
+    def paint(img, objs, xy, r, j, mask):
+        px = xx[None] - xy[:, 0, None, None]
+        py = yy[None] - xy[:, 1, None, None]
+        rr = r[:, None, None]
+        sdf = {
+            "circle": (px**2 + py**2).sqrt() - rr,
+            "square": torch.maximum(px.abs(), py.abs()) - 0.85 * rr,
+            "diamond": px.abs() + py.abs() - 1.15 * rr,
+            # an upward equilateral triangle: three half-planes at the inradius (circumradius 1.25 r)
+            "triangle": torch.stack([py, 0.866 * px - 0.5 * py, -0.866 * px - 0.5 * py]).amax(0) - 0.625 * rr,
+        }
+        d = torch.stack([sdf[o[1]][i] if o else torch.full_like(px[0], 1e3) for i, o in enumerate(objs)])
+        alpha = ((0.5 - d).clamp(0, 1) * mask[:, None, None])[:, None]
+        colour = torch.tensor([COLORS[o[0]] if o else (0, 0, 0) for o in objs]) + j
+        return img * (1 - alpha) + colour.clamp(0, 1)[:, :, None, None] * alpha
+
+    img = paint(img, [p[0] for p in pairs], a_xy, r1, jitter[:, 0], torch.ones(n))
+    img = paint(img, [p[2] for p in pairs], b_xy, r2, jitter[:, 1], is_two.float())
+    captions = [f"{name(a)} {r} {name(b)}" if r else name(a) for a, r, b in pairs]
+    return img.clamp(0, 1), captions
+
+
+def render_captions(captions: list[str], gen: torch.Generator):
+    """Images of exactly these captions (evaluation of held-out and unseen content)."""
+    lookup = {name(o): o for o in OBJECTS}
+    pairs = []
+    for c in captions:
+        for r in RELATIONS:
+            if f" {r} " in c:
+                a, b = c.split(f" {r} ")
+                pairs.append((lookup[a], r, lookup[b]))
+                break
+        else:
+            pairs.append((lookup[c], None, None))
+    return render(len(pairs), gen, pairs=pairs)[0]
+
+
+def write_prompt_sets(seed: int, write: bool = True) -> dict[str, list[str]]:
+    """prompts/toy_shapes.txt, toy_two_shapes.txt, toy_unseen.txt: fixed by the seed."""
+    rng = random.Random(seed)
+    seen_two = two_captions(SEEN)
+    unseen_two = [c for c in ALL_TWO if c not in set(seen_two)]
+    sets = {
+        "toy_shapes": single_captions(SEEN),
+        "toy_two_shapes": sorted(rng.sample(seen_two, 64)),
+        "toy_unseen": single_captions(UNSEEN) + sorted(rng.sample(unseen_two, 12)),
+    }
+    for k, v in sets.items() if write else ():
+        (ROOT / "prompts" / f"{k}.txt").write_text("\n".join(v) + "\n")
+    return sets
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-4. The models and their training.
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE, norm_num_groups=32, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),  # two blocks: one downsampling, 32 -> 16
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64),
+        mid_block_add_attention=False,  # self-attention over 16x16 made each CPU step ~10x slower for no visible gain
+    )  # fmt: skip
+
+
+def build_clip(text_width: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    text = dict(
+        vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=3,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )  # fmt: skip
+    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=4)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
+
+
+def build_unet(cross_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=cross_dim,
+        block_out_channels=(32, 64, 64), attention_head_dim=8, norm_num_groups=32,
+        # Attention (self + cross to the prompt) at 8x8 and in the 4x4 middle block only: at 16x16 it
+        # made a CPU training step ~3x slower, and 8x8 already resolves "left of" / "above".
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )  # fmt: skip
+
+
+def batches(data: torch.Tensor, batch: int, steps: int, gen: torch.Generator):
+    """`steps` random index batches into `data` (with replacement across epochs), from `gen`."""
+    for _ in range(steps):
+        yield torch.randint(len(data), (batch,), generator=gen)
+
+
+def train_vae(args, images, gen):
+    vae = build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.vae_lr, total_steps=args.vae_steps, pct_start=0.05)
+    bar = tqdm(batches(images, args.vae_batch, args.vae_steps, gen), total=args.vae_steps, desc="vae", mininterval=2)
+    for idx in bar:
+        x = images[idx] * 2 - 1
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        kl = 0.5 * (post.mean**2 + post.var - 1 - post.logvar).mean()
+        # L1 keeps edges crisp (MSE alone blurs them); MSE keeps colours right on average.
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", kl=f"{kl.item():.2f}", refresh=False)
+    vae.eval().requires_grad_(False)
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images, batch=500):
+    return torch.cat([vae.encode(images[i : i + batch] * 2 - 1).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+def swap_negatives(caption: str) -> list[str]:
+    """Captions that use the same words but mean something else: order swapped, colours swapped."""
+    for r in RELATIONS:
+        if f" {r} " in caption:
+            a, b = caption.split(f" {r} ")
+            (_, ca, sa), (_, cb, sb) = a.split(), b.split()
+            out = [f"{b} {r} {a}"]
+            if ca != cb and sa != sb:
+                out.append(f"{name((cb, sa))} {r} {name((ca, sb))}")
+            return out
+    return []
+
+
+def train_clip(args, images, captions, tokenizer, gen):
+    """Contrastive training with duplicate-aware targets: captions repeat within a batch, so the text
+    side is the batch's distinct captions (plus hard negatives) and an image's target is its own."""
+    from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
+
+    clip = build_clip(args.text_width)
+    decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
+    rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=args.clip_lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.clip_lr, total_steps=args.clip_steps, pct_start=0.1)
+    bar = tqdm(batches(images, args.clip_batch, args.clip_steps, gen), total=args.clip_steps, desc="clip", mininterval=2)
+    for idx in bar:
+        caps = [captions[i] for i in idx.tolist()]
+        texts = list(dict.fromkeys(caps))
+        if args.hard_negatives:
+            texts += [c for c in dict.fromkeys(n for c in caps for n in swap_negatives(c)) if c not in set(texts)]
+        pos = {c: i for i, c in enumerate(texts)}
+        target = torch.tensor([pos[c] for c in caps])
+        tok = tokenizer(texts, padding=True, return_tensors="pt")
+        x = clip_preprocess(images[idx], SIZE, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        img = clip.get_image_features(pixel_values=x).pooler_output
+        txt = clip.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
+        img, txt = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+        logits = clip.logit_scale.exp().clamp(max=100) * img @ txt.T
+        # image -> text: one right caption; text -> image: the distinct captions' images, spread evenly
+        n_pos = len(dict.fromkeys(caps))
+        t2i_target = (target[None, :] == torch.arange(n_pos)[:, None]).float()
+        t2i_target = t2i_target / t2i_target.sum(1, keepdim=True)
+        loss = F.cross_entropy(logits, target) + F.cross_entropy(logits[:, :n_pos].T, t2i_target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        acc = (logits.argmax(1) == target).float().mean().item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}", refresh=False)
+    clip.eval().requires_grad_(False)
+    return clip
+
+
+def text_tower(clip):
+    """The CLIPModel's text tower as a stand-alone CLIPTextModel (what StableDiffusionPipeline loads)."""
+    from transformers import CLIPTextModel
+
+    text_encoder = CLIPTextModel(clip.config.text_config)
+    prefix = "text_model."
+    state = {k[len(prefix):]: v for k, v in clip.state_dict().items() if k.startswith(prefix)}
+    missing, unexpected = text_encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:  # the two classes must share the tower's parameter names
+        raise RuntimeError(f"text tower does not fit CLIPTextModel: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return text_encoder.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_text(text_model, tokenizer, texts: list[str], batch=256):
+    """SD's conditioning: the last hidden state of all 77 positions (padded with the end token)."""
+    out = []
+    for i in range(0, len(texts), batch):
+        tok = tokenizer(texts[i : i + batch], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        out.append(text_model(tok.input_ids)[0])
+    return torch.cat(out)
+
+
+def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen):
+    """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt."""
+    unet = build_unet(text_table.shape[-1])
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.unet_lr, total_steps=args.unet_steps, pct_start=0.05)
+    betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5, scheduler_config["num_train_timesteps"]) ** 2
+    ab = torch.cumprod(1 - betas, 0)  # SD's scaled_linear alphas_cumprod
+    T = len(ab)
+    bar = tqdm(batches(latents, args.unet_batch, args.unet_steps, gen), total=args.unet_steps, desc="unet", mininterval=2)
+    for step, idx in enumerate(bar):
+        x0 = latents[idx]
+        B = len(idx)
+        t = torch.randint(T, (B,), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        a = ab[t].view(B, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+        cond = text_table[caption_ids[idx]]
+        drop = torch.rand(B, generator=gen) < args.caption_dropout
+        cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
+        pred = unet(xt, t, cond).sample
+        err = ((pred - eps) ** 2).mean((1, 2, 3))
+        if args.min_snr_gamma > 0:
+            snr = ab[t] / (1 - ab[t])
+            err = err * snr.clamp(max=args.min_snr_gamma) / snr
+        loss = err.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        # EMA warms up (decay grows with the step) so a short or smoke run is not stuck at the init.
+        d = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - d) if v.is_floating_point() else ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    unet.load_state_dict(ema)
+    unet.eval().requires_grad_(False)
+    return unet
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Save in the layouts the project's loaders read.
+
+
+def save(args, vae, clip, text_encoder, unet, tokenizer):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPImageProcessor, CLIPProcessor
+
+    sys_path_tests()
+    from tiny import SD_SCHEDULER_CONFIG
+
+    dtype = torch.float16 if args.fp16 else torch.float32
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SD_SCHEDULER_CONFIG),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.to(dtype=dtype).save_pretrained(args.out, safe_serialization=True)
+    clip.to(dtype).save_pretrained(args.scorer_out, safe_serialization=True)
+    clip.float()
+    image_processor = CLIPImageProcessor(size={"shortest_edge": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(args.scorer_out)
+
+
+def sys_path_tests():
+    # tests/tiny.py holds SD v1.5's scheduler config; one definition for the tests and the toy build.
+    import sys
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Quality, measured through the project's own loaders (what the trainers will see).
+
+
+@torch.no_grad()
+def scorer_accuracy(reward, images, captions, candidates, batch=256) -> float:
+    """How often the scorer's best caption among `candidates` is the image's own."""
+    pick = reward.parts[0][2]  # the PickScoreReward module: text embeddings computed once
+    tok = pick.tokenizer(candidates, padding=True, return_tensors="pt")
+    txt = F.normalize(pick.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output, dim=-1)
+    from rewards import clip_preprocess
+
+    hits = 0
+    for i in range(0, len(images), batch):
+        x = clip_preprocess(images[i : i + batch], pick.size, pick.mean, pick.std)
+        img = F.normalize(pick.model.get_image_features(pixel_values=x).pooler_output, dim=-1)
+        best = (img @ txt.T).argmax(1)
+        hits += sum(candidates[b] == c for b, c in zip(best.tolist(), captions[i : i + batch]))
+    return hits / len(images)
+
+
+@torch.no_grad()
+def evaluate(args, out_dir: str, scorer_dir: str) -> dict:
+    from diffusion import encode_prompts, generate, load_pipeline
+    from rewards import load_reward
+
+    reward = load_reward("pickscore", pickscore_model=scorer_dir, pickscore_processor=scorer_dir)
+    gen = torch.Generator().manual_seed(args.seed + 1_000_003)  # images the training never drew
+    n = 64 if args.smoke else 1000
+    res = {}
+    imgs, caps = render(n, gen, two_frac=0.0)
+    res["scorer_acc_single_heldout_images"] = scorer_accuracy(reward, imgs, caps, ALL_SINGLE)
+    imgs, caps = render(n, gen, two_frac=1.0)
+    res["scorer_acc_two_heldout_images"] = scorer_accuracy(reward, imgs, caps, ALL_TWO)
+    unseen_caps = single_captions(UNSEEN) * (4 if args.smoke else 50)
+    res["scorer_acc_unseen_single_images"] = scorer_accuracy(reward, render_captions(unseen_caps, gen), unseen_caps, ALL_SINGLE)
+
+    pipe = load_pipeline(out_dir)
+    steps = 4 if args.smoke else args.eval_steps
+    k = 1 if args.smoke else args.eval_per_prompt
+
+    def gen_and_score(prompts, candidates):
+        prompts = [p for p in prompts for _ in range(k)]
+        g = torch.Generator().manual_seed(args.seed + 7)
+        out = []
+        for i in range(0, len(prompts), 64):
+            emb = encode_prompts(pipe, prompts[i : i + 64])
+            out.append(generate(pipe, emb, torch.full((steps,), args.eval_cfg), steps, g))
+        images = torch.cat(out)
+        return scorer_accuracy(reward, images, prompts, candidates), reward(images, prompts)[0].mean().item(), images
+
+    for key, prompts, cands in [
+        ("single_seen", single_captions(SEEN), ALL_SINGLE),
+        ("single_unseen", single_captions(UNSEEN), ALL_SINGLE),
+        ("two_seen", random.Random(args.seed).sample(two_captions(SEEN), 4 if args.smoke else args.eval_two_prompts), ALL_TWO),
+    ]:
+        acc, mean_reward, images = gen_and_score(prompts, cands)
+        res[f"gen_match_{key}"], res[f"gen_reward_{key}"] = acc, mean_reward
+        if key == "two_seen":  # a looser test of the relation: own caption beats its order-swapped twin
+            prompts = [p for p in prompts for _ in range(k)]
+            swapped = [swap_negatives(p)[0] for p in prompts]
+            res["gen_order_right_two_seen"] = (reward(images, prompts)[0] > reward(images, swapped)[0]).float().mean().item()
+        if key == "single_seen":
+            save_grid(images, Path(out_dir) / "samples.png", nrow=len(prompts))
+    res["gen_settings"] = f"DDIM {steps} steps, eta 0, CFG {args.eval_cfg}, {k} image(s) per prompt"
+    return res
+
+
+def save_grid(images, path, nrow):
+    from PIL import Image
+
+    rows = images.reshape(-1, nrow, *images.shape[1:]) if len(images) % nrow == 0 else images[None]
+    grid = torch.cat([torch.cat(list(r), dim=2) for r in rows], dim=1)  # 3 x (rows*32) x (nrow*32)
+    Image.fromarray((grid.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+
+
+def dir_size_mb(path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args: Args):
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.smoke:  # a few steps of every stage: exercises the whole build quickly
+        args.num_images, args.vae_steps, args.clip_steps, args.unet_steps = 256, 3, 3, 3
+        args.vae_batch, args.clip_batch, args.unet_batch = 16, 32, 16
+    out, scorer_out = Path(args.out), Path(args.scorer_out)
+    if not out.is_absolute():
+        args.out = str(ROOT / out)
+    if not scorer_out.is_absolute():
+        args.scorer_out = str(ROOT / scorer_out)
+    if args.write_prompts and not args.smoke:
+        write_prompt_sets(args.seed)
+    timings = {}
+    if not args.eval_only:
+        import tempfile
+
+        from diffusion import build_clip_tokenizer
+
+        torch.manual_seed(args.seed)
+        gen = torch.Generator().manual_seed(args.seed)
+        t0 = time.time()
+        objects = SEEN if args.holdout_from_data else OBJECTS
+        chunks = [render(min(2000, args.num_images - i), gen, args.two_shape_frac, objects) for i in range(0, args.num_images, 2000)]
+        images = torch.cat([c[0] for c in chunks])
+        captions = [c for ch in chunks for c in ch[1]]
+        timings["data"] = time.time() - t0
+        print(f"data: {len(images)} images, {len(set(captions))} distinct captions ({timings['data']:.0f} s)")
+
+        t0 = time.time()
+        vae = train_vae(args, images, gen)
+        latents = encode_latents(vae, images)
+        scale = 1.0 / latents.std().item()  # SD's scaling_factor: unit-variance latents for the UNet
+        vae.register_to_config(scaling_factor=scale)
+        latents = latents * scale
+        with torch.no_grad():
+            check = images[:256]
+            rec = (vae.decode(encode_latents(vae, check)).sample / 2 + 0.5).clamp(0, 1)
+        timings["vae"] = time.time() - t0
+        print(f"vae: reconstruction MAE {(rec - check).abs().mean():.4f}, scaling_factor {scale:.4f} ({timings['vae']:.0f} s)")
+
+        t0 = time.time()
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = build_clip_tokenizer(tmp)
+        clip = train_clip(args, images, captions, tokenizer, gen)
+        timings["clip"] = time.time() - t0
+
+        t0 = time.time()
+        distinct = sorted(set(captions))
+        text_encoder = text_tower(clip)
+        text_table = encode_text(text_encoder, tokenizer, distinct)
+        empty = encode_text(text_encoder, tokenizer, [""])
+        lookup = {c: i for i, c in enumerate(distinct)}
+        caption_ids = torch.tensor([lookup[c] for c in captions])
+        sys_path_tests()
+        from tiny import SD_SCHEDULER_CONFIG
+
+        unet = train_unet(args, latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen)
+        timings["unet"] = time.time() - t0
+        save(args, vae, clip, text_encoder, unet, tokenizer)
+        print(f"saved {args.out} ({dir_size_mb(args.out):.1f} MB) and {args.scorer_out} ({dir_size_mb(args.scorer_out):.1f} MB)")
+
+    t0 = time.time()
+    quality = evaluate(args, args.out, args.scorer_out)
+    timings["eval"] = time.time() - t0
+    quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    quality["sizes_mb"] = {"pipeline": round(dir_size_mb(args.out), 2), "scorer": round(dir_size_mb(args.scorer_out), 2)}
+    print(json.dumps(quality, indent=2))
+    if not args.smoke:
+        (Path(args.out) / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
