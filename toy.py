@@ -1,6 +1,6 @@
 """Build the offline toy world: a tiny text-to-image model and its scorer, trained on CPU from scratch.
 
-    python toy.py                 # the real build (~25 min on 2 CPU cores) -> models/toy, models/toy-scorer
+    python toy.py                 # the real build (37.5 min on 2 busy CPU cores) -> models/toy, models/toy-scorer
     python toy.py --smoke --out /tmp/toy --scorer-out /tmp/toy-scorer   # a few steps of each stage (CI)
     python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
 
@@ -70,15 +70,21 @@ class Args:
 
     # vae
     vae_steps: int = 600
+    """VAE optimizer steps"""
     vae_batch: int = 32
+    """VAE batch size"""
     vae_lr: float = 1e-3
+    """VAE peak learning rate (one-cycle schedule, as for every stage)"""
     kl_weight: float = 1e-4
     """KL(posterior || N(0, I)) weight per latent element: keeps latents near unit scale"""
 
     # clip
     clip_steps: int = 700
+    """CLIP (scorer + text encoder) optimizer steps"""
     clip_batch: int = 128
+    """CLIP batch size (images; the text side is their distinct captions)"""
     clip_lr: float = 1e-3
+    """CLIP peak learning rate"""
     text_width: int = 48
     """text tower width (its 49408-token embedding table dominates the file size)"""
     hard_negatives: bool = True
@@ -86,11 +92,15 @@ class Args:
 
     # unet
     unet_steps: int = 1800
+    """UNet optimizer steps (the bulk of the build time)"""
     unet_batch: int = 48
+    """UNet batch size"""
     unet_lr: float = 1e-3
+    """UNet peak learning rate"""
     caption_dropout: float = 0.1
     """probability of training on the empty prompt (what classifier-free guidance contrasts with)"""
     ema_decay: float = 0.999
+    """decay of the UNet weights' exponential moving average (what is saved)"""
     min_snr_gamma: float = 5.0
     """min-SNR loss weighting (faster convergence); 0 turns it off"""
 
