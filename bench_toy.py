@@ -1,0 +1,155 @@
+"""DiffExp benchmark in the offline toy world: AlignProp and DDPO, each without and with DiffExp (and
+each DiffExp part alone), same sample budget, several seeds, on the toy two-shape prompts.
+
+    python bench_toy.py                                   # 2 methods x 4 arms x 3 seeds (long on CPU)
+    python bench_toy.py --methods alignprop --arms baseline diffexp --seeds 0 --epochs 4   # a quick look
+
+Each run is the trainer itself (a subprocess, the same command a user types), writing to
+OUTPUT/<method>/<arm>/seed<k>/; a finished run is not repeated. Then, from the runs' log.jsonl:
+bench.png (held-out reward against cumulative samples, mean over seeds) and bench.md (final reward
+mean +- std over seeds; samples each arm needs to reach the baseline's final mean reward).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tyro
+
+ROOT = Path(__file__).resolve().parent
+ARMS = {  # DiffExp parts switched on: (a) CFG schedule, (b) prompt weighting
+    "baseline": ["--no-cfg-schedule", "--no-prompt-weighting"],
+    "diffexp": ["--cfg-schedule", "--prompt-weighting"],
+    "cfg": ["--cfg-schedule", "--no-prompt-weighting"],
+    "pw": ["--no-cfg-schedule", "--prompt-weighting"],
+}
+
+
+@dataclass
+class Args:
+    methods: tuple[str, ...] = ("alignprop", "ddpo")
+    """trainers to compare: alignprop, ddpo"""
+    arms: tuple[str, ...] = ("baseline", "diffexp", "cfg", "pw")
+    """baseline (no DiffExp), diffexp (both parts), cfg (CFG schedule alone), pw (prompt weighting alone)"""
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 30
+    """epochs per run (the same sample budget for every arm)"""
+    samples_per_epoch: int = 16
+    num_steps: int = 10
+    """DDIM steps while fine-tuning and evaluating"""
+    prompts: str = "toy_two_shapes"
+    eval_prompts: str = "toy_unseen"
+    eval_every: int = 5
+    eval_num: int = 16
+    key: str = "eval_reward_mean"
+    """the logged quantity compared (eval_reward_mean: held-out prompts, fixed seeds, no DiffExp)"""
+    output_dir: str = "runs/bench_toy"
+    extra: list[str] = field(default_factory=list)
+    """more flags for every trainer, e.g. --extra=--lr --extra=3e-3 (tyro: one --extra per token)"""
+    report_only: bool = False
+    """do not train: only rebuild bench.png and bench.md from the runs already there"""
+
+
+def command(args: Args, method: str, arm: str, seed: int, out: Path) -> list[str]:
+    cmd = [sys.executable, str(ROOT / f"train_{method}.py"), "--pretrained", "toy", "--reward", "pickscore"]
+    cmd += ["--reward-models", "pickscore_model", "toy-scorer", "pickscore_processor", "toy-scorer"]
+    cmd += ["--prompts", args.prompts, "--eval-prompts", args.eval_prompts, "--num-steps", str(args.num_steps)]
+    cmd += ["--num-epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch), "--mixed-precision", "no"]
+    cmd += ["--eval-every", str(args.eval_every), "--eval-num", str(args.eval_num), "--seed", str(seed), "--output-dir", str(out)]
+    batch = min(8, args.samples_per_epoch)
+    if method == "alignprop":
+        cmd += ["--batch-size", str(batch), "--gradient-accumulation-steps", str(args.samples_per_epoch // batch)]
+    else:
+        cmd += ["--sample-batch-size", str(batch), "--train-batch-size", str(batch), "--gradient-accumulation-steps", str(args.samples_per_epoch // batch)]
+    return cmd + ARMS[arm] + list(args.extra)
+
+
+def read_curve(run: Path, key: str) -> list[tuple[int, float]]:
+    log = run / "log.jsonl"
+    if not log.is_file():
+        return []
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [(r["samples"], r[key]) for r in rows if r.get(key) is not None]
+
+
+def finished(run: Path, epochs: int) -> bool:
+    log = run / "log.jsonl"
+    return log.is_file() and any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
+
+
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
+    """(samples, mean, std) over seeds at the sample counts every seed logged."""
+    import statistics
+
+    common = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
+    out = []
+    for s in common:
+        vals = [dict(c)[s] for c in curves]
+        out.append((s, statistics.fmean(vals), statistics.pstdev(vals)))
+    return out
+
+
+def report(args: Args):
+    out = Path(args.output_dir)
+    lines = [f"| method | arm | seeds | final {args.key} (mean ± std) | samples to reach the baseline's final |", "|---|---|---|---|---|"]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(args.methods), figsize=(5 * len(args.methods), 4), squeeze=False)
+    for ax, method in zip(axes[0], args.methods):
+        curves = {arm: mean_curve([c for c in (read_curve(out / method / arm / f"seed{s}", args.key) for s in args.seeds) if c]) for arm in args.arms}
+        base_final = curves.get("baseline", [])[-1][1] if curves.get("baseline") else None
+        for arm, curve in curves.items():
+            if not curve:
+                continue
+            n = sum(bool(read_curve(out / method / arm / f"seed{s}", args.key)) for s in args.seeds)
+            reach = next((s for s, m, _ in curve if base_final is not None and m >= base_final), None)
+            lines.append(f"| {method} | {arm} | {n} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {reach if reach is not None else 'not reached'} |")
+            xs, ms, sd = zip(*curve)
+            ax.plot(xs, ms, marker="o", label=arm)
+            ax.fill_between(xs, [m - s for m, s in zip(ms, sd)], [m + s for m, s in zip(ms, sd)], alpha=0.15)
+        ax.set_title(method)
+        ax.set_xlabel("number of samples")
+        ax.set_ylabel(args.key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "bench.png", dpi=120)
+    table = "\n".join(lines)
+    (out / "bench.md").write_text(table + "\n")
+    print(table)
+
+
+def main(args: Args):
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bad = [m for m in args.methods if m not in ("alignprop", "ddpo")] + [a for a in args.arms if a not in ARMS]
+    if bad:
+        sys.exit(f"error: unknown method/arm {bad}; methods: alignprop ddpo; arms: {' '.join(ARMS)}")
+    for method in [] if args.report_only else args.methods:
+        for arm in args.arms:
+            for seed in args.seeds:
+                run = out / method / arm / f"seed{seed}"
+                if finished(run, args.epochs):
+                    continue
+                t0 = time.time()
+                print(f"{method} {arm} seed {seed} ...", flush=True)
+                # --resume continues an interrupted run; a fresh directory starts from scratch.
+                cmd = command(args, method, arm, seed, run) + (["--resume"] if (run / "checkpoints").is_dir() else [])
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                run.mkdir(parents=True, exist_ok=True)
+                (run / "stderr.txt").write_text(proc.stderr[-20000:])
+                if proc.returncode != 0:
+                    sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}; see {run / 'stderr.txt'}")
+                print(f"  done in {time.time() - t0:.0f} s", flush=True)
+    report(args)
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
