@@ -13,6 +13,7 @@ mean +- std over seeds; samples each arm needs to reach the baseline's final mea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -155,7 +156,9 @@ def main(args: Args):
                 print(f"{method} {arm} seed {seed} ...", flush=True)
                 # --resume continues an interrupted run; a fresh directory starts from scratch.
                 cmd = command(args, method, arm, seed, run) + (["--resume"] if (run / "checkpoints").is_dir() else [])
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                # Passive OpenMP waiting: on a shared CPU, spinning threads made a run several times slower.
+                env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
                 run.mkdir(parents=True, exist_ok=True)
                 (run / "stderr.txt").write_text(proc.stderr[-20000:])
                 if proc.returncode != 0:
