@@ -234,7 +234,7 @@ def main(args: Args):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
-        epoch_scores, epoch_components, losses, grad_norms, records, low_share = [], {}, [], [], [], []
+        epoch_scores, epoch_components, losses, grad_norms, records = [], {}, [], [], []
         first_images = None
 
         for batch in range(batches_per_epoch):
@@ -279,7 +279,6 @@ def main(args: Args):
             for k, v in components.items():
                 epoch_components.setdefault(k, []).append(v.detach().float())
             losses.append(loss.detach())
-            low_share.append(w_low_share if exploring and diffexp.cfg_schedule else 0.0)
             records += [{"prompt": r.prompt, "word": r.word, "weight": round(r.weight, 3)} for r in weights]
             if first_images is None:
                 first_images = images.detach().float()
@@ -298,7 +297,7 @@ def main(args: Args):
             "loss": torch.stack(losses).mean().item(),
             "grad_norm": torch.stack(grad_norms).mean().item(),
             "exploring": exploring,
-            "w_low_share": sum(low_share) / len(low_share),
+            "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
             "prompt_weights": records[:8],
             "seconds": elapsed,
             "sec_per_sample": elapsed / len(scores),
