@@ -50,8 +50,8 @@ class Args:
     key: str = "eval_reward_mean"
     """the logged quantity compared (eval_reward_mean: held-out prompts, fixed seeds, no DiffExp)"""
     output_dir: str = "runs/bench_toy"
-    extra: list[str] = field(default_factory=list)
-    """more flags for every trainer, e.g. --extra=--lr --extra=3e-3 (tyro: one --extra per token)"""
+    extra: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
+    """more flags for every trainer, one token per --extra (a value starting with '-' needs '='): --extra=--w-low --extra=3"""
     report_only: bool = False
     """do not train: only rebuild bench.png and bench.md from the runs already there"""
 

@@ -79,3 +79,15 @@ def test_shipped_model_loads_and_generates_offline():
     assert images.shape == (20, 3, 32, 32) and torch.isfinite(images).all()
     reward = load_reward("pickscore", pickscore_model="toy-scorer", pickscore_processor="toy-scorer")
     assert toy.scorer_accuracy(reward, images, prompts, toy.ALL_SINGLE) >= 0.6
+
+
+def test_bench_toy_passes_every_extra_flag_to_the_trainers():
+    """bench_toy's --extra is repeated once per token; every token must reach the trainer's command."""
+    import tyro
+
+    import bench_toy
+
+    args = tyro.cli(bench_toy.Args, args=["--extra=--prompt-weight-range", "--extra=1", "--extra=3"])
+    cmd = bench_toy.command(args, "alignprop", "pw", 0, "out")
+    assert cmd[-5:] == ["--no-cfg-schedule", "--prompt-weighting", "--prompt-weight-range", "1", "3"]
+    assert tyro.cli(bench_toy.Args, args=[]).extra == []
