@@ -96,14 +96,16 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, 
 
 
 def report(args: Args):
+    import statistics
+
     out = Path(args.output_dir)
 
     def read_curve(run: Path, key: str):  # only finished runs count: a partial curve would skew the mean
         return _read_curve(run, key) if finished(run, args.epochs) else []
 
     lines = [
-        f"| method | arm | seeds | final {args.key} (mean ± std) | gain over its own start (mean ± std) | samples to reach the baseline's final |",
-        "|---|---|---|---|---|---|",
+        f"| method | arm | seeds | final {args.key} (mean ± std) | gain over its own start (mean ± std) | gain − baseline's gain, same seed (mean ± s.e.) | samples to reach the baseline's final |",
+        "|---|---|---|---|---|---|---|",
     ]
     import matplotlib
 
@@ -113,18 +115,28 @@ def report(args: Args):
     fig, axes = plt.subplots(1, len(args.methods), figsize=(5 * len(args.methods), 4), squeeze=False)
     for ax, method in zip(axes[0], args.methods):
         curves = {arm: mean_curve([c for c in (read_curve(out / method / arm / f"seed{s}", args.key) for s in args.seeds) if c]) for arm in args.arms}
-        base_final = curves.get("baseline", [])[-1][1] if curves.get("baseline") else None
+        base = curves.get("baseline") or []
+        # "Samples to reach the baseline's final" only means something when the baseline gained.
+        base_final = base[-1][1] if base and base[-1][1] > base[0][1] else None
+        # Each seed evaluates its own fixed noise, so seeds start apart; gains (final - start) are
+        # paired within a seed, and so is the comparison with the baseline's gain of the same seed.
+        gains = {
+            arm: {s: c[-1][1] - c[0][1] for s in args.seeds if (c := read_curve(out / method / arm / f"seed{s}", args.key))}
+            for arm in args.arms
+        }
         for arm, curve in curves.items():
             if not curve:
                 continue
-            n = sum(bool(read_curve(out / method / arm / f"seed{s}", args.key)) for s in args.seeds)
-            reach = next((s for s, m, _ in curve if base_final is not None and m >= base_final), None)
-            # Each seed evaluates its own fixed noise, so seeds start apart; the paired gain removes that.
-            gains = [c[-1][1] - c[0][1] for c in (read_curve(out / method / arm / f"seed{s}", args.key) for s in args.seeds) if c]
-            g_mean = sum(gains) / len(gains)
-            g_std = (sum((g - g_mean) ** 2 for g in gains) / len(gains)) ** 0.5
+            g = list(gains[arm].values())
+            g_mean = statistics.fmean(g)
+            diffs = [gains[arm][s] - gains["baseline"][s] for s in gains[arm] if s in gains.get("baseline", {})]
+            paired = (
+                f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}"
+                if arm != "baseline" and len(diffs) > 1 else "—"
+            )
+            reach = next((s for s, m, _ in curve if m >= base_final), "not reached") if base_final is not None else "— (baseline did not gain)"
             lines.append(
-                f"| {method} | {arm} | {n} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {g_mean:+.3f} ± {g_std:.3f} | {reach if reach is not None else 'not reached'} |"
+                f"| {method} | {arm} | {len(g)} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {g_mean:+.3f} ± {statistics.pstdev(g):.3f} | {paired} | {reach} |"
             )
             xs, ms, sd = zip(*curve)
             ax.plot(xs, ms, marker="o", label=arm)

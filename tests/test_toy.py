@@ -91,3 +91,29 @@ def test_bench_toy_passes_every_extra_flag_to_the_trainers():
     cmd = bench_toy.command(args, "alignprop", "pw", 0, "out")
     assert cmd[-5:] == ["--no-cfg-schedule", "--prompt-weighting", "--prompt-weight-range", "1", "3"]
     assert tyro.cli(bench_toy.Args, args=[]).extra == []
+
+
+def test_bench_toy_report_pairs_seeds(tmp_path):
+    """The table's gains are final - start per seed, compared with the baseline's gain of the same seed."""
+    import json
+
+    import bench_toy
+
+    curves = {  # (start, final) of eval_reward_mean per arm and seed
+        "baseline": {0: (10.0, 11.0), 1: (12.0, 12.5)},
+        "diffexp": {0: (10.0, 11.5), 1: (12.0, 13.5)},
+    }
+    for arm, seeds in curves.items():
+        for seed, (start, final) in seeds.items():
+            run = tmp_path / "alignprop" / arm / f"seed{seed}"
+            run.mkdir(parents=True)
+            rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": start}, {"epoch": 0, "samples": 16, "eval_reward_mean": final}]
+            (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = bench_toy.Args(methods=("alignprop",), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path))
+    bench_toy.report(args)
+    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in (tmp_path / "bench.md").read_text().splitlines()[2:]}
+    assert rows["baseline"][4] == "+0.750 ± 0.250"  # gains 1.0 and 0.5
+    assert rows["diffexp"][4] == "+1.500 ± 0.000"  # gains 1.5 and 1.5
+    assert rows["diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0: s.e. = sample std 0.354 / sqrt 2
+    assert rows["diffexp"][6] == "16"  # its mean curve (12.5) reaches the baseline's final mean (11.75) at 16 samples
+    assert (tmp_path / "bench.png").is_file()
