@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -85,8 +86,6 @@ def finished(run: Path, epochs: int) -> bool:
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
     """(samples, mean, std) over seeds at the sample counts every seed logged."""
-    import statistics
-
     common = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
     out = []
     for s in common:
@@ -96,8 +95,6 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, 
 
 
 def report(args: Args):
-    import statistics
-
     out = Path(args.output_dir)
 
     def read_curve(run: Path, key: str):  # only finished runs count: a partial curve would skew the mean
@@ -114,16 +111,14 @@ def report(args: Args):
 
     fig, axes = plt.subplots(1, len(args.methods), figsize=(5 * len(args.methods), 4), squeeze=False)
     for ax, method in zip(axes[0], args.methods):
-        curves = {arm: mean_curve([c for c in (read_curve(out / method / arm / f"seed{s}", args.key) for s in args.seeds) if c]) for arm in args.arms}
+        runs = {arm: {s: c for s in args.seeds if (c := read_curve(out / method / arm / f"seed{s}", args.key))} for arm in args.arms}
+        curves = {arm: mean_curve(list(by_seed.values())) for arm, by_seed in runs.items()}
         base = curves.get("baseline") or []
         # "Samples to reach the baseline's final" only means something when the baseline gained.
         base_final = base[-1][1] if base and base[-1][1] > base[0][1] else None
         # Each seed evaluates its own fixed noise, so seeds start apart; gains (final - start) are
         # paired within a seed, and so is the comparison with the baseline's gain of the same seed.
-        gains = {
-            arm: {s: c[-1][1] - c[0][1] for s in args.seeds if (c := read_curve(out / method / arm / f"seed{s}", args.key))}
-            for arm in args.arms
-        }
+        gains = {arm: {s: c[-1][1] - c[0][1] for s, c in by_seed.items()} for arm, by_seed in runs.items()}
         for arm, curve in curves.items():
             if not curve:
                 continue

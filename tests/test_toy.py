@@ -94,26 +94,33 @@ def test_bench_toy_passes_every_extra_flag_to_the_trainers():
 
 
 def test_bench_toy_report_pairs_seeds(tmp_path):
-    """The table's gains are final - start per seed, compared with the baseline's gain of the same seed."""
+    """The table's gains are final - start per seed, compared with the baseline's gain of the same seed;
+    'samples to reach the baseline's final' is only given when the baseline gained."""
     import json
 
     import bench_toy
 
-    curves = {  # (start, final) of eval_reward_mean per arm and seed
-        "baseline": {0: (10.0, 11.0), 1: (12.0, 12.5)},
-        "diffexp": {0: (10.0, 11.5), 1: (12.0, 13.5)},
+    curves = {  # (start, final) of eval_reward_mean per method, arm and seed
+        "alignprop": {"baseline": {0: (10.0, 11.0), 1: (12.0, 12.5)}, "diffexp": {0: (10.0, 11.5), 1: (12.0, 13.5)}},
+        "ddpo": {"baseline": {0: (10.0, 9.5), 1: (12.0, 11.0)}, "diffexp": {0: (10.0, 10.0), 1: (12.0, 12.0)}},
     }
-    for arm, seeds in curves.items():
-        for seed, (start, final) in seeds.items():
-            run = tmp_path / "alignprop" / arm / f"seed{seed}"
-            run.mkdir(parents=True)
-            rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": start}, {"epoch": 0, "samples": 16, "eval_reward_mean": final}]
-            (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = bench_toy.Args(methods=("alignprop",), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path))
+    for method, arms in curves.items():
+        for arm, seeds in arms.items():
+            for seed, (start, final) in seeds.items():
+                run = tmp_path / method / arm / f"seed{seed}"
+                run.mkdir(parents=True)
+                rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": start}, {"epoch": 0, "samples": 16, "eval_reward_mean": final}]
+                (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = bench_toy.Args(methods=("alignprop", "ddpo"), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path))
     bench_toy.report(args)
-    rows = {line.split("|")[2].strip(): [c.strip() for c in line.split("|")[1:-1]] for line in (tmp_path / "bench.md").read_text().splitlines()[2:]}
-    assert rows["baseline"][4] == "+0.750 ± 0.250"  # gains 1.0 and 0.5
-    assert rows["diffexp"][4] == "+1.500 ± 0.000"  # gains 1.5 and 1.5
-    assert rows["diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0: s.e. = sample std 0.354 / sqrt 2
-    assert rows["diffexp"][6] == "16"  # its mean curve (12.5) reaches the baseline's final mean (11.75) at 16 samples
+    rows = {}
+    for line in (tmp_path / "bench.md").read_text().splitlines()[2:]:
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        rows[cells[0], cells[1]] = cells
+    assert rows["alignprop", "baseline"][4] == "+0.750 ± 0.250"  # gains 1.0 and 0.5
+    assert rows["alignprop", "diffexp"][4] == "+1.500 ± 0.000"  # gains 1.5 and 1.5
+    assert rows["alignprop", "diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0: s.e. = sample std 0.354 / sqrt 2
+    assert rows["alignprop", "diffexp"][6] == "16"  # its mean curve (12.5) reaches the baseline's final mean (11.75) at 16 samples
+    assert rows["ddpo", "diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0
+    assert rows["ddpo", "diffexp"][6] == "— (baseline did not gain)"  # baseline 11.0 -> 10.25: nothing to reach
     assert (tmp_path / "bench.png").is_file()

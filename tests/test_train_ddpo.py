@@ -70,30 +70,29 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
     pipe.scheduler.set_timesteps(4)
     t = pipe.scheduler.timesteps[1]
     B, K, c, H = 2, 4096, 0.5, 8
-    coeffs = DDIMSchedule.from_scheduler(pipe.scheduler, 4).coefficients(t.expand(B), eta=1.0)
+    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, 4)
+    coeffs, rep_coeffs = schedule.coefficients(t.expand(B), eta=1.0), schedule.coefficients(t.expand(K * B), eta=1.0)
     guidance = torch.tensor([1.0, 5.0])
     x_t = torch.randn(B, 4, H, H)
     u = torch.randn(4, H, H)
     embeds = torch.cat([encode_prompts(pipe, [""]).expand(B, -1, -1), encode_prompts(pipe, ["a cat", "a dog riding a bike"])])
 
-    def grad_of(loss):
+    def grad_of(loss, **kwargs):
         pipe.unet.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward(**kwargs)
         return torch.cat([p.grad.flatten() for p in params])
 
     out_u, out_c = pipe.unet(torch.cat([x_t, x_t]), t.expand(2 * B), embeds).sample.chunk(2)
     mean = ddim_mean(out_u, out_c, x_t, guidance, coeffs)
-    reference = grad_of((mean * (u + c * mean.detach())).sum())
+    reference = grad_of((mean * (u + c * mean.detach())).sum(), retain_graph=True)  # the UNet outputs serve both gradients
 
-    out_u, out_c = pipe.unet(torch.cat([x_t, x_t]), t.expand(2 * B), embeds).sample.chunk(2)
     g = torch.Generator().manual_seed(1)
     rep = lambda v: v.repeat(K, *[1] * (v.dim() - 1))  # noqa: E731  [K*B]: draw k of sample b at k*B + b
     z = torch.randn(K // 2 * B, 4, H, H, generator=g)
     z = torch.cat([z, -z])  # antithetic pairs: the even part of f (|z|^2) cancels instead of adding variance
-    x_prev = rep(mean.detach()) + coeffs.sigma.repeat(K).view(-1, 1, 1, 1) * z
+    x_prev = rep(mean.detach()) + rep_coeffs.sigma.view(-1, 1, 1, 1) * z
     f = (x_prev * u).flatten(1).sum(1) + c / 2 * x_prev.flatten(1).pow(2).sum(1)
     advantages = (f.view(K, B) - f.view(K, B).mean(0)).flatten()  # a per-sample baseline, as per-prompt tracking gives
-    rep_coeffs = type(coeffs)(coeffs.c_x.repeat(K), coeffs.c_eps.repeat(K), coeffs.sigma.repeat(K), coeffs.eta)
     old_log_prob = gaussian_log_prob(x_prev, rep(mean.detach()), rep_coeffs.sigma)
     loss, stats = ddpo_clip_loss(rep(out_u), rep(out_c), rep(x_t), x_prev, guidance.repeat(K), rep_coeffs, old_log_prob, advantages, 0.2, backend=backend)
     assert float(stats["clipfrac"]) == 0.0
