@@ -102,6 +102,55 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
     assert 0.85 < float(estimate.norm() / reference.norm()) < 1.2  # measured 1.04
 
 
+@pytest.fixture(scope="module")
+def tiny_v_sd_dir(tmp_path_factory):
+    from tiny import make_tiny_sd
+
+    return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
+
+
+def test_training_moves_the_reward(monkeypatch, tiny_v_sd_dir, tmp_path):
+    """Five DDPO epochs raise a simple reward, mean brightness, well beyond its sampling noise.
+
+    The setting is what makes this affordable on a CPU (README, DDPO): the score-function gradient's
+    noise grows with the number of latent dimensions the policy injects noise into, so the images
+    are 8 px (4x4x4 latents) and each update averages 1024 trajectories (cosine with the exact
+    reward gradient 0.3-0.5 there, about 0 at 32 px); the v-prediction tiny model, because on the
+    random epsilon model x_T rather than the policy's own noise decides most of the sample.
+    Measured when written, gain of the last two epochs over the first in standard errors: 7.8 for
+    this seed, 10.0 / 8.4 / 6.7 / 4.8 / 8.0 for seeds 1-5; -4.7 with the advantages' sign flipped."""
+    import tyro
+
+    import rewards
+    import train_ddpo
+
+    def brightness_reward(spec, device="cpu", dtype=torch.float32, **models):
+        def score(images, prompts):
+            value = images.float().mean(dim=(1, 2, 3))
+            return value, {"brightness": value}
+
+        return score
+
+    monkeypatch.setattr(rewards, "load_reward", brightness_reward)
+    out = tmp_path / "run"
+    argv = [
+        "--pretrained", tiny_v_sd_dir, "--reward", "jpeg", "--resolution", 8, "--num-steps", 4, "--num-epochs", 5,
+        "--samples-per-epoch", 1024, "--sample-batch-size", 256, "--train-batch-size", 256, "--gradient-accumulation-steps", 4,
+        "--lr", 5e-2, "--clip-range", 0.2, "--no-cfg-schedule", "--no-prompt-weighting", "--no-per-prompt-stat-tracking",
+        "--mixed-precision", "no", "--eval-every", 0, "--output-dir", out,
+    ]
+    monkeypatch.setattr(sys, "argv", ["train_ddpo.py", *map(str, argv)])
+    train_ddpo.main(tyro.cli(train_ddpo.Args))
+    log = [r for r in read_log(out) if "reward_mean" in r]
+    assert [r["samples"] for r in log] == [1024 * (i + 1) for i in range(5)]
+    assert all("reward/brightness" in r for r in log)
+    n, first, last = 1024, log[0], log[-2:]
+    gain = sum(r["reward_mean"] for r in last) / 2 - first["reward_mean"]
+    se = (first["reward_std"] ** 2 / n + sum(r["reward_std"] ** 2 for r in last) / (4 * n)) ** 0.5
+    print("ddpo brightness by epoch", [round(r["reward_mean"], 5) for r in log], f"gain {gain:.5f} = {gain / se:.1f} s.e.")
+    assert gain > 3 * se, (gain, se)
+
+
 def test_per_prompt_stat_tracking():
     tracker = PerPromptStatTracker(buffer_size=8, min_count=3)
     prompts = ["cat", "cat", "dog", "dog"]
