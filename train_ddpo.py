@@ -294,12 +294,16 @@ def main(args: Args):
                 diffexp, exploring, batch_prompts, encode_prompts(pipe, batch_prompts), empty_embeds[0],
                 pipe.tokenizer, timesteps, T, g,
             )
-            x = torch.randn(latent_shape, generator=g).to(device)
+            # x_T and every step's noise in one draw (the same numbers as drawing them one at a time) and
+            # one copy, so the denoising loop has no host-device transfer; the CPU generator keeps
+            # samples identical on every device.
+            noise = torch.randn((args.num_steps + 1, *latent_shape), generator=g).to(device)
+            x = noise[0]
             latents, log_probs = [x], []
             with torch.no_grad():
                 for i, t in enumerate(timesteps):
                     out_u, out_c = unet_eps(x, t, embeds)
-                    z = torch.randn(latent_shape, generator=g).to(device)
+                    z = noise[i + 1]
                     w = guidance[i].expand(args.sample_batch_size)
                     x, log_prob = cfg_ddim_step(out_u, out_c, x, w, sample_coeffs[i], noise=z, return_log_prob=True, backend=args.kernels)
                     latents.append(x)
@@ -341,11 +345,12 @@ def main(args: Args):
             g = seeded(args.seed, epoch, rank, 10**4 + inner)
             perm = torch.randperm(samples_per_process, generator=g)
             step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in range(samples_per_process)])[:, :num_train_steps]
+            perm, step_perm = perm.to(device), step_perm.to(device)  # copied once per pass, not per step
             for tb in range(train_batches):
                 idx = perm[tb * args.train_batch_size : (tb + 1) * args.train_batch_size]
-                b = {k: v[idx.to(v.device)] for k, v in traj.items()}
+                b = {k: v[idx] for k, v in traj.items()}
                 for j in range(num_train_steps):
-                    s = step_perm[idx, j].to(device)  # one denoising step per trajectory, shuffled
+                    s = step_perm[idx, j]  # one denoising step per trajectory, shuffled
                     rows = torch.arange(len(idx), device=device)
                     x_t, x_prev = b["latents"][rows, s], b["latents"][rows, s + 1]
                     t = b["timesteps"][rows, s]
