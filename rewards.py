@@ -258,8 +258,37 @@ class PickScoreReward(nn.Module):
         return self.model.logit_scale.exp() * (img * txt).sum(-1)
 
 
+def hps_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+    """What hpsv2's scoring transform does (long side to `size`, bicubic; zero-pad to a centred square;
+    normalise), in torch. N x 3 x H x W in [0, 1] -> N x 3 x size x size.
+
+    hpsv2 turns the image into a [0, 1] tensor first, then resizes the tensor so the longer side is
+    `size` (short side round(side * size / long)) and pads with 0 -- the extra pixel of an odd margin
+    goes right/bottom -- and only then normalises, so the bands hold -mean/std. Unlike
+    `clip_preprocess` nothing is cropped and nothing is clamped (torchvision's resize of a float
+    tensor leaves the bicubic overshoot). Differentiable: interpolate, pad, affine normalise.
+    """
+    h, w = images.shape[-2:]
+    scale = size / max(h, w)
+    nh, nw = round(h * scale), round(w * scale)  # hpsv2's arithmetic, Python's round included
+    if (nh, nw) != (h, w):
+        # antialias=True: what torchvision (>= 0.17) does for tensors, and hpsv2 resizes a tensor.
+        images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
+    # hpsv2 skips the pad when the long side is already `size`; pad anyway, since the ViT only takes
+    # squares (for a square image the pad is empty either way).
+    top, left = (size - nh) // 2, (size - nw) // 2
+    images = F.pad(images, (left, size - nw - left, top, size - nh - top), value=0.0)
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - mean) / std
+
+
 class HPSReward(nn.Module):
-    """HPS v2 / v2.1: an open_clip ViT-H/14 whose every weight comes from the HPS checkpoint."""
+    """HPS v2 / v2.1: an open_clip ViT-H/14 whose every weight comes from the HPS checkpoint.
+
+    Images of any shape are preprocessed as hpsv2 scores them (`hps_preprocess`: long side to the
+    model's size, zero-padded square), not with the crop of the other CLIP rewards.
+    """
 
     differentiable = True
 
@@ -280,10 +309,12 @@ class HPSReward(nn.Module):
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg["size"]
         self.size = size if isinstance(size, int) else size[0]
-        self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
+        # hpsv2 normalises with OpenAI's mean/std (those of the ViT-H-14 laion2B-s32B-b79K tag it
+        # builds from), and the HPS weights were trained on that: pin it, whatever hps_arch's config says.
+        self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.size, self.mean, self.std)
+        pixels = hps_preprocess(images, self.size, self.mean, self.std)
         text = self.tokenizer(list(prompts)).to(images.device)
         img = self.model.encode_image(pixels, normalize=True)
         txt = self.model.encode_text(text, normalize=True)

@@ -289,3 +289,74 @@ def test_unreadable_checkpoint_is_a_clear_error(models, tmp_path):
     (tmp_path / "aesthetic-model.pth").write_text("not a checkpoint")
     with pytest.raises(CheckpointError, match=r"cannot read '.*aesthetic-model.pth' as a weights-only torch checkpoint"):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
+
+
+def hpsv2_transform_by_hand(image, size):
+    """hpsv2's scoring transform for one 3 x H x W image in [0, 1], step by step: scale the long side to
+    `size`, bicubic (antialiased, as torchvision resizes a tensor), paste centred on a zero canvas
+    (odd margins: the extra pixel right/bottom), then normalise with OpenAI's mean/std."""
+    _, h, w = image.shape
+    long_side = max(h, w)
+    new_h, new_w = round(h * size / long_side), round(w * size / long_side)
+    resized = image
+    if (new_h, new_w) != (h, w):
+        resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+    canvas = torch.zeros(3, size, size, dtype=image.dtype)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[:, top : top + new_h, left : left + new_w] = resized
+    mean = torch.tensor(rewards.OPENAI_CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(rewards.OPENAI_CLIP_STD).view(3, 1, 1)
+    return (canvas - mean) / std
+
+
+@pytest.mark.parametrize(
+    "hw, content",  # content: (rows, cols) of the 32 x 32 output that hold the image, worked out by hand
+    [((48, 32), (slice(0, 32), slice(5, 26))),  # 48x32 -> 32x21, 11 columns of pad: 5 left, 6 right
+     ((32, 48), (slice(5, 26), slice(0, 32))),
+     ((56, 36), (slice(0, 32), slice(5, 26))),  # 36 -> round(20.57) = 21, not the floor 20
+     ((40, 40), (slice(0, 32), slice(0, 32))),  # square: resized, no pad
+     ((512, 768), (slice(5, 26), slice(0, 32)))],  # an SD 512x768 frame: 768 -> 32, 512 -> round(21.33) = 21
+)
+def test_hps_preprocess_matches_hpsv2_transform_by_hand(hw, content):
+    import torchvision.transforms.functional as TF
+
+    images = uint8_images(2, hw, seed=5)
+    got = rewards.hps_preprocess(images, 32)
+    expected = torch.stack([hpsv2_transform_by_hand(x, 32) for x in images])
+    assert got.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    # Outside the content the pad is 0 in pixel space, i.e. -mean/std once normalised.
+    band = torch.ones(32, 32, dtype=torch.bool)
+    band[content] = False
+    pad = -torch.tensor(rewards.OPENAI_CLIP_MEAN) / torch.tensor(rewards.OPENAI_CLIP_STD)
+    torch.testing.assert_close(got.permute(0, 2, 3, 1)[:, band], pad.expand(2, int(band.sum()), 3))
+    # The very torchvision calls hpsv2's tensor pipeline makes (resize, pad with fill 0, normalise).
+    h, w = hw
+    new = [round(d * 32 / max(h, w)) for d in hw]
+    tv = TF.resize(images, new, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    ph, pw = 32 - new[0], 32 - new[1]
+    tv = TF.normalize(TF.pad(tv, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0), rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)
+    torch.testing.assert_close(got, tv, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hw", [(48, 32), (32, 48)])
+def test_hps_score_of_non_square_image_is_the_model_on_hpsv2_pixels(hw, models):
+    """End to end: HPS of a non-square image = the HPS model on the by-hand hpsv2 tensor, and the
+    crop-based CLIP preprocessing would have given another score."""
+    import open_clip
+
+    model = open_clip.create_model(models["hps_arch"], pretrained=None, load_weights=False).eval()
+    model.load_state_dict(torch.load(f"{models['hps_model']}/{rewards.HPS_FILES['hps']}", weights_only=True)["state_dict"])
+    tokenizer = open_clip.get_tokenizer(models["hps_arch"])
+    images = uint8_images(3, hw, seed=7).requires_grad_(True)
+    with torch.no_grad():
+        pixels = torch.stack([hpsv2_transform_by_hand(x, 32) for x in images.detach()])
+        img = F.normalize(model.encode_image(pixels), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(PROMPTS)), dim=-1)
+        expected = (img * txt).sum(-1)
+        cropped = F.normalize(model.encode_image(rewards.clip_preprocess(images.detach(), 32, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)), dim=-1)
+    got, _ = get("hps", models)(images, PROMPTS)
+    torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=0)
+    assert (got.detach() - (cropped * txt).sum(-1)).abs().max() > 1e-3
+    got.sum().backward()  # gradients still reach the pixels through the resize and the pad
+    assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
