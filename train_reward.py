@@ -12,7 +12,8 @@ Data is either generated (--attribute: pixelate, jpeg, blur, snow, rain, fog app
 CSV with columns path,score (regression). A generated dataset is itself a CSV dataset (labels.csv), so
 the two paths meet. The output directory holds config.json + model.safetensors (what
 `--reward custom:DIR` loads through rewards.py, differentiably), a learning curve, and validation
-predictions against labels.
+predictions against labels; a run refuses an output directory that holds another model unless --overwrite.
+A wrong invocation stops with one line `error: ...` (exit code 2) before any model is loaded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import csv
 import io
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import DEFAULT_PRETRAINED
+from diffusion import DEFAULT_PRETRAINED, CheckpointError, from_pretrained, load_prompts
 from rewards import build_custom_network, custom_preprocess, custom_value
 
 ATTRIBUTES = ("pixelate", "jpeg", "blur", "snow", "rain", "fog")
@@ -48,6 +50,8 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 class Args:
     out: str = "runs/reward"
     """output directory: config.json + model.safetensors (use as --reward custom:OUT), plots and reports."""
+    overwrite: bool = False
+    """replace the reward model already in --out (without it, a run refuses to write over one)."""
     data: str | None = None
     """a dataset: folder root/<class>/*.png (classification), CSV 'path,score' (regression; paths relative to
     the CSV), or a directory holding labels.csv. With --attribute: where the generated data is cached
@@ -62,7 +66,8 @@ class Args:
     pretrained: str = DEFAULT_PRETRAINED
     """diffusion model that makes the source images from a prompt set (hub id or local directory)."""
     num_source: int = 64
-    """number of source images: generated from the prompt set (cycled), or taken from the folder (0 = all)."""
+    """number of source images: generated from the prompt set (cycled), or taken from the folder (0 = all; at
+    least 2, since validation holds out whole source images)."""
     variants: int = 8
     """transformed copies of each source image, each at its own strength."""
     levels: int = 0
@@ -75,7 +80,7 @@ class Args:
     guidance: float = 7.5
     """CFG scale when generating source images."""
     resolution: int | None = None
-    """resolution of generated source images (default: the model's)."""
+    """resolution of generated source images, a multiple of 8 (default: the model's)."""
     only_make_data: bool = False
     """stop after making (or finding cached) data."""
 
@@ -100,17 +105,19 @@ class Args:
     epochs: int = 30
     """maximum number of epochs."""
     batch_size: int = 64
+    """images per optimiser step."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 1e-4
+    """AdamW weight decay."""
     val_frac: float = 0.2
     """fraction held out for validation (generated data: whole source images, so no content leaks)."""
     patience: int = 5
     """early stopping: stop after this many epochs without a better validation loss; keep the best."""
     seed: int = 0
-    """seeds data generation, the split, initialisation and batching."""
+    """seeds data generation, the split, initialisation and batching (0 <= seed < 2**32)."""
     device: str = "auto"
-    """cuda if available, else cpu (or name one)."""
+    """auto: cuda if available, else cpu; or name one (cpu, cuda, cuda:N, mps)."""
 
     # --- reward value
     reward_mode: Literal["prediction", "target", "class_prob"] = "prediction"
@@ -120,32 +127,169 @@ class Args:
     """the target strength (reward mode target) or class name (class_prob)."""
 
 
-def validate(args: Args) -> Args:
-    """One-line errors naming the flag and the fix, before any model or image is loaded."""
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def validate(args: Args) -> torch.device:
+    """The flags on their own (no file read): one-line errors naming the flag and the fix. Returns the device."""
     if args.attribute is None and args.data is None:
         raise ValueError("give --data (a folder, a CSV or a generated dataset) or --attribute (to generate one)")
+    for flag, value in (("--out", args.out), ("--data", args.data), ("--source", args.source), ("--pretrained", args.pretrained),
+                        ("--clip-model", args.clip_model), ("--classes", args.classes), ("--target", args.target)):  # fmt: skip
+        if value is not None and not value.strip():  # Path("") is the working directory: never what was meant
+            raise ValueError(f"{flag} is empty: give a value or leave the flag out")
     if args.attribute is None and args.only_make_data:
         raise ValueError("--only-make-data needs --attribute (what to generate)")
     if args.levels == 1 or args.levels < 0:
         raise ValueError(f"--levels must be 0 (continuous strengths) or >= 2, got {args.levels}")
-    for flag, value in (("--num-source", args.num_source), ("--variants", args.variants), ("--data-size", args.data_size),
-                        ("--image-size", args.image_size), ("--epochs", args.epochs), ("--batch-size", args.batch_size), ("--width", args.width)):  # fmt: skip
-        if value < (0 if flag == "--num-source" else 1):
-            raise ValueError(f"{flag} must be positive, got {value}")
+    for flag, value in (("--variants", args.variants), ("--data-size", args.data_size), ("--sample-steps", args.sample_steps),
+                        ("--image-size", args.image_size), ("--width", args.width), ("--epochs", args.epochs),
+                        ("--batch-size", args.batch_size), ("--patience", args.patience)):  # fmt: skip
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.num_source < 0 or args.num_source == 1:
+        raise ValueError(f"--num-source must be 0 (all) or >= 2 (validation holds out whole source images), got {args.num_source}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise ValueError(f"--guidance must be a number >= 0 (<= 1 turns classifier-free guidance off), got {args.guidance}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise ValueError(f"--lr must be a number > 0, got {args.lr}")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise ValueError(f"--weight-decay must be a number >= 0, got {args.weight_decay}")
     if not 0 < args.val_frac < 1:
         raise ValueError(f"--val-frac must be in (0, 1), got {args.val_frac}")
+    if not 0 <= args.seed < 2**32:  # numpy's generators take no negative seed
+        raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.label_range is not None and not args.label_range[0] < args.label_range[1]:
         raise ValueError(f"--label-range must be 'lo hi' with lo < hi, got {args.label_range}")
+    if args.classes is not None:
+        names = [c.strip() for c in args.classes.split(",")]
+        if "" in names or len(set(names)) < len(names) or len(names) < 2:
+            raise ValueError(f"--classes must name at least two distinct classes, comma-separated, got '{args.classes}'")
+        if args.task == "regression":
+            raise ValueError("--classes orders the classes of a classifier: drop it, or pass --task classification")
     if args.reward_mode in ("target", "class_prob") and args.target is None:
         raise ValueError(f"--reward-mode {args.reward_mode} needs --target (a strength for 'target', a class name for 'class_prob')")
+    if args.reward_mode == "prediction" and args.target is not None:
+        raise ValueError(f"--target '{args.target}' is used only by --reward-mode target or class_prob: add one of them, or drop --target")
     if args.reward_mode == "target":
         try:
-            float(args.target)
+            if not math.isfinite(float(args.target)):
+                raise ValueError
         except ValueError:
             raise ValueError(f"--target must be a number for --reward-mode target, got '{args.target}'") from None
-    if args.attribute is not None and args.data is not None and Path(args.data).is_file():
-        raise ValueError(f"--data '{args.data}' is a file; with --attribute it is the directory to cache generated data in")
-    return args
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{args.device}'")
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ValueError(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible): use --device cpu or auto")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps: MPS is not available here: use --device cpu or auto")
+    return device
+
+
+# Everything a run writes in --out; a run refuses to replace them without --overwrite.
+OUTPUTS = ("config.json", "model.safetensors", "history.json", "val_predictions.csv", "learning_curve.png")
+
+
+def check_out(args: Args):
+    """--out must be a directory we can create or write, holding no other run (no other model, unless --overwrite)."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out '{out}' is a file: give a directory")
+    other = [n for n in ("log.jsonl", "checkpoints") if (out / n).exists()]  # a fine-tuning run's directory
+    if other:
+        raise ValueError(f"--out '{out}' holds a fine-tuning run ({other[0]}): choose another --out")
+    ours = [n for n in OUTPUTS if (out / n).exists()]
+    if ours and not args.overwrite and not args.only_make_data:  # --only-make-data writes only OUT/data
+        raise ValueError(f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out")
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out '{out}': cannot write in '{existing}' (permission denied): choose another --out")
+
+
+def read_json(path: Path, flag: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
+        raise ValueError(f"{flag}: cannot read '{path}' ({type(e).__name__}): delete it or point {flag} elsewhere") from None
+
+
+def generation_settings(args: Args) -> dict:
+    """What generated data depends on (meta.json); data made with other settings is never reused."""
+    return dict(attribute=args.attribute, source=args.source, pretrained=args.pretrained if not Path(args.source).is_dir() else None,
+                num_source=args.num_source, variants=args.variants, levels=args.levels, data_size=args.data_size,
+                sample_steps=args.sample_steps, guidance=args.guidance, resolution=args.resolution, seed=args.seed)  # fmt: skip
+
+
+def check_generated(args: Args, root: Path) -> bool:
+    """Before generating into `root`: True if it holds this very data already; else check the sources
+    (folder images readable, prompt set readable) so that generation cannot fail half-way on them."""
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--data '{root}' is a file; with --attribute it is the directory to cache generated data in")
+    if (root / "meta.json").is_file():
+        old, meta = read_json(root / "meta.json", "--data"), generation_settings(args)
+        if old == meta and (root / "labels.csv").is_file():
+            return True
+        if old == meta:
+            raise ValueError(f"--data '{root}' has meta.json but no labels.csv: delete '{root}' to generate the data again")
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        raise ValueError(f"--data '{root}' holds data made with other settings {diff}: pass another --data or delete it")
+    # An interrupted generation leaves only images/ (labels.csv and meta.json come last); anything else
+    # is somebody's data that generating would write into.
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in ("images", "labels.csv")) if root.is_dir() else []
+    if foreign:
+        raise ValueError(f"--data '{root}' holds other files ({foreign[0]}) and no generated dataset: with --attribute, pass a new or empty --data")
+    if Path(args.source).is_dir():
+        paths = list_images(Path(args.source))
+        paths = paths[: args.num_source] if args.num_source else paths
+        if len(paths) < 2:
+            raise ValueError(f"--source '{args.source}' has {len(paths)} image(s) ({', '.join(IMAGE_EXTS)}); it needs at least 2: add images or name a prompt set")
+        for p in paths:
+            check_image(p, "--source")
+        return False
+    try:
+        prompts = load_prompts(args.source, "--source")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--source '{args.source}' is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
+    except OSError as e:
+        raise ValueError(f"--source: cannot read '{args.source}' ({type(e).__name__}): check the path and its permissions") from None
+    if (args.num_source or len(prompts)) < 2:
+        raise ValueError(f"--source '{args.source}' has 1 prompt: validation holds out whole source images, so pass --num-source >= 2 (prompts are cycled)")
+    return False
+
+
+def generated_task(args: Args) -> dict:
+    """The task the generated data will have (as load_dataset will find it), known before generating it."""
+    task = args.task if args.task != "auto" else ("classification" if args.levels >= 2 else "regression")
+    if task == "regression":
+        return dict(task="regression")
+    if args.levels < 2:
+        raise ValueError("--task classification on generated data needs --levels >= 2 (the strength levels are the classes)")
+    classes = [f"{k / (args.levels - 1):g}" for k in range(args.levels)]
+    order = [c.strip() for c in args.classes.split(",")] if args.classes else classes
+    if sorted(order) != sorted(classes):
+        raise ValueError(f"--classes must be the {args.levels} strength levels {','.join(classes)} (in any order), got '{args.classes}'")
+    return dict(task="classification", classes=order)
+
+
+def check_reward_mode(args: Args, task: dict):
+    if task["task"] == "regression" and args.reward_mode == "class_prob":
+        raise ValueError("--reward-mode class_prob needs a classification task; use prediction or target for regression")
+    if task["task"] == "classification" and args.reward_mode == "class_prob" and args.target not in task["classes"]:
+        raise ValueError(f"--target '{args.target}' is not a class; classes: {', '.join(task['classes'])}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -197,25 +341,32 @@ def list_images(folder: Path) -> list[Path]:
 
 def source_images(args: Args, device) -> list[np.ndarray]:
     """Clean images at data_size: from an image folder, or sampled from a prompt set with our loader."""
-    if Path(args.source).is_dir():
+    if Path(args.source).is_dir():  # check_generated has seen at least two images with readable headers
         paths = list_images(Path(args.source))
-        if not paths:
-            raise ValueError(f"--source '{args.source}' has no images ({', '.join(IMAGE_EXTS)})")
         paths = paths[: args.num_source] if args.num_source else paths
         out = []
         for p in paths:
             try:
                 out.append(center_square(Image.open(p), args.data_size))
-            except Exception as e:
-                raise ValueError(f"--source: cannot read image '{p}' ({e})") from None
+            except Exception as e:  # corrupt past its header
+                fail(str(image_error(p, "--source", e)))
         return out
 
-    from diffusion import load_pipeline, load_prompts
+    from diffusion import load_pipeline
 
     prompts = load_prompts(args.source, "--source")
     n = args.num_source or len(prompts)
     prompts = [prompts[i % len(prompts)] for i in range(n)]
-    pipe = load_pipeline(args.pretrained, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    from diffusers.utils import logging as diffusers_logging
+
+    # With HF_HUB_OFFLINE set, diffusers logs "Couldn't connect to the Hub ... Will try to load from local
+    # cache" on every load, cached or not; a missing checkpoint gets from_pretrained's one line instead.
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe = load_pipeline(args.pretrained, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     out = []
     for start in tqdm(range(0, n, 8), desc="source images"):
         batch = prompts[start : start + 8]
@@ -227,19 +378,9 @@ def source_images(args: Args, device) -> list[np.ndarray]:
     return out
 
 
-def make_data(args: Args, device) -> Path:
-    """Generate (or reuse) the dataset in --data: images/*.png, labels.csv (path,score,group), meta.json."""
-    root = Path(args.data or Path(args.out) / "data")
-    meta = dict(attribute=args.attribute, source=args.source, pretrained=args.pretrained if not Path(args.source).is_dir() else None,
-                num_source=args.num_source, variants=args.variants, levels=args.levels, data_size=args.data_size,
-                sample_steps=args.sample_steps, guidance=args.guidance, resolution=args.resolution, seed=args.seed)  # fmt: skip
-    if (root / "meta.json").is_file():
-        old = json.loads((root / "meta.json").read_text())
-        if old == meta and (root / "labels.csv").is_file():
-            print(f"using cached dataset {root} ({meta['attribute']})")
-            return root
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        raise ValueError(f"--data '{root}' holds data made with other settings {diff}: pass another --data or delete it")
+def make_data(args: Args, device, root: Path):
+    """Generate the dataset in `root`: images/*.png, labels.csv (path,score,group), meta.json.
+    check_generated has vetted `root` and the sources."""
     sources = source_images(args, device)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
@@ -252,13 +393,26 @@ def make_data(args: Args, device) -> Path:
             rows.append((name, f"{s:.6g}", str(i)))
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "score", "group"), *rows])
-    (root / "meta.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+    (root / "meta.json").write_text(json.dumps(generation_settings(args), indent=2))  # written last: marks the cache complete
     print(f"wrote {len(rows)} images of {args.attribute} to {root}")
-    return root
 
 
 # ----------------------------------------------------------------------------------------------
 # Datasets: (paths, labels, groups, classes) from a folder or a CSV, with errors naming file and line.
+
+
+def image_error(path: Path, where: str, e: Exception) -> ValueError:
+    return ValueError(f"{where}: cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): replace or remove it")
+
+
+def check_image(path: Path, where: str):
+    """Open the header only: cheap, and catches missing files, non-images and unreadable files before any
+    model loads. A file corrupt further in still fails in read_image, with the same one-line message."""
+    try:
+        with Image.open(path):
+            pass
+    except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
+        raise image_error(path, where, e) from None
 
 
 def read_image(path: Path, where: str) -> torch.Tensor:
@@ -267,7 +421,7 @@ def read_image(path: Path, where: str) -> torch.Tensor:
         with Image.open(path) as im:
             arr = np.asarray(im.convert("RGB"))
     except Exception as e:
-        raise ValueError(f"{where}: cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise image_error(path, where, e) from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
 
 
@@ -290,6 +444,8 @@ def load_folder(root: Path, class_order: list[str] | None):
         files = list_images(root / c)
         if not files:
             raise ValueError(f"--data '{root}': class folder '{c}' has no images ({', '.join(IMAGE_EXTS)})")
+        for f in files:
+            check_image(f, f"--data '{root}'")
         paths += files
         labels += [k] * len(files)
     return paths, labels, [str(p) for p in paths], classes
@@ -297,40 +453,53 @@ def load_folder(root: Path, class_order: list[str] | None):
 
 def load_csv(csv_path: Path, label_range):
     """CSV with columns path,score (and optionally group) -> (paths, scores, groups, 'file line N' of each)."""
-    with open(csv_path, newline="") as f:
-        rows = list(csv.reader(f))
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets' "CSV UTF-8" starts with a BOM
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ValueError(f"--data {csv_path} line {line}: not UTF-8 text (byte 0x{e.object[e.start]:02x}): give a CSV path,score "
+                         "saved as UTF-8") from None  # fmt: skip
+    except csv.Error as e:
+        raise ValueError(f"--data {csv_path}: not a CSV ({e}): give a CSV with columns path,score") from None
+    except OSError as e:
+        raise ValueError(f"--data: cannot read '{csv_path}' ({type(e).__name__}): check the path and its permissions") from None
     header = [h.strip() for h in rows[0]] if rows else []
     if "path" not in header or "score" not in header:
-        raise ValueError(f"{csv_path} line 1: the header must name the columns 'path' and 'score', got {','.join(header) or 'an empty file'}")
+        raise ValueError(f"--data {csv_path} line 1: the header must name the columns 'path' and 'score', got {','.join(header) or 'an empty file'}")
     ip, isc, ig = header.index("path"), header.index("score"), header.index("group") if "group" in header else None
     paths, scores, groups, origins = [], [], [], []
     for line, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
         if len(row) < len(header):
-            raise ValueError(f"{csv_path} line {line}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+            raise ValueError(f"--data {csv_path} line {line}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
         try:
             score = float(row[isc])
         except ValueError:
-            raise ValueError(f"{csv_path} line {line}: score '{row[isc]}' is not a number") from None
+            raise ValueError(f"--data {csv_path} line {line}: score '{row[isc]}' is not a number") from None
         if not math.isfinite(score):
-            raise ValueError(f"{csv_path} line {line}: score '{row[isc]}' is not finite")
+            raise ValueError(f"--data {csv_path} line {line}: score '{row[isc]}' is not finite")
         if label_range is not None and not label_range[0] <= score <= label_range[1]:
-            raise ValueError(f"{csv_path} line {line}: score {score:g} is outside --label-range [{label_range[0]:g}, {label_range[1]:g}]")
+            raise ValueError(f"--data {csv_path} line {line}: score {score:g} is outside --label-range [{label_range[0]:g}, {label_range[1]:g}]")
         path = Path(row[ip].strip())
-        paths.append(path if path.is_absolute() else csv_path.parent / path)
+        path = path if path.is_absolute() else csv_path.parent / path
+        if not path.is_file():
+            raise ValueError(f"--data {csv_path} line {line}: image '{path}' does not exist (relative paths start at the CSV's folder): fix the path or drop the line")
+        check_image(path, f"--data {csv_path} line {line}")
+        paths.append(path)
         scores.append(score)
         groups.append(row[ig] if ig is not None else str(line))
-        origins.append(f"{csv_path} line {line}")
+        origins.append(f"--data {csv_path} line {line}")
     if len(paths) < 2:
-        raise ValueError(f"{csv_path}: needs at least two labelled images, found {len(paths)}")
+        raise ValueError(f"--data {csv_path}: needs at least two labelled images, found {len(paths)}")
     return paths, scores, groups, origins
 
 
 def load_dataset(args: Args, data: Path):
     """(paths, targets, groups, where each came from, task description for config.json, dataset name)."""
     csv_path = data if data.is_file() else data / "labels.csv"
-    meta = json.loads((data / "meta.json").read_text()) if data.is_dir() and (data / "meta.json").is_file() else {}
+    meta = read_json(data / "meta.json", "--data") if data.is_dir() and (data / "meta.json").is_file() else {}
     order = [c.strip() for c in args.classes.split(",")] if args.classes else None
     if csv_path.is_file():
         paths, scores, groups, origins = load_csv(csv_path, args.label_range)
@@ -340,12 +509,15 @@ def load_dataset(args: Args, data: Path):
         classes = order or [f"{s:g}" for s in sorted(set(scores))]
         missing = sorted({f"{s:g}" for s in scores} - set(classes))
         if missing:
-            raise ValueError(f"{csv_path}: score {missing[0]} is not one of --classes {classes}")
+            raise ValueError(f"--data {csv_path}: score {missing[0]} is not one of --classes {classes}")
+        extra = [c for c in classes if c not in {f"{s:g}" for s in scores}]
+        if extra:
+            raise ValueError(f"--classes: '{extra[0]}' is not a score in {csv_path}; the classes of a CSV are its distinct scores")
         labels = [classes.index(f"{s:g}") for s in scores]
         values = [float(c) for c in classes]
         return paths, labels, groups, origins, dict(task="classification", classes=classes, class_values=values), str(csv_path)
     if not data.is_dir():
-        raise ValueError(f"--data '{data}' does not exist")
+        raise ValueError(f"--data '{data}' does not exist: give a folder root/<class>/*.png, a CSV path,score or a directory holding labels.csv")
     if args.task == "regression":
         raise ValueError(f"--task regression needs a CSV 'path,score'; '{data}' is a folder dataset (classification)")
     paths, labels, groups, classes = load_folder(data, order)
@@ -353,8 +525,22 @@ def load_dataset(args: Args, data: Path):
         values = [float(c) for c in classes]
     except ValueError:
         values = [float(k) for k in range(len(classes))]
-    origins = [f"folder dataset '{data}'"] * len(paths)
+    origins = [f"--data '{data}'"] * len(paths)
     return paths, labels, groups, origins, dict(task="classification", classes=classes, class_values=values), str(data)
+
+
+def prepare(args: Args, data: Path):
+    """load_dataset, the checks that need the dataset, and the train/val split; all before any model loads."""
+    paths, targets, groups, origins, task, source = load_dataset(args, data)
+    check_reward_mode(args, task)
+    if len(set(targets)) < 2:
+        raise ValueError(f"--data {source}: every label is {targets[0]:g}: a reward model needs labels that differ")
+    if len(set(groups)) < 2:
+        raise ValueError(f"--data {source}: all images share one group: validation holds out whole groups, so give at least two")
+    train_idx, val_idx = split(groups, args.val_frac, args.seed)
+    if task["task"] == "classification" and len({targets[i] for i in train_idx}) < 2:
+        raise ValueError(f"--data {source}: the training split has a single class: add images of the other classes or lower --val-frac")
+    return paths, targets, origins, task, source, train_idx, val_idx
 
 
 def split(groups: list[str], val_frac: float, seed: int):
@@ -417,35 +603,64 @@ def plot_report(out: Path, history: list[dict], config: dict, val_labels: np.nda
 
 
 def main(args: Args) -> dict:
-    validate(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    data = make_data(args, device) if args.attribute else Path(args.data)
+    # --- check everything that can be checked before any model is loaded or anything is written ---------
+    data = Path(args.data) if args.data else Path(args.out) / "data"
+    dataset, cached = None, False
+    try:
+        device = validate(args)
+        check_out(args)
+        if args.attribute:
+            cached = check_generated(args, data)
+            if not cached:  # the data does not exist yet: check the reward mode against the task it will have
+                check_reward_mode(args, generated_task(args))
+        if (cached or not args.attribute) and not args.only_make_data:
+            dataset = prepare(args, data)
+        if args.backbone == "clip" and not args.only_make_data:
+            from transformers import CLIPConfig
+
+            from_pretrained(CLIPConfig, args.clip_model, "--clip-model")  # config.json only: is the checkpoint there?
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
+
+    if cached:
+        print(f"using cached dataset {data} ({args.attribute})")
+    elif args.attribute:
+        try:
+            make_data(args, device, data)
+        except CheckpointError as e:  # --pretrained missing (offline, wrong id or directory)
+            fail(str(e))
     if args.only_make_data:
         return {"data": str(data)}
-
-    paths, targets, groups, origins, task, source = load_dataset(args, data)
+    if dataset is None:  # generated just now
+        try:
+            dataset = prepare(args, data)
+        except ValueError as e:
+            fail(str(e))
+    paths, targets, origins, task, source, train_idx, val_idx = dataset
     config = dict(**task, backbone=args.backbone, image_size=args.image_size, width=args.width,
                   reward_mode=args.reward_mode, target=args.target, data=source, attribute=args.attribute)  # fmt: skip
     if args.backbone == "clip":
         config["clip_model"] = args.clip_model
-    if task["task"] == "regression" and args.reward_mode == "class_prob":
-        raise ValueError("--reward-mode class_prob needs a classification task; use prediction or target for regression")
-    if task["task"] == "classification" and args.reward_mode == "class_prob" and args.target not in task["classes"]:
-        raise ValueError(f"--target '{args.target}' is not a class; classes: {', '.join(task['classes'])}")
-    train_idx, val_idx = split(groups, args.val_frac, args.seed)
-    if task["task"] == "classification" and len({targets[i] for i in train_idx}) < 2:
-        raise ValueError("the training split has a single class: add images of the other classes or lower --val-frac")
 
     torch.manual_seed(args.seed)
-    net = build_custom_network(config).to(device)
+    try:
+        net = build_custom_network(config).to(device)
+    except CheckpointError as e:  # a --clip-model with config.json but no weights
+        fail(str(e))
     if args.backbone == "clip":  # CLIP's input size is its own, not --image-size
         config["image_size"] = net.clip.config.vision_config.image_size
 
     # Inputs go through the very preprocessing the reward applies (rewards.custom_preprocess). With the
     # frozen CLIP backbone its normalised embedding is computed once and only the head is trained.
     feats, chunk = [], []
-    for i, p in enumerate(tqdm(paths, desc="loading images")):
-        chunk.append(custom_preprocess(read_image(p, origins[i])[None], config)[0])
+    bar = tqdm(paths, desc="loading images")
+    for i, p in enumerate(bar):
+        try:
+            image = read_image(p, origins[i])
+        except ValueError as err:  # corrupt past the header that prepare() checked
+            bar.close()  # the error on a line of its own
+            fail(str(err))
+        chunk.append(custom_preprocess(image[None], config)[0])
         if len(chunk) == 32 or i == len(paths) - 1:
             x = torch.stack(chunk).to(device)
             if args.backbone == "clip":

@@ -4,7 +4,11 @@ Source images are procedural (gradients, smooth noise, fine grain, shapes), made
 downloaded; one test makes source images with the tiny SD pipeline through our loader.
 """
 
+import ast
 import csv
+import os
+import re
+import runpy
 import subprocess
 import sys
 
@@ -13,6 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import diffusion
 import rewards
 import train_reward as tr
 from conftest import ROOT
@@ -119,8 +124,8 @@ def test_generated_data_is_deterministic_and_cached(sources, tmp_path, capsys):
     capsys.readouterr()
     tr.main(tr.Args(**kw, data=str(tmp_path / "a")))
     assert "using cached dataset" in capsys.readouterr().out
-    with pytest.raises(ValueError, match=r"--data '.*a' holds data made with other settings \{'seed': \(7, 8\)\}: pass another --data or delete it"):
-        tr.main(tr.Args(**{**kw, "seed": 8}, data=str(tmp_path / "a")))
+    message = fails(capsys, tr.Args(**{**kw, "seed": 8}, data=str(tmp_path / "a")))
+    assert re.search(r"--data '.*a' holds data made with other settings \{'seed': \(7, 8\)\}: pass another --data or delete it", message)
 
 
 def test_every_attribute_is_identity_at_zero_and_grows_with_strength(sources):
@@ -140,6 +145,16 @@ def test_source_images_from_a_prompt_set_through_the_pipeline(tiny_sd_dir, tmp_p
     rows = list(csv.DictReader(open(tmp_path / "data" / "labels.csv")))
     assert len(rows) == 6 and [r["group"] for r in rows] == ["0", "0", "1", "1", "2", "2"]
     assert Image.open(tmp_path / "data" / rows[0]["path"]).size == (32, 32)
+
+
+def fails(capsys, args) -> str:
+    """tr.main(args) must stop with exit code 2 and one line 'error: ...' on stderr; returns that line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tr.main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    return err.strip()
 
 
 def write_folder(root, classes, n=4, size=16):
@@ -175,7 +190,7 @@ def test_csv_dataset_loads_with_relative_paths(tmp_path):
     (tmp_path / "scores.csv").write_text("path,score\nimgs/0.png,1.5\nimgs/1.png,7\n\n" + f"{tmp_path / 'imgs' / '2.png'},3\n")
     paths, scores, groups, origins, task, _ = tr.load_dataset(tr.Args(data=str(tmp_path / "scores.csv")), tmp_path / "scores.csv")
     assert task == dict(task="regression") and scores == [1.5, 7.0, 3.0]
-    assert paths[0] == tmp_path / "imgs" / "0.png" and origins[2] == f"{tmp_path / 'scores.csv'} line 5"
+    assert paths[0] == tmp_path / "imgs" / "0.png" and origins[2] == f"--data {tmp_path / 'scores.csv'} line 5"
 
 
 @pytest.mark.parametrize(
@@ -184,7 +199,7 @@ def test_csv_dataset_loads_with_relative_paths(tmp_path):
         ("stray", r"--data '.*': image 'x.png' lies outside a class folder; arrange images as .*/<class>/\*.png"),
         ("one_class", r"--data '.*': a folder dataset needs at least two class folders .*found \['a'\]"),
         ("empty_class", r"--data '.*': class folder 'b' has no images"),
-        ("unreadable", r"folder dataset '.*': cannot read image '.*b/bad.png' \(UnidentifiedImageError"),
+        ("unreadable", r"--data '.*': cannot read image '.*b/bad.png' \(UnidentifiedImageError"),
         ("csv_columns", r"scores.csv line 1: the header must name the columns 'path' and 'score', got file,value"),
         ("csv_score", r"scores.csv line 3: score 'abc' is not a number"),
         ("csv_range", r"scores.csv line 3: score 1.5 is outside --label-range \[0, 1\]"),
@@ -193,7 +208,7 @@ def test_csv_dataset_loads_with_relative_paths(tmp_path):
         ("not_a_class", r"--data '.*': folder 'b' is not one of --classes \['a', 'c'\]"),
     ],
 )
-def test_bad_datasets_name_the_file_and_line(case, message, tmp_path):
+def test_bad_datasets_name_the_file_and_line(case, message, tmp_path, capsys):
     data = tmp_path / "data"
     target = data
     if case.startswith("csv"):
@@ -214,38 +229,177 @@ def test_bad_datasets_name_the_file_and_line(case, message, tmp_path):
             (data / "b" / "bad.png").write_bytes(b"\x89PNG broken")
     args = tr.Args(data=str(target), label_range=(0.0, 1.0) if case == "csv_range" else None, classes="a,c" if case == "not_a_class" else None,
                    epochs=1, out=str(tmp_path / "out"))  # fmt: skip
-    with pytest.raises(ValueError, match=message) as e:
-        tr.main(args)
-    assert "\n" not in str(e.value)
+    assert re.search(message, fails(capsys, args))
     assert not (tmp_path / "out").exists()  # nothing written for a bad dataset
 
 
-@pytest.mark.parametrize(
-    "kw, message",
-    [
-        (dict(), "give --data (a folder, a CSV or a generated dataset) or --attribute (to generate one)"),
-        (dict(attribute="snow", levels=1), "--levels must be 0 (continuous strengths) or >= 2, got 1"),
-        (dict(data="x", val_frac=1.5), "--val-frac must be in (0, 1), got 1.5"),
-        (dict(data="x", reward_mode="target"), "--reward-mode target needs --target"),
-        (dict(data="x", reward_mode="target", target="high"), "--target must be a number for --reward-mode target, got 'high'"),
-        (dict(data="x", label_range=(1.0, 0.0)), "--label-range must be 'lo hi' with lo < hi"),
-        (dict(data="x", only_make_data=True), "--only-make-data needs --attribute"),
-    ],
-)
-def test_bad_arguments_fail_before_anything_loads(kw, message):
-    with pytest.raises(ValueError) as e:
-        tr.main(tr.Args(**kw))
-    assert str(e.value).startswith(message) and "\n" not in str(e.value)
-
-
-def test_reward_mode_must_fit_the_task(tmp_path):
+def test_reward_mode_must_fit_the_task(tmp_path, capsys):
     write_folder(tmp_path / "d", ["imgs"], n=2)
     (tmp_path / "d" / "labels.csv").write_text("path,score\nimgs/0.png,0.1\nimgs/1.png,0.9\n")
-    with pytest.raises(ValueError, match="--reward-mode class_prob needs a classification task"):
-        tr.main(tr.Args(data=str(tmp_path / "d"), reward_mode="class_prob", target="1", out=str(tmp_path / "o")))
+    message = fails(capsys, tr.Args(data=str(tmp_path / "d"), reward_mode="class_prob", target="1", out=str(tmp_path / "o")))
+    assert "--reward-mode class_prob needs a classification task" in message
     write_folder(tmp_path / "f", ["a", "b"], n=2)
-    with pytest.raises(ValueError, match="--target 'c' is not a class; classes: a, b"):
-        tr.main(tr.Args(data=str(tmp_path / "f"), reward_mode="class_prob", target="c", out=str(tmp_path / "o")))
+    message = fails(capsys, tr.Args(data=str(tmp_path / "f"), reward_mode="class_prob", target="c", out=str(tmp_path / "o")))
+    assert "--target 'c' is not a class; classes: a, b" in message
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Small files for the wrong invocations below (none of them changes these)."""
+    d = tmp_path_factory.mktemp("inputs")
+    write_folder(d / "folder", ["a", "b"], n=2, size=8)
+    write_folder(d / "bad_folder", ["a", "b"], n=2, size=8)
+    (d / "bad_folder" / "b" / "bad.png").write_text("not an image")
+    write_folder(d / "skewed", ["a"], n=1, size=8)
+    write_folder(d / "skewed", ["b"], n=3, size=8)
+    write_folder(d / "one_source", ["x"], n=1, size=8)
+    write_folder(d / "bad_source", ["x"], n=2, size=8)
+    (d / "bad_source" / "x" / "bad.png").write_text("not an image")
+    (d / "empty.csv").write_text("")
+    (d / "ok.csv").write_text("path,score\nfolder/a/0.png,0.1\nfolder/b/0.png,0.9\n")
+    (d / "missing.csv").write_text("path,score\nfolder/a/0.png,0.1\nfolder/a/nope.png,0.9\n")
+    (d / "latin1.csv").write_bytes("path,score\nfolder/a/0.png,0.1\nfolder/b/caf\xe9.png,0.9\n".encode("latin-1"))
+    (d / "flat.csv").write_text("path,score\nfolder/a/0.png,0.5\nfolder/b/0.png,0.5\n")
+    (d / "one_group.csv").write_text("path,score,group\nfolder/a/0.png,0.1,g\nfolder/b/0.png,0.9,g\n")
+    (d / "badmeta").mkdir()
+    (d / "badmeta" / "labels.csv").write_text("path,score\n../folder/a/0.png,0\n../folder/b/0.png,1\n")
+    (d / "badmeta" / "meta.json").write_text("{")
+    (d / "prompts.txt").write_text("a cat\na dog\n")
+    (d / "one_prompt.txt").write_text("a cat\n")
+    (d / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
+    (d / "model").mkdir()
+    (d / "model" / "config.json").write_text("{}")  # another trained reward model
+    (d / "run").mkdir()
+    (d / "run" / "log.jsonl").write_text("")  # a fine-tuning run
+    return d
+
+
+GEN = ["--attribute", "snow", "--source", "{d}/prompts.txt"]  # generated data from a prompt set
+# (case, flag the message must name, argv with {d} = the inputs folder). Each must exit 2 with one line
+# 'error: ...' on stderr, before any model loads and before --out is made.
+WRONG = [
+    ("no_data", "--data", []),
+    ("empty_data", "--data", ["--data", ""]),
+    ("missing_data", "--data", ["--data", "{d}/nope"]),
+    ("empty_csv", "--data", ["--data", "{d}/empty.csv"]),
+    ("csv_image_missing", "--data", ["--data", "{d}/missing.csv"]),
+    ("csv_not_utf8", "--data", ["--data", "{d}/latin1.csv"]),
+    ("data_is_an_image", "--data", ["--data", "{d}/folder/a/0.png"]),
+    ("unreadable_image", "--data", ["--data", "{d}/bad_folder"]),
+    ("labels_all_equal", "--data", ["--data", "{d}/flat.csv"]),
+    ("one_group", "--data", ["--data", "{d}/one_group.csv"]),
+    ("corrupt_meta_json", "--data", ["--data", "{d}/badmeta"]),
+    ("train_split_one_class", "--val-frac", ["--data", "{d}/skewed", "--val-frac", "0.75"]),
+    ("target_missing", "--target", ["--data", "{d}/folder", "--reward-mode", "target"]),
+    ("target_not_a_number", "--target", ["--data", "{d}/folder", "--reward-mode", "target", "--target", "high"]),
+    ("target_without_mode", "--target", ["--data", "{d}/folder", "--target", "1"]),
+    ("class_prob_on_regression", "--reward-mode", ["--data", "{d}/ok.csv", "--reward-mode", "class_prob", "--target", "1"]),
+    ("class_prob_unknown_class", "--target", ["--data", "{d}/folder", "--reward-mode", "class_prob", "--target", "c"]),
+    ("classes_repeated", "--classes", ["--data", "{d}/folder", "--classes", "a,a"]),
+    ("classes_with_regression", "--classes", ["--data", "{d}/ok.csv", "--task", "regression", "--classes", "a,b"]),
+    ("classes_not_a_score", "--classes", ["--data", "{d}/ok.csv", "--task", "classification", "--classes", "0.1,0.9,x"]),
+    ("label_range_reversed", "--label-range", ["--data", "{d}/ok.csv", "--label-range", "1", "0"]),
+    *[(f"{flag[2:]}_{value}", flag, ["--data", "{d}/folder", flag, value])
+      for flag, value in [("--epochs", "0"), ("--batch-size", "0"), ("--patience", "0"), ("--image-size", "0"), ("--width", "-1"),
+                          ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"), ("--weight-decay", "-1"), ("--val-frac", "0"),
+                          ("--val-frac", "1.5"), ("--seed", "-1"), ("--device", "tpu"), ("--device", "cuda:99")]],  # fmt: skip
+    *[(f"{flag[2:]}_{value}", flag, [*GEN, flag, value])
+      for flag, value in [("--variants", "0"), ("--data-size", "0"), ("--sample-steps", "0"), ("--num-source", "-1"),
+                          ("--num-source", "1"), ("--levels", "1"), ("--guidance", "-1"), ("--resolution", "12")]],  # fmt: skip
+    ("out_is_a_file", "--out", ["--data", "{d}/folder", "--out", "{d}/ok.csv"]),
+    ("out_holds_a_model", "--overwrite", ["--data", "{d}/folder", "--out", "{d}/model"]),
+    ("out_holds_a_run", "--out", ["--data", "{d}/folder", "--out", "{d}/run", "--overwrite"]),
+    ("only_make_data_alone", "--only-make-data", ["--data", "{d}/folder", "--only-make-data"]),
+    ("generate_into_a_file", "--data", [*GEN, "--data", "{d}/ok.csv"]),
+    ("generate_into_other_data", "--data", [*GEN, "--data", "{d}/folder"]),
+    ("source_missing", "--source", ["--attribute", "snow", "--source", "{d}/nope.txt"]),
+    ("source_not_utf8", "--source", ["--attribute", "snow", "--source", "{d}/latin1.txt"]),
+    ("source_one_prompt", "--source", ["--attribute", "snow", "--source", "{d}/one_prompt.txt", "--num-source", "0"]),
+    ("source_one_image", "--source", ["--attribute", "snow", "--source", "{d}/one_source"]),
+    ("source_unreadable_image", "--source", ["--attribute", "snow", "--source", "{d}/bad_source"]),
+    ("generated_classification_needs_levels", "--task", [*GEN, "--task", "classification"]),
+    ("generated_class_prob_unknown_class", "--target", [*GEN, "--levels", "2", "--reward-mode", "class_prob", "--target", "2"]),
+    # Offline hub ids that are not in the cache: the project's one-line CheckpointError. The --clip-model
+    # check reads config.json only; --pretrained fails in the loader itself, before generating anything.
+    ("clip_model_offline", "--clip-model", ["--data", "{d}/folder", "--backbone", "clip", "--clip-model", "nobody/missing-clip"]),
+    ("pretrained_offline", "--pretrained", [*GEN, "--pretrained", "nobody/missing-sd", "--num-source", "2"]),
+]
+
+
+def run_cli(argv, monkeypatch, capsys):
+    """`python train_reward.py ARGV` inside this process: the script's own __main__ block (tyro, the checks,
+    fail()) without paying torch's import (~1.5 s) per case; test_wrong_invocation_in_a_subprocess covers
+    the process itself. Returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["train_reward.py", *argv])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(ROOT / "train_reward.py"), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case, flag, argv", WRONG, ids=[c[0] for c in WRONG])
+def test_wrong_invocations_fail_in_one_line_before_loading_models(case, flag, argv, inputs, tmp_path, monkeypatch, capsys):
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(rewards, "build_custom_network", no_model)
+    if case != "pretrained_offline":  # that one fails inside the loader, which is the check
+        monkeypatch.setattr(diffusion, "load_pipeline", no_model)
+    argv = [a.format(d=inputs) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    code, err = run_cli(argv, monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert flag in err, err
+    assert not (tmp_path / "out").exists()  # nothing written, no generated data either
+    if case.endswith("_offline"):
+        assert "HF_HUB_OFFLINE is set" in err
+    if case.endswith("not_utf8"):
+        assert "UTF-8" in err and "latin1." in err
+    if case == "out_holds_a_model":
+        assert "already holds a trained reward model" in err
+
+
+def test_overwrite_replaces_a_trained_model(inputs, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    argv = ["--data", str(inputs / "folder"), "--out", str(out), "--epochs", "1", "--image-size", "8", "--width", "4", "--val-frac", "0.5"]
+    monkeypatch.setattr(sys, "argv", ["train_reward.py", *argv])
+    runpy.run_path(str(ROOT / "train_reward.py"), run_name="__main__")
+    assert run_cli(argv, monkeypatch, capsys)[0] == 2  # refused without --overwrite ...
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr(sys, "argv", ["train_reward.py", *argv, "--overwrite"])
+    runpy.run_path(str(ROOT / "train_reward.py"), run_name="__main__")  # ... and replaced with it
+    assert (out / "model.safetensors").stat().st_mtime_ns > first
+
+
+def test_truncated_image_fails_in_one_line(tmp_path, capsys):
+    """A file whose header reads but whose pixels do not passes the cheap header check made before the model
+    is built; reading it for training still stops the run with one 'error:' line (after the progress bar)."""
+    data = write_folder(tmp_path / "data", ["a", "b"], n=2, size=32)
+    whole = (data / "b" / "1.png").read_bytes()
+    (data / "b" / "1.png").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SystemExit) as e:
+        tr.main(tr.Args(data=str(data), out=str(tmp_path / "out"), epochs=1, image_size=8, width=4))
+    last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar it interrupts
+    assert e.value.code == 2 and re.fullmatch(r"error: --data '.*': cannot read image '.*b/1.png' \(OSError: image file is truncated.*", last), last
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_unwritable_out_fails_in_one_line(inputs, tmp_path, monkeypatch, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    code, err = run_cli(["--data", str(inputs / "folder"), "--out", str(locked / "out")], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "--out" in err and "permission denied" in err
+
+
+def test_wrong_invocation_in_a_subprocess(tmp_path):
+    """The real process: exit code 2 and exactly one stderr line (no import-time warnings, no traceback)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train_reward.py"), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [f"error: --data '{tmp_path / 'nope'}' does not exist: give a folder root/<class>/*.png, "
+                                        "a CSV path,score or a directory holding labels.csv"]  # fmt: skip
 
 
 def test_help_lists_the_flags_with_their_docs():
@@ -254,6 +408,12 @@ def test_help_lists_the_flags_with_their_docs():
     for flag in ("--attribute", "--levels", "--backbone", "--reward-mode", "--only-make-data", "--label-range"):
         assert flag in out.stdout
     assert "strength s in" in out.stdout
+    assert "---" not in out.stdout  # a section comment shown as a flag's help
+    # Every field has a docstring (tyro's help), so no flag falls back to a nearby comment or to nothing.
+    cls = next(n for n in ast.parse((ROOT / "train_reward.py").read_text()).body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    for field, after in zip(cls.body, cls.body[1:] + [None]):
+        if isinstance(field, ast.AnnAssign):
+            assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant), f"Args.{field.target.id} has no docstring"
 
 
 def test_alignprop_fine_tunes_towards_the_custom_reward(pixelate_model, tiny_sd_dir, tmp_path):
