@@ -6,9 +6,12 @@ random-initialised models, save them in the hub layout and load them through the
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,41 +55,349 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
         ) from None
 
 
-def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torch.float32):
-    """A StableDiffusionPipeline (SD 1.x / 2.x) with a DDIM scheduler, frozen, on `device`.
+def inspect_pipeline(pretrained: str) -> str:
+    """'sd' or 'sdxl' for a base checkpoint (hub id or directory), read from its model_index.json
+    before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-
+    image SD / SDXL base model (an SDXL refiner, a checkpoint without its text encoder, another class).
+    A hub id whose model_index.json is not in the cache is left to load_pipeline's own error."""
+    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
+    index = Path(name) / "model_index.json"
+    if not index.is_file():
+        if _looks_like_path(name) or os.path.isdir(name):
+            if not os.path.exists(name):
+                raise CheckpointError(f"--pretrained: local directory '{name}' does not exist")
+            raise CheckpointError(f"--pretrained: '{name}' is not a complete checkpoint directory (no model_index.json; pass a diffusers pipeline directory)")
+        try:
+            from huggingface_hub import hf_hub_download
 
-    `pretrained` is a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a directory in
-    the same layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+            index = Path(hf_hub_download(name, "model_index.json", local_files_only=True))
+        except Exception:  # noqa: BLE001 - not cached: load_pipeline reports it with the full advice
+            return "unknown"
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"--pretrained: cannot read '{index}' ({e})") from None
+    cls = config.get("_class_name", "")
+    missing_text_encoder = config.get("text_encoder") in (None, [None, None]) or config.get("tokenizer") in (None, [None, None])
+    if config.get("requires_aesthetics_score") or (cls.startswith("StableDiffusionXL") and missing_text_encoder):
+        raise CheckpointError(
+            f"--pretrained: '{pretrained}' is an SDXL refiner or lacks text_encoder/tokenizer; pass an SDXL *base* "
+            f"checkpoint (e.g. stabilityai/stable-diffusion-xl-base-1.0) or an SD 1.x/2.x one"
+        )
+    if cls.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if cls.startswith("StableDiffusion") and not missing_text_encoder:
+        return "sd"
+    raise CheckpointError(f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x and SDXL base models")
+
+
+def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torch.float32, vae: str | None = None):
+    """A StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusionXLPipeline (SDXL base) with a DDIM
+    scheduler, frozen, on `device`.
+
+    `pretrained` is a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
+    stabilityai/stable-diffusion-xl-base-1.0) or a directory in the same layout (model_index.json,
+    unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/).
+    `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix). SDXL's own VAE overflows in
+    float16 (its config says `force_upcast`), so under float16 it is kept in float32 and `decode`
+    runs it in float32 (bf16 is safe and left alone).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    pipe = from_pretrained(
-        StableDiffusionPipeline, pretrained, "--pretrained", dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    kind = inspect_pipeline(pretrained)
+    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
+    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    if vae is not None:
+        extra["vae"] = from_pretrained(AutoencoderKL, vae, "--vae", dtype=dtype)
+    pipe = from_pretrained(cls, pretrained, "--pretrained", dtype=dtype, **extra)
+    scheduler_config = dict(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(scheduler_config)
+    # SDXL ships an Euler config; DDIM built from it is SD's DDIM, except that DDIM's defaults for keys
+    # the config lacks are clip_sample=True / set_alpha_to_one=True, which are not SD's or SDXL's.
+    defaulted = [k for k in ("clip_sample", "set_alpha_to_one") if k not in scheduler_config]
+    if defaulted:
+        pipe.scheduler = DDIMScheduler.from_config({**scheduler_config, **{k: False for k in defaulted}})
+        print(f"note: the scheduler config of '{pretrained}' lacks {', '.join(defaulted)}; using False (the SD/SDXL value)", file=sys.stderr)
+    modules = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    for module in filter(None, modules):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if kind == "sdxl" and dtype == torch.float16 and pipe.vae.config.force_upcast:
+        pipe.vae.to(torch.float32)
+    return pipe
+
+
+@dataclass
+class Conditioning:
+    """Everything the UNet is conditioned on, per sample.
+
+    SD: the text encoder's token states `embeds` [B, 77, D]. SDXL adds the pooled text embedding
+    `pooled` [B, 1280] and the micro-conditioning `time_ids` [B, 6] = (H, W, 0, 0, H, W), which the
+    UNet takes as `added_cond_kwargs`. Indexing, `cat` and `expand` act on every field at once, so the
+    trainers store and replay a conditioning without knowing which model it is for.
+    """
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    def _map(self, fn) -> "Conditioning":
+        return Conditioning(*(None if v is None else fn(v) for v in (self.embeds, self.pooled, self.time_ids)))
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    def __getitem__(self, idx) -> "Conditioning":
+        return self._map(lambda v: v[idx])
+
+    def expand(self, n: int) -> "Conditioning":
+        return self._map(lambda v: v.expand(n, *v.shape[1:]))
+
+    def to(self, *args, **kwargs) -> "Conditioning":
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    @staticmethod
+    def cat(items: list["Conditioning"]) -> "Conditioning":
+        fields = [[getattr(c, f) for c in items] for f in ("embeds", "pooled", "time_ids")]
+        return Conditioning(*(None if vs[0] is None else torch.cat(vs) for vs in fields))
+
+    def unet_kwargs(self) -> dict:
+        added = None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return {"encoder_hidden_states": self.embeds, "added_cond_kwargs": added}
+
+
+class TextConditioner:
+    """Prompts -> `Conditioning` for one pipeline at one resolution (the one text path of every script).
+
+    SD 1.x/2.x: the text encoder's last hidden state. SDXL: the penultimate hidden states (before the
+    final layer norm) of both text encoders concatenated to [B, 77, 768 + 1280], the second encoder's
+    projected embedding as `pooled`, and `time_ids` (H, W, 0, 0, H, W) for the run's resolution.
+
+    Two "empty" conditionings, which are the same tensor on SD and different ones on SDXL:
+      `empty`    the encoding of "" — DiffExp's e_empty, which prompt weighting blends towards;
+      `negative` CFG's unconditional input — zeros (embeddings and pooled) when the pipeline sets
+                 `force_zeros_for_empty_prompt` (SDXL base does), else the encoding of "".
+    """
+
+    def __init__(self, pipe, resolution: int | None = None):
+        self.pipe = pipe
+        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(self.tokenizers) == 2 else [])
+        self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.empty = self.encode([""])
+        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+            zeros = lambda v: None if v is None else torch.zeros_like(v)  # noqa: E731
+            self.negative = Conditioning(zeros(self.empty.embeds), zeros(self.empty.pooled), self.empty.time_ids)
+        else:
+            self.negative = self.empty
+
+    @property
+    def widths(self) -> list[int]:
+        """The width of each encoder's part of `embeds` (SDXL: [768, 1280])."""
+        return [te.config.hidden_size for te in self.text_encoders]
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Conditioning:
+        device = self.text_encoders[0].device
+        if len(self.text_encoders) == 1:  # SD 1.x / 2.x
+            tok = self.tokenizers[0](prompts, padding="max_length", max_length=self.tokenizers[0].model_max_length, truncation=True, return_tensors="pt")
+            return Conditioning(self.text_encoders[0](tok.input_ids.to(device))[0])
+        states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out = encoder(ids.to(device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled = out[0]  # the last encoder's projected text embedding
+        H = W = self.resolution
+        time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=states[0].dtype, device=device).expand(len(prompts), -1)
+        return Conditioning(torch.cat(states, dim=-1), pooled, time_ids)
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder outputs [B, 77, D] of `prompts` (padded/truncated to the tokenizer's max length)."""
+    """Token states [B, 77, D] of `prompts` (padded/truncated to the tokenizer's max length); on SDXL
+    the concatenation of both encoders' (use TextConditioner for the pooled embedding and time ids)."""
+    return TextConditioner(pipe).encode(prompts).embeds if hasattr(pipe, "text_encoder_2") else _encode_sd(pipe, prompts)
+
+
+def _encode_sd(pipe, prompts):
     tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 
+def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=None):
+    """The two outputs classifier-free guidance combines, (out_u, out_c), from one UNet call.
+
+    x: [B, C, h, w]; t: a scalar timestep or one per sample; cond: the samples' conditioning;
+    negative: CFG's unconditional conditioning ([1, ...] or [B, ...]); guidance: each sample's scale
+    as host numbers (a float, a list or a CPU tensor), or None.
+
+    CFG is out_u + w (out_c - out_u). At w = 1 that is out_c, at w = 0 out_u: a sample whose scale is
+    exactly 1 (DiffExp's default w_low) needs only the conditional row and one at 0 only the
+    unconditional row, so the UNet batch holds just the rows some sample needs, and the half a sample
+    skipped is returned as a copy of the half it has (then the CFG step yields exactly that output).
+    The scales must be host values so that choosing rows never waits on the device.
+    """
+    B = len(x)
+    t = t.expand(B) if t.ndim == 0 else t
+    negative = negative.expand(B) if len(negative) != B else negative
+    if guidance is None:
+        w = [None] * B
+    elif isinstance(guidance, (int, float)):
+        w = [float(guidance)] * B
+    else:
+        w = torch.as_tensor(guidance).reshape(-1).expand(B).tolist()
+    rows_u = [i for i in range(B) if w[i] != 1.0]
+    rows_c = [i for i in range(B) if w[i] != 0.0]
+    if len(rows_u) == B and len(rows_c) == B:  # ordinary CFG: the doubled batch, unconditional half first
+        inputs = Conditioning.cat([negative, cond])
+        return unet(torch.cat([x, x]), torch.cat([t, t]), **inputs.unet_kwargs()).sample.chunk(2)
+    if not rows_u or not rows_c:  # every sample at w = 1 (or every one at w = 0): one half only
+        out = unet(x, t, **(cond if rows_c else negative).unet_kwargs()).sample
+        return out, out
+    # a mix (DDPO's training pass visits shuffled steps): the needed rows, then each output put back in place
+    take = lambda v, rows: v[torch.tensor(rows, device=v.device)]  # noqa: E731
+    inputs = Conditioning.cat([negative[torch.tensor(rows_u)], cond[torch.tensor(rows_c)]]).to(x.device)
+    out = unet(torch.cat([take(x, rows_u), take(x, rows_c)]), torch.cat([take(t, rows_u), take(t, rows_c)]), **inputs.unet_kwargs()).sample
+    pos_u = {i: k for k, i in enumerate(rows_u)}
+    pos_c = {i: len(rows_u) + k for k, i in enumerate(rows_c)}
+    idx_u = [pos_u.get(i, pos_c.get(i)) for i in range(B)]
+    idx_c = [pos_c.get(i, pos_u.get(i)) for i in range(B)]
+    return take(out, idx_u), take(out, idx_c)
+
+
 def load_prompts(name_or_path: str, flag: str = "--prompts") -> list[str]:
-    """A built-in prompt set (a file name in prompts/, without .txt) or any text file, one prompt a line."""
+    """A prompt set: a built-in name, a text file (one prompt a line) or a column of a CSV/TSV file.
+
+    - `NAME`: a built-in set, `prompts/NAME.txt` or an entry of TABULAR_SETS (`parti`: the 150
+      PartiPrompts of the "Imagination" challenge).
+    - `FILE` (any extension but .csv/.tsv): UTF-8 text, one prompt a line (stripped; blank lines skipped).
+    - `FILE.csv[:COLUMN][?COL=V1|V2;COL2=V3]` (or .tsv): a UTF-8 table with a header row (.csv: comma,
+      "-quoting; .tsv: tab, no quoting), prompts verbatim from COLUMN (default: the one column named
+      Prompt or Prompts, any case), only the rows where COL is one of V1, V2, ... and COL2 is V3. Values
+      match exactly after stripping surrounding spaces (DrawBench's category is "Gary Marcus et al. ").
+      FILE is the part up to the first .csv/.tsv followed by ':', '?' or the end; a relative FILE that
+      does not exist is looked up in prompts/. Column names cannot hold '?', '=' or ';'; values cannot
+      hold '|' or ';'. A string naming an existing file is always read as that whole file.
+      Examples: `prompts/PartiPrompts.tsv:Prompt?Challenge=Imagination` (= `parti`),
+      `PartiPrompts.tsv:Prompt?Category=Food & Beverage;Challenge=Basic|Complex`,
+      `drawbench.csv:Prompts?Category=Conflicting|Gary Marcus et al.|Reddit` (DrawBench's 58).
+
+    Errors (unknown name or file, unknown column, no matching row, non-UTF-8 or empty file) raise
+    ValueError / FileNotFoundError with a one-line message starting with `flag`.
+    """
     builtin = PROMPTS_DIR / f"{name_or_path}.txt"
-    path = builtin if builtin.is_file() else Path(name_or_path)
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PROMPTS_DIR.glob("*.txt")))
+    spec = TABULAR_SETS.get(name_or_path)
+    if spec is not None:
+        file, column, filters = _parse_table_spec(spec)
+        return _load_table(PROMPTS_DIR / file, column, filters, flag, name_or_path)
+    path = builtin if builtin.is_file() else Path(os.path.expanduser(name_or_path))
+    if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
+        prompts = [line.strip() for line in _read_utf8(path, flag).splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{flag} file '{path}' has no prompts: write one prompt per line")
+        return prompts
+    try:
+        table = (str(path), None, []) if path.is_file() else _parse_table_spec(name_or_path)
+    except ValueError as e:
+        raise ValueError(f"{flag} '{name_or_path}': {e}") from None
+    if table is None:
+        known = ", ".join(sorted([p.stem for p in PROMPTS_DIR.glob("*.txt")] + list(TABULAR_SETS)))
         raise FileNotFoundError(f"{flag} '{name_or_path}' is neither a built-in prompt set ({known}) nor a file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    file, column, filters = table
+    path = Path(os.path.expanduser(file))
+    if not path.is_file() and not path.is_absolute() and (PROMPTS_DIR / file).is_file():
+        path = PROMPTS_DIR / file
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} '{name_or_path}': file '{file}' does not exist")
+    return _load_table(path, column, filters, flag, name_or_path)
+
+
+# Built-in prompt sets that are a selection from a table in prompts/ (in load_prompts' FILE.csv:COLUMN?... syntax).
+TABULAR_SETS = {
+    # Our reading of the DiffExp paper's "150 challenging Parti prompts": the only Challenge with 150.
+    "parti": "PartiPrompts.tsv:Prompt?Challenge=Imagination",
+}
+
+
+def _read_utf8(path: Path, flag: str) -> str:
+    """The text of `path` as UTF-8 (a byte-order mark is dropped), or a one-line error naming flag and file."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{flag} file '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}): re-save it as UTF-8"
+        ) from None
+
+
+def _parse_table_spec(spec: str):
+    """'FILE.csv[:COLUMN][?COL=V1|V2;COL2=V3]' -> (FILE, COLUMN or None, [(COL, {V1, V2}), ...]), or None
+    when `spec` does not name a .csv/.tsv file. FILE ends at the first .csv/.tsv followed by ':', '?' or the end."""
+    import re
+
+    m = re.fullmatch(r"(.*?\.(?:csv|tsv))(?::([^?]*))?(?:\?(.*))?", spec, re.IGNORECASE | re.DOTALL)
+    if m is None:
+        return None
+    file, column, query = m.groups()
+    filters = []
+    for cond in query.split(";") if query is not None else []:  # not '&': Parti has "Writing & Symbols"
+        col, eq, values = cond.partition("=")
+        if not eq or not col.strip():
+            raise ValueError(f"filter '{cond}' is not COLUMN=VALUE or COLUMN=V1|V2")
+        filters.append((col.strip(), {v.strip() for v in values.split("|")}))
+    return file, (column or "").strip() or None, filters
+
+
+def _load_table(path: Path, column: str | None, filters, flag: str, spec: str) -> list[str]:
+    """The non-empty cells of `column` (verbatim) in the rows of a CSV/TSV file that pass every filter."""
+    import csv
+    import io
+
+    text = _read_utf8(path, flag)
+    tsv = path.suffix.lower() == ".tsv"  # TSV has no quoting: a prompt may start with '"' (PartiPrompts does)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    try:
+        rows = [row for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as e:
+        raise ValueError(f"{flag} file '{path}' is not a valid {'TSV' if tsv else 'CSV'} file ({e})") from None
+    if not rows:
+        raise ValueError(f"{flag} file '{path}' is empty: it needs a header row, then one prompt per row")
+    header = [name.strip() for name in rows[0]]
+
+    def index(name: str) -> int:
+        if name not in header:
+            raise ValueError(f"{flag} '{spec}': file '{path}' has no column {name!r}; its columns: {', '.join(map(repr, header))}")
+        return header.index(name)
+
+    if column is None:  # no ':COLUMN': the one column named prompt/prompts, in any case
+        named = [name for name in header if name.lower() in ("prompt", "prompts")]
+        if len(named) != 1:
+            raise ValueError(
+                f"{flag} '{spec}': name the prompt column as FILE:COLUMN; columns of '{path}': {', '.join(map(repr, header))}"
+            )
+        column = named[0]
+    col = index(column)
+
+    def cell(row: list[str], i: int) -> str:
+        return row[i] if i < len(row) else ""
+
+    rows, applied = rows[1:], []
+    for name, values in filters:
+        i = index(name)
+        kept = [row for row in rows if cell(row, i).strip() in values]
+        if not kept:
+            seen = sorted({cell(row, i).strip() for row in rows})
+            shown = ", ".join(map(repr, seen[:20])) + (f", ... ({len(seen)} in all)" if len(seen) > 20 else "")
+            where = f" among the rows with {' and '.join(applied)}" if applied else ""
+            raise ValueError(
+                f"{flag} '{spec}': no row of '{path}' has {name} in {sorted(values)}; the values of {name}{where}: {shown or 'none'}"
+            )
+        rows = kept
+        applied.append(f"{name}={'|'.join(sorted(values))}")
+    prompts = [cell(row, col) for row in rows if cell(row, col).strip()]
     if not prompts:
-        raise ValueError(f"{flag} file '{path}' has no prompts: write one prompt per line")
+        raise ValueError(f"{flag} '{spec}': file '{path}' has no prompts in column {column!r}")
     return prompts
 
 
@@ -122,30 +433,36 @@ def build_clip_tokenizer(out_dir: str | Path):
 @torch.no_grad()
 def generate(
     pipe,
-    prompt_embeds: torch.Tensor,
+    cond: Conditioning | torch.Tensor,
     guidance: torch.Tensor,
     num_steps: int,
     generator: torch.Generator,
     eta: float = 0.0,
     resolution: int | None = None,
     backend: str | None = None,
+    negative: Conditioning | None = None,
 ) -> torch.Tensor:
-    """Images in [0, 1] from prompt embeddings [B, L, D] with per-step guidance [num_steps].
+    """Images in [0, 1] from a conditioning (or SD prompt embeddings [B, L, D]) with per-step
+    guidance [num_steps]; `negative` is CFG's unconditional input (default: the pipeline's).
 
-    Noise comes from a CPU `generator`, so a seed gives the same images on any device.
+    Noise comes from a CPU `generator` (x_T first, then each step's noise when eta > 0), so a seed
+    gives the same images on any device.
     """
     from kernels import DDIMSchedule, cfg_ddim_step
 
-    device, B = prompt_embeds.device, prompt_embeds.shape[0]
-    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    latent = resolution // pipe.vae_scale_factor
-    uncond = encode_prompts(pipe, [""]).expand(B, -1, -1).to(prompt_embeds.dtype)
+    cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
+    device, dtype, B = cond.embeds.device, cond.embeds.dtype, len(cond)
+    text = TextConditioner(pipe, resolution)
+    negative = (negative or text.negative).to(device, dtype)
+    latent = text.resolution // pipe.vae_scale_factor
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps.to(device)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps, device)
-    x = torch.randn(B, pipe.unet.config.in_channels, latent, latent, generator=generator).to(device, prompt_embeds.dtype)
+    guidance_host = guidance.detach().cpu()  # read once, so the skip of cfg_unet never waits inside the loop
+    guidance = guidance.to(device)
+    x = torch.randn(B, pipe.unet.config.in_channels, latent, latent, generator=generator).to(device, dtype)
     for i, t in enumerate(timesteps):
-        out_u, out_c = pipe.unet(torch.cat([x, x]), t, torch.cat([uncond, prompt_embeds])).sample.chunk(2)
+        out_u, out_c = cfg_unet(pipe.unet, x, t, cond, negative, float(guidance_host[i]))
         coeffs = schedule.coefficients(t.expand(B), eta)
         z = torch.randn(x.shape, generator=generator).to(device, x.dtype) if eta > 0 else None
         x = cfg_ddim_step(out_u, out_c, x, guidance[i].expand(B), coeffs, noise=z, backend=backend)
@@ -166,9 +483,9 @@ def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, gene
     `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
     from torchvision.utils import save_image
 
-    embeds = encode_prompts(pipe, prompts)
-    guidance = torch.full((num_steps,), float(w_high), device=embeds.device)
-    images = generate(pipe, embeds, guidance, num_steps, generator, 0.0, resolution, backend)
+    cond = TextConditioner(pipe, resolution).encode(prompts)
+    guidance = torch.full((num_steps,), float(w_high))
+    images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend)
     scores, components = reward_fn(images, prompts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,8 +496,13 @@ def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, gene
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Latents -> images in [0, 1] (differentiable)."""
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    """Latents -> images in [0, 1] (differentiable), run at the VAE's own precision: a float32 VAE
+    (SDXL's, kept in float32 under fp16 because it overflows there) runs with autocast off, so
+    autocast cannot put it back into float16."""
+    vae = pipe.vae
+    upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(latents.device.type)
+    with torch.autocast(latents.device.type, enabled=False) if upcast else contextlib.nullcontext():
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

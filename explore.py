@@ -12,13 +12,20 @@ Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
     with w ~ U(w_min, w_max) per sample. `choose_words` draws (reproducibly, from a generator) and
     records the choice; `apply_prompt_weights` applies it to text-encoder outputs.
 
+    SDXL has two text encoders whose token states are concatenated ([B, 77, 768 + 1280]). The formula
+    is applied to both halves, each at the chosen word's positions *in its own tokenizer* (the second
+    tokenizer treats '!' as a special token, so positions can differ after a '!'), with e_empty each
+    encoder's own output for "" (not CFG's all-zeros negative). The pooled embedding is left alone
+    by default — the paper's formula is about token states, and this is what compel computes for
+    SDXL; `weight_pooled` applies the same blend to it (p' = p_empty + w (p - p_empty)).
+
 Exploration is applied only during the first `explore_frac` of fine-tuning (`is_exploring`).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -50,6 +57,8 @@ class DiffExpConfig:
     """never pick function words such as 'a', 'the', 'of'."""
     explore_frac: float = 0.75
     """explore only during the first explore_frac of the epochs."""
+    weight_pooled: bool = False
+    """SDXL: also blend the pooled text embedding with the sample's weight (off: token states only)."""
 
     def validate(self) -> "DiffExpConfig":
         """Raise ValueError naming the command-line flag and the fix for any bad value."""
@@ -95,6 +104,12 @@ class PromptWeight:
     word_index: int  # index among the prompt's whitespace-separated words, -1 if none
     positions: list[int] = field(default_factory=list)  # token positions in the encoder output (BOS = 0)
     weight: float = 1.0
+    positions_2: list[int] | None = None  # SDXL: the same word's positions in the second tokenizer
+
+    def record(self) -> dict:
+        """What the logs keep of this choice."""
+        out = {"prompt": self.prompt, "word": self.word, "weight": round(self.weight, 3), "positions": self.positions}
+        return out if self.positions_2 is None else out | {"positions_2": self.positions_2}
 
 
 def word_token_positions(prompt: str, tokenizer, max_length: int | None = None) -> list[tuple[str, list[int]]]:
@@ -128,63 +143,74 @@ def choose_words(
 ) -> list[PromptWeight]:
     """Pick one random word per prompt and a weight w ~ U(weight_range), reproducibly from `generator`.
 
+    `tokenizer` is one tokenizer, or a list of two (SDXL): the word's positions are then found in
+    each (`positions`, `positions_2`); which words are eligible is decided by the first.
     Exactly two draws are made per prompt (word, weight), whatever the prompt, so the stream of
     random numbers and hence every later choice does not depend on earlier prompts' lengths.
     """
+    tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
     lo, hi = weight_range
     choices = []
     for prompt in prompts:
         u_word, u_weight = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-        words = word_token_positions(prompt, tokenizer)
+        words = word_token_positions(prompt, tokenizers[0])
         eligible = [i for i, (w, pos) in enumerate(words) if _eligible(w, pos, exclude_stopwords)]
         if not eligible:
-            choices.append(PromptWeight(prompt, None, -1))
+            choices.append(PromptWeight(prompt, None, -1, positions_2=[] if len(tokenizers) > 1 else None))
             continue
         i = eligible[min(int(u_word * len(eligible)), len(eligible) - 1)]
-        choices.append(PromptWeight(prompt, words[i][0], i, words[i][1], lo + (hi - lo) * u_weight))
+        positions_2 = word_token_positions(prompt, tokenizers[1])[i][1] if len(tokenizers) > 1 else None
+        choices.append(PromptWeight(prompt, words[i][0], i, words[i][1], lo + (hi - lo) * u_weight, positions_2))
     return choices
 
 
-def apply_prompt_weights(embeds: torch.Tensor, empty_embeds: torch.Tensor, choices: list[PromptWeight]) -> torch.Tensor:
+def apply_prompt_weights(
+    embeds: torch.Tensor, empty_embeds: torch.Tensor, choices: list[PromptWeight], widths: list[int] | None = None
+) -> torch.Tensor:
     """e'_k = e_empty_k + w (e_k - e_empty_k) at each sample's chosen positions; elsewhere e is unchanged.
 
     embeds: [B, L, D] text-encoder output of the prompts; empty_embeds: [L, D] or [1, L, D] for "".
-    Built as one blend with a per-position weight tensor (1 where untouched), so it is a single
-    device op and differentiable; w = 1 is exactly the identity.
+    widths: SDXL's split of D between the two encoders ([768, 1280]); the first part is weighted at
+    `positions`, the second at `positions_2`. Built as one blend with a per-element weight tensor (1
+    where untouched), so it is a single device op and differentiable; w = 1 is exactly the identity.
     """
     if len(choices) != embeds.shape[0]:
         raise ValueError(f"{len(choices)} prompt-weight choices for {embeds.shape[0]} embeddings")
-    w = torch.ones(embeds.shape[:2], dtype=torch.float32)
+    widths = widths or [embeds.shape[-1]]
+    if sum(widths) != embeds.shape[-1]:
+        raise ValueError(f"encoder widths {widths} do not add up to the embedding width {embeds.shape[-1]}")
+    w = torch.ones(embeds.shape, dtype=torch.float32)
     for b, c in enumerate(choices):
-        if c.positions:
-            w[b, c.positions] = c.weight
-    w = w.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(-1)
+        start = 0
+        for width, positions in zip(widths, [c.positions, c.positions_2]):
+            if positions:
+                w[b, positions, start : start + width] = c.weight
+            start += width
+    w = w.to(device=embeds.device, dtype=embeds.dtype)
     empty = empty_embeds.reshape(1, *embeds.shape[1:]).to(embeds.dtype)
     return torch.where(w == 1, embeds, empty + w * (embeds - empty))
 
 
-def diffexp_conditioning(
-    cfg: DiffExpConfig,
-    exploring: bool,
-    prompts: list[str],
-    prompt_embeds: torch.Tensor,
-    empty_embeds: torch.Tensor,
-    tokenizer,
-    timesteps: torch.Tensor,
-    num_train_timesteps: int,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, list[PromptWeight]]:
-    """One batch's DiffExp decision, shared by both trainers.
+def diffexp_conditioning(cfg: DiffExpConfig, exploring: bool, prompts: list[str], cond, text, timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+    """One batch's DiffExp decision, shared by both trainers and sample.py.
 
-    Returns the prompt embeddings to condition on (weighted while exploring), the guidance scale
-    of every denoising step ([num_steps], on the timesteps' device) and the per-sample record of
-    the prompt weighting. Outside exploration (or with a part switched off) the corresponding
-    output is the plain one: unweighted embeddings, constant w_high.
+    cond: the prompts' `diffusion.Conditioning`; text: the `diffusion.TextConditioner` that made it
+    (its tokenizers, encoder widths and the empty prompt's encoding e_empty). Returns the
+    conditioning to sample with (weighted while exploring), the guidance scale of every denoising
+    step ([num_steps], on the timesteps' device: pass CPU timesteps to get host values) and the
+    per-sample record of the prompt weighting. Outside exploration (or with a part switched off) the
+    corresponding output is the plain one: unweighted conditioning, constant w_high.
     """
     if exploring and cfg.prompt_weighting:
-        weights = choose_words(prompts, tokenizer, generator, cfg.weight_range, cfg.exclude_stopwords)
-        prompt_embeds = apply_prompt_weights(prompt_embeds, empty_embeds, weights)
+        weights = choose_words(prompts, text.tokenizers, generator, cfg.weight_range, cfg.exclude_stopwords)
+        empty = text.empty.to(cond.embeds.device)
+        embeds = apply_prompt_weights(cond.embeds, empty.embeds[0], weights, text.widths)
+        pooled = cond.pooled
+        if cfg.weight_pooled and pooled is not None:
+            w = torch.tensor([c.weight for c in weights], dtype=pooled.dtype).to(pooled.device).unsqueeze(-1)
+            pooled = empty.pooled + w * (pooled - empty.pooled)
+        cond = replace(cond, embeds=embeds, pooled=pooled)
     else:
         weights = [PromptWeight(p, None, -1) for p in prompts]
     guidance = cfg_scales(timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule)
-    return prompt_embeds, guidance, weights
+    return cond, guidance, weights

@@ -34,6 +34,7 @@ def fail(msg: str):
 def generate(
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     lora: str | None = None,
+    vae: str | None = None,
     prompts: str = "unseen_animals",
     prompt: str | None = None,
     num_per_prompt: int = 1,
@@ -56,7 +57,8 @@ def generate(
     """Generate images for a prompt set (or one --prompt), optionally with a LoRA checkpoint and DiffExp.
 
     Args:
-        pretrained: hub id or local directory of the base model.
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x or SDXL base).
+        vae: replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16).
         lora: a checkpoint directory written by the trainers (loaded with diffusers' load_lora_weights).
         prompts: built-in prompt set name or a text file, one prompt a line.
         prompt: a single prompt instead of --prompts.
@@ -78,7 +80,7 @@ def generate(
         output_dir: where images, grid.png and scores.csv go.
     """
     import rewards
-    from diffusion import CheckpointError, encode_prompts, generate as generate_images, load_pipeline, load_prompts
+    from diffusion import CheckpointError, TextConditioner, generate as generate_images, load_pipeline, load_prompts
     from explore import DiffExpConfig, diffexp_conditioning
 
     diffexp = DiffExpConfig(cfg_schedule, prompt_weighting, t_sw, w_low, w_high, tuple(prompt_weight_range))
@@ -99,7 +101,7 @@ def generate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
     try:
-        pipe = load_pipeline(pretrained, device, dtype)
+        pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
             pipe.load_lora_weights(lora)
         scorers = {name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
@@ -111,8 +113,8 @@ def generate(
     out.mkdir(parents=True, exist_ok=True)
     T = pipe.scheduler.config.num_train_timesteps
     pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps.to(device)
-    empty = encode_prompts(pipe, [""])[0]
+    timesteps = pipe.scheduler.timesteps  # on the host: the guidance schedule is read there
+    text = TextConditioner(pipe, resolution)
     rows, all_images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generating"):
         batch = jobs[start : start + batch_size]
@@ -120,10 +122,8 @@ def generate(
         images = []
         for p, s in batch:  # one generator per image: the same seed gives the same image at any batch size
             g = torch.Generator().manual_seed(s)
-            embeds, guidance, weights = diffexp_conditioning(
-                diffexp, cfg_schedule or prompt_weighting, [p], encode_prompts(pipe, [p]), empty, pipe.tokenizer, timesteps, T, g
-            )
-            images.append(generate_images(pipe, embeds, guidance, num_steps, g, eta, resolution))
+            cond, guidance, weights = diffexp_conditioning(diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, g)
+            images.append(generate_images(pipe, cond, guidance, num_steps, g, eta, resolution, negative=text.negative))
             rows.append({"index": len(rows), "prompt": p, "seed": s, "word": weights[0].word or "", "weight": round(weights[0].weight, 3)})
         images = torch.cat(images)
         for name, scorer in scorers.items():

@@ -27,7 +27,9 @@ import tyro
 class Args:
     # model and reward
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x checkpoint (diffusers layout)"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout)"""
+    vae: str | None = None
+    """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
     reward: str = "aesthetic"
     """reward to maximise: a name from rewards.py or a weighted ensemble such as 'hps:1,aesthetic:0.5'"""
     reward_models: dict[str, str] = field(default_factory=dict)
@@ -54,6 +56,8 @@ class Args:
     """never emphasise function words ('a', 'the', 'of', ...)"""
     explore_frac: float = 0.75
     """use DiffExp for the first explore_frac of the epochs, then plain sampling"""
+    prompt_weight_pooled: bool = False
+    """SDXL: also blend the pooled text embedding with the chosen word's weight (default: token states only)"""
 
     # sampling
     num_steps: int = 50
@@ -86,8 +90,8 @@ class Args:
     """K: only the last K denoising steps carry gradient (truncated backprop)"""
     backprop_steps_random: bool = False
     """draw K ~ U{1..backprop_steps} once per trajectory instead of fixing it"""
-    gradient_checkpointing: bool = True
-    """recompute each UNet call in backward instead of storing its activations"""
+    gradient_checkpointing: Literal["call", "blocks", "none"] = "call"
+    """recompute activations in backward: 'call' each whole UNet call, 'blocks' each UNet block and VAE-decoder block (least memory: SDXL at 1024 px), 'none' store everything"""
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """precision of the frozen weights and of autocast (LoRA weights stay fp32)"""
     kernels: Literal["auto", "triton", "eager"] = "auto"
@@ -123,7 +127,7 @@ def main(args: Args):
 
     diffexp = DiffExpConfig(
         args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
-        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac,
+        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
     )
     try:
         diffexp.validate()
@@ -168,14 +172,14 @@ def main(args: Args):
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import RunLog, add_lora, decode, encode_prompts, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
+    from diffusion import RunLog, TextConditioner, add_lora, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step
 
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     try:
-        pipe = load_pipeline(args.pretrained, device, weight_dtype)
+        pipe = load_pipeline(args.pretrained, device, weight_dtype, vae=args.vae)
         reward_fn = rewards.load_reward(args.reward, device=device, dtype=weight_dtype, **args.reward_models)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
@@ -188,13 +192,17 @@ def main(args: Args):
     optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; the UNet itself is not wrapped (see below)
 
     pipe.scheduler.set_timesteps(args.num_steps)
-    timesteps = pipe.scheduler.timesteps.to(device)  # T-1 ... 0: noise to image
+    timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0: noise to image; the guidance schedule is built on the host
+    timesteps = timesteps_host.to(device)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
     step_coeffs = [schedule.coefficients(t.expand(args.batch_size), args.eta) for t in timesteps]  # computed once, on device
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     latent_shape = (args.batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()  # steps at w_low while exploring
-    empty_embeds = encode_prompts(pipe, [""])  # [1, L, D]: the empty prompt, for CFG and prompt weighting
+    text = TextConditioner(pipe, resolution)  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
+    if args.gradient_checkpointing == "blocks":  # diffusers checkpoints per block whenever grad is on, frozen or not
+        unet.enable_gradient_checkpointing()
+        pipe.vae.enable_gradient_checkpointing()
     log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
 
     start_epoch, samples_seen = 0, 0
@@ -210,11 +218,12 @@ def main(args: Args):
         log.truncate_after(state["epoch"])
         accelerator.print(f"resumed from {ckpt} (epoch {state['epoch']}, {samples_seen} samples)")
 
-    def unet_eps(x, t, embeds):
-        """Unconditional and conditional model outputs in one UNet call on the doubled batch."""
+    def unet_eps(x, t, cond, w):
+        """Unconditional and conditional model outputs in one UNet call (only the half a scale of
+        exactly 1 or 0 needs: `w` is the step's guidance as a host number)."""
         with accelerator.autocast():
-            out = unet(torch.cat([x, x]).to(weight_dtype), t, torch.cat([empty_embeds.expand(len(x), -1, -1), embeds])).sample
-        return out.float().chunk(2)
+            out_u, out_c = cfg_unet(unet, x.to(weight_dtype), t, cond, text.negative, w)
+        return out_u.float(), out_c.float()
 
     def evaluate(epoch: int):
         if not eval_prompts or not accelerator.is_main_process:
@@ -240,10 +249,10 @@ def main(args: Args):
         for batch in range(batches_per_epoch):
             g = seeded(args.seed, epoch, rank, batch)
             batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.batch_size,), generator=g).tolist()]
-            embeds, guidance, weights = diffexp_conditioning(
-                diffexp, exploring, batch_prompts, encode_prompts(pipe, batch_prompts), empty_embeds[0],
-                pipe.tokenizer, timesteps, T, g,
+            cond, guidance_host, weights = diffexp_conditioning(
+                diffexp, exploring, batch_prompts, text.encode(batch_prompts), text, timesteps_host, T, g
             )
+            guidance = guidance_host.to(device)
             K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g)) if args.backprop_steps_random else args.backprop_steps
             x = torch.randn(latent_shape, generator=g).to(device)
             noise = [torch.randn(latent_shape, generator=g).to(device) if args.eta > 0 else None for _ in timesteps]
@@ -252,10 +261,11 @@ def main(args: Args):
             for i, t in enumerate(timesteps):
                 with_grad = i >= args.num_steps - K
                 with torch.set_grad_enabled(with_grad):
-                    if with_grad and args.gradient_checkpointing:
-                        out_u, out_c = checkpoint(unet_eps, x, t, embeds, use_reentrant=False)
+                    w_host = float(guidance_host[i])
+                    if with_grad and args.gradient_checkpointing == "call":
+                        out_u, out_c = checkpoint(unet_eps, x, t, cond, w_host, use_reentrant=False)
                     else:
-                        out_u, out_c = unet_eps(x, t, embeds)
+                        out_u, out_c = unet_eps(x, t, cond, w_host)
                     w = guidance[i].expand(args.batch_size)
                     x = cfg_ddim_step(out_u, out_c, x, w, step_coeffs[i], noise=noise[i], backend=args.kernels)
 
@@ -279,7 +289,7 @@ def main(args: Args):
             for k, v in components.items():
                 epoch_components.setdefault(k, []).append(v.detach().float())
             losses.append(loss.detach())
-            records += [{"prompt": r.prompt, "word": r.word, "weight": round(r.weight, 3)} for r in weights]
+            records += [r.record() for r in weights]
             if first_images is None:
                 first_images = images.detach().float()
 

@@ -31,7 +31,9 @@ import tyro
 class Args:
     # model and reward
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x checkpoint (diffusers layout)"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout)"""
+    vae: str | None = None
+    """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
     reward: str = "aesthetic"
     """reward to maximise: a name from rewards.py (jpeg works too) or an ensemble such as 'hps:1,aesthetic:0.5'"""
     reward_models: dict[str, str] = field(default_factory=dict)
@@ -58,6 +60,8 @@ class Args:
     """never emphasise function words ('a', 'the', 'of', ...)"""
     explore_frac: float = 0.75
     """use DiffExp for the first explore_frac of the epochs, then plain sampling"""
+    prompt_weight_pooled: bool = False
+    """SDXL: also blend the pooled text embedding with the chosen word's weight (default: token states only)"""
 
     # sampling
     num_steps: int = 50
@@ -159,7 +163,7 @@ def main(args: Args):
 
     diffexp = DiffExpConfig(
         args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
-        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac,
+        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
     )
     try:
         diffexp.validate()
@@ -208,14 +212,14 @@ def main(args: Args):
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import RunLog, add_lora, decode, encode_prompts, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
+    from diffusion import Conditioning, RunLog, TextConditioner, add_lora, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step, ddpo_clip_loss
 
     device = accelerator.device
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
     try:
-        pipe = load_pipeline(args.pretrained, device, weight_dtype)
+        pipe = load_pipeline(args.pretrained, device, weight_dtype, vae=args.vae)
         reward_fn = rewards.load_reward(args.reward, device=device, dtype=weight_dtype, **args.reward_models)
     except (CheckpointError, ValueError) as e:
         fail(str(e))
@@ -228,17 +232,23 @@ def main(args: Args):
     optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; gradients are averaged by hand below
 
     pipe.scheduler.set_timesteps(args.num_steps)
-    timesteps = pipe.scheduler.timesteps.to(device)  # T-1 ... 0: noise to image
+    timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0: noise to image; the guidance schedule is built on the host
+    timesteps = timesteps_host.to(device)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
     sample_coeffs = [schedule.coefficients(t.expand(args.sample_batch_size), args.eta) for t in timesteps]
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     latent_shape = (args.sample_batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()
-    empty_embeds = encode_prompts(pipe, [""])
+    text = TextConditioner(pipe, resolution)  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
-    reward_worker = ThreadPoolExecutor(max_workers=1)  # scores batch k while batch k+1 samples
+    # A reward that works on the host (JPEG encoding) is scored in a thread while the next batch samples.
+    # That thread gets one intra-op thread: its first torch op would otherwise start a second full
+    # OpenMP team, and two teams on the same cores slow the UNet far more than the overlap gains.
+    # Rewards that run on the device gain little from a thread and run inline.
+    host_reward = all(name.startswith("jpeg") for name, _ in rewards.parse_reward_spec(args.reward))
+    reward_worker = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if host_reward else None
 
     start_epoch, samples_seen = 0, 0
     if args.resume:
@@ -254,12 +264,13 @@ def main(args: Args):
         log.truncate_after(state["epoch"])
         accelerator.print(f"resumed from {ckpt} (epoch {state['epoch']}, {samples_seen} samples)")
 
-    def unet_eps(x, t, embeds):
-        """Unconditional and conditional outputs in one UNet call; t is a scalar or one timestep per sample."""
-        t = t.expand(len(x))
+    def unet_eps(x, t, cond, w):
+        """Unconditional and conditional outputs in one UNet call; t is a scalar or one timestep per
+        sample, `w` each sample's guidance as host numbers (a sample at exactly 1 or 0 gets only the
+        half it needs; sampling and training take the same shortcut, so the ratio stays 1)."""
         with accelerator.autocast():
-            out = unet(torch.cat([x, x]).to(weight_dtype), torch.cat([t, t]), torch.cat([empty_embeds.expand(len(x), -1, -1), embeds])).sample
-        return out.float().chunk(2)
+            out_u, out_c = cfg_unet(unet, x.to(weight_dtype), t, cond, text.negative, w)
+        return out_u.float(), out_c.float()
 
     def score(images, batch_prompts):
         with torch.no_grad(), accelerator.autocast():
@@ -290,10 +301,10 @@ def main(args: Args):
         for batch in range(samples_per_process // args.sample_batch_size):
             g = seeded(args.seed, epoch, rank, batch)
             batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.sample_batch_size,), generator=g).tolist()]
-            embeds, guidance, weights = diffexp_conditioning(
-                diffexp, exploring, batch_prompts, encode_prompts(pipe, batch_prompts), empty_embeds[0],
-                pipe.tokenizer, timesteps, T, g,
+            cond, guidance_host, weights = diffexp_conditioning(
+                diffexp, exploring, batch_prompts, text.encode(batch_prompts), text, timesteps_host, T, g
             )
+            guidance = guidance_host.to(device)
             # x_T and every step's noise in one draw (the same numbers as drawing them one at a time) and
             # one copy, so the denoising loop has no host-device transfer; the CPU generator keeps
             # samples identical on every device.
@@ -302,30 +313,31 @@ def main(args: Args):
             latents, log_probs = [x], []
             with torch.no_grad():
                 for i, t in enumerate(timesteps):
-                    out_u, out_c = unet_eps(x, t, embeds)
+                    out_u, out_c = unet_eps(x, t, cond, float(guidance_host[i]))
                     z = noise[i + 1]
                     w = guidance[i].expand(args.sample_batch_size)
                     x, log_prob = cfg_ddim_step(out_u, out_c, x, w, sample_coeffs[i], noise=z, return_log_prob=True, backend=args.kernels)
                     latents.append(x)
                     log_probs.append(log_prob)
                 images = decode(pipe, x.to(weight_dtype))
-            pending.append(reward_worker.submit(score, images, batch_prompts))
+            pending.append(reward_worker.submit(score, images, batch_prompts) if reward_worker else score(images, batch_prompts))
             trajectories.append({
                 "latents": torch.stack(latents, 1),  # [B, N+1, C, H, W]: x_T ... x_0
                 "log_probs": torch.stack(log_probs, 1),  # [B, N]
                 "timesteps": timesteps.expand(args.sample_batch_size, -1),  # [B, N]
                 "guidance": guidance.expand(args.sample_batch_size, -1),  # [B, N]: the scale each step used
-                "embeds": embeds,  # [B, L, D]: the (weighted) prompt embeddings actually used
+                "guidance_host": guidance_host.expand(args.sample_batch_size, -1),  # the same, on the host (CPU)
+                "cond": cond,  # the (weighted) embeddings, and on SDXL the pooled embedding and time ids, as used
             })
-            records += [{"prompt": r.prompt, "word": r.word, "weight": round(r.weight, 3)} for r in weights]
+            records += [r.record() for r in weights]
             if first_images is None:
                 first_images = images.float()
 
         local_prompts = [r["prompt"] for r in records]
-        results = [f.result() for f in pending]
+        results = [f.result() if reward_worker else f for f in pending]
         local_rewards = torch.cat([r[0] for r in results])
         components = {k: accelerator.gather(torch.cat([r[1][k] for r in results])) for k in results[0][1]}
-        traj = {k: torch.cat([b[k] for b in trajectories]) for k in trajectories[0]}
+        traj = {k: (Conditioning.cat if k == "cond" else torch.cat)([b[k] for b in trajectories]) for k in trajectories[0]}
 
         # --- advantages from every process's rewards -------------------------------------------------
         all_rewards = accelerator.gather(local_rewards)
@@ -345,17 +357,20 @@ def main(args: Args):
             g = seeded(args.seed, epoch, rank, 10**4 + inner)
             perm = torch.randperm(samples_per_process, generator=g)
             step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in range(samples_per_process)])[:, :num_train_steps]
+            perm_host, step_perm_host = perm, step_perm  # which guidance each row has is read on the host
             perm, step_perm = perm.to(device), step_perm.to(device)  # copied once per pass, not per step
             for tb in range(train_batches):
                 idx = perm[tb * args.train_batch_size : (tb + 1) * args.train_batch_size]
-                b = {k: v[idx] for k, v in traj.items()}
+                idx_host = perm_host[tb * args.train_batch_size : (tb + 1) * args.train_batch_size]
+                b = {k: v[idx_host if k == "guidance_host" else idx] for k, v in traj.items()}
                 for j in range(num_train_steps):
                     s = step_perm[idx, j]  # one denoising step per trajectory, shuffled
+                    s_host = step_perm_host[idx_host, j]
                     rows = torch.arange(len(idx), device=device)
                     x_t, x_prev = b["latents"][rows, s], b["latents"][rows, s + 1]
                     t = b["timesteps"][rows, s]
                     coeffs = schedule.coefficients(t, args.eta)
-                    out_u, out_c = unet_eps(x_t, t, b["embeds"])
+                    out_u, out_c = unet_eps(x_t, t, b["cond"], b["guidance_host"][torch.arange(len(idx_host)), s_host])
                     loss, st = ddpo_clip_loss(
                         out_u, out_c, x_t, x_prev, b["guidance"][rows, s], coeffs, b["log_probs"][rows, s],
                         b["advantages"], args.clip_range, backend=args.kernels,
@@ -429,7 +444,8 @@ def main(args: Args):
                 save_checkpoint(args.output_dir, epoch, unet, state, args.keep_checkpoints)
             accelerator.wait_for_everyone()
 
-    reward_worker.shutdown()
+    if reward_worker is not None:
+        reward_worker.shutdown()
     accelerator.end_training()
 
 

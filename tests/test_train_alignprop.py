@@ -132,23 +132,26 @@ def _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, out, *extra):
 
 
 def test_truncated_backprop_k1_only_last_step_gets_gradient(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path):
-    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "a", "--backprop-steps", 1, "--no-gradient-checkpointing")
+    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "a", "--backprop-steps", 1, "--gradient-checkpointing", "none")
     # 2 batches x 4 denoising steps; in each trajectory only the 4th (last) UNet call carries gradient.
     assert [c["grad_received"] for c in calls] == [False, False, False, True] * 2
     assert [c["grad_in_forward"] for c in calls] == [False, False, False, True] * 2
-    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "b", "--backprop-steps", 3, "--no-gradient-checkpointing")
+    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "b", "--backprop-steps", 3, "--gradient-checkpointing", "none")
     assert [c["grad_received"] for c in calls] == [False, True, True, True] * 2
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path):
-    for name, flag in [("ckpt", "--gradient-checkpointing"), ("plain", "--no-gradient-checkpointing")]:
-        _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / name, "--backprop-steps", 2, flag, "--lr", 1e-2)
-    a, b = read_log(tmp_path / "ckpt")[-1], read_log(tmp_path / "plain")[-1]
-    assert a["grad_norm"] > 0
-    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    wa, wb = lora_weights(tmp_path / "ckpt" / "checkpoints" / "epoch_0000"), lora_weights(tmp_path / "plain" / "checkpoints" / "epoch_0000")
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
+    # per UNet call, per UNet/VAE-decoder block, and none: the same gradients and the same update
+    for mode in ("call", "blocks", "none"):
+        _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / mode, "--backprop-steps", 2, "--gradient-checkpointing", mode, "--lr", 1e-2)
+    plain = read_log(tmp_path / "none")[-1]
+    assert plain["grad_norm"] > 0
+    wb = lora_weights(tmp_path / "none" / "checkpoints" / "epoch_0000")
+    for mode in ("call", "blocks"):
+        assert read_log(tmp_path / mode)[-1]["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-5)
+        wa = lora_weights(tmp_path / mode / "checkpoints" / "epoch_0000")
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], atol=1e-6, rtol=1e-5)
 
 
 def test_two_processes_keep_identical_lora(tiny_sd_dir, tiny_aesthetic, tmp_path):
