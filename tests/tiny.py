@@ -87,3 +87,91 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
     )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+# SDXL base 1.0's scheduler config as shipped (an Euler scheduler; load_pipeline swaps in DDIM).
+SDXL_SCHEDULER_CONFIG = dict(
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    beta_start=0.00085,
+    clip_sample=False,
+    interpolation_type="linear",
+    num_train_timesteps=1000,
+    prediction_type="epsilon",
+    sample_max_value=1.0,
+    set_alpha_to_one=False,
+    skip_prk_steps=True,
+    steps_offset=1,
+    timestep_spacing="leading",
+    trained_betas=None,
+    use_karras_sigmas=False,
+)
+
+
+def make_tiny_sdxl(out_dir: str | Path, refiner: bool = False, scheduler_config: dict | None = None, seed: int = 0) -> Path:
+    """A tiny SDXL base (or refiner) pipeline saved with save_pretrained, built like the real one:
+    CLIPTextModel + CLIPTextModelWithProjection of different widths (32 + 64 = 96-d token states,
+    32-d pooled), a second tokenizer padding with '!', a UNet with addition_embed_type="text_time"
+    (projection input = pooled + 6 time ids x 8; the refiner's has 5: its aesthetic score replaces
+    the crop pair), a VAE with scaling_factor 0.13025 and force_upcast, and SDXL's Euler config."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from diffusion import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    time_dim, pooled_dim = 8, 32
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64 if refiner else 96,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=pooled_dim + (5 if refiner else 6) * time_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=32,
+        scaling_factor=0.13025,
+        force_upcast=True,
+    )
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_TEXT, "hidden_size": 64, "intermediate_size": 128}, projection_dim=pooled_dim))
+    with tempfile.TemporaryDirectory() as tmp:
+        build_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, pad_token="!")  # as SDXL's tokenizer_2: pads with '!' (id 0)
+    scheduler = EulerDiscreteScheduler.from_config(scheduler_config or SDXL_SCHEDULER_CONFIG)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(
+            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+        )
+    else:
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
+        pipe = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        )
+    pipe.save_pretrained(out_dir)
+    return out_dir
