@@ -402,7 +402,7 @@ def _load_table(path: Path, column: str | None, filters, flag: str, spec: str) -
 
 
 def build_clip_tokenizer(out_dir: str | Path):
-    """Write and load the real CLIP BPE tokenizer from the vocabulary open_clip ships (SPEC §10).
+    """Write and load the real CLIP BPE tokenizer from the vocabulary open_clip ships (built offline, as every test model is).
 
     vocab.json: 256 byte symbols, the same with '</w>', one entry per merge, then the two special
     tokens; merges.txt: '#version: 0.2' then the first 48894 merges. Gives open_clip's token ids.

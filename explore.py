@@ -1,4 +1,4 @@
-"""DiffExp: exploration for reward fine-tuning of text-to-image diffusion models (SPEC §3).
+"""DiffExp: exploration for reward fine-tuning of text-to-image diffusion models.
 
 Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
 

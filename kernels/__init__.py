@@ -1,4 +1,4 @@
-"""The per-step math of both trainers, fused (SPEC §8), and the dispatcher they call.
+"""The per-step math of both trainers, fused, and the dispatcher they call.
 
     from kernels import DDIMSchedule, DDIMCoefficients, cfg_ddim_step, ddpo_clip_loss
 
@@ -84,7 +84,7 @@ def _check_log_prob_request(coeffs: DDIMCoefficients, noise):
 
 
 def cfg_ddim_step(out_u, out_c, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None):
-    """CFG + DDIM step (SPEC §2-3): x_prev, or (x_prev, log_prob [B]) when return_log_prob.
+    """CFG + DDIM step (README, The method): x_prev, or (x_prev, log_prob [B]) when return_log_prob.
 
     out_u, out_c: the UNet's unconditional / conditional outputs (epsilon or v, as the schedule says);
     guidance: a number or a per-sample [B] tensor; noise: z, or None for the deterministic step (the
@@ -121,7 +121,7 @@ def _stats(log_prob, ratio, approx_kl, clipfrac):
 def ddpo_clip_loss(
     out_u, out_c, x_t, x_prev, guidance, coeffs: DDIMCoefficients, old_log_prob, advantages, clip_range: float, backend=None
 ):
-    """DDPO's clipped PPO loss for one timestep of a minibatch (SPEC §4), log-prob recomputed from the
+    """DDPO's clipped PPO loss for one timestep of a minibatch (README, The method), log-prob recomputed from the
     stored x_t -> x_prev step. Returns (loss, stats) with detached 'log_prob' [B], 'ratio' [B],
     'approx_kl', 'clipfrac' (0-d tensors on the device: read them when logging, not in the loop)."""
     _check_shapes(x_t, out_u=out_u, out_c=out_c, x_prev=x_prev)

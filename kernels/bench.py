@@ -1,4 +1,4 @@
-"""Benchmark of the fused kernels against the eager reference and torch.compile of it (issue 6, SPEC §8).
+"""Benchmark of the fused kernels against the eager reference and torch.compile of it.
 
     python kernels/bench.py                 # the full table, then the end-to-end section
     python kernels/bench.py --quick         # batch 8 and 64 of 4x64x64 only
@@ -7,7 +7,7 @@
 
 Per op and mode: eager ms, torch.compile(eager) ms, Triton ms (GPU time per call: the median of
 triton.testing.do_bench, L2 flushed between calls), speed-up, achieved GB/s counting the latent-sized
-bytes as SPEC §8 does (op 1 forward 20 B per element in fp32: 4 reads + 1 write; op 1 backward 16 B:
+bytes as the README's Kernels section does (op 1 forward 20 B per element in fp32: 4 reads + 1 write; op 1 backward 16 B:
 1 read + 3 writes; op 2 forward 16 B; op 2 backward 24 B; half that in bf16), and that bandwidth as a
 share of the device-to-device copy bandwidth measured in the same run. The end-to-end section times a
 50-step CFG sampling loop and one DDPO training step with a full-size SD 1.5 UNet (random weights, built
@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python kernels/bench.py` from anywhere
 
-# Bytes per latent element in float32 (SPEC §8); halved for bf16.
+# Bytes per latent element in float32; halved for bf16.
 BYTES_FP32 = {
     "op1 fwd": 20,
     "op1 fwd+lp": 20,
@@ -359,7 +359,7 @@ def end_to_end(args, device, cuda: bool):
 
 
 def check_targets(results, e2e, copy_gbs):
-    print("\nTargets (issue 6):")
+    print("\nTargets:")
 
     def line(ok, text):
         print(f"  [{'met' if ok else 'NOT met'}] {text}")

@@ -1,6 +1,6 @@
 """Op 1: classifier-free guidance combined with one DDIM step (and its DDPO log-probability).
 
-SPEC §2. With sample clipping off (the SD default) the DDIM mean is affine in x_t and in the
+See the README's The method. With sample clipping off (the SD default) the DDIM mean is affine in x_t and in the
 guided model output, with per-sample scalars:
 
     eps    = out_u + w * (out_c - out_u)                       (CFG, w per sample)
@@ -221,7 +221,7 @@ if triton is not None:
 
     @triton.jit
     def gaussian_log_prob_from_se(se, n, sigma):
-        """SPEC §2's per-sample log-prob from the row's sum of squared deviations `se` (n elements).
+        """the per-sample log-prob (README, The method) from the row's sum of squared deviations `se` (n elements).
         Shared with op 2 (kernels/ddpo_loss.py) so both ops compute the same number the same way."""
         return -se / (2.0 * n * sigma * sigma) - tl.log(sigma) - _HALF_LOG_2PI
 
@@ -261,7 +261,7 @@ if triton is not None:
         if LOG_PROB:
             # The log-prob is that of the x_prev actually stored (rounded to its dtype), because that
             # is what DDPO's training pass reads back: op 2 then recomputes exactly this number and
-            # the first importance ratio is 1 (SPEC §3's consistency rule), in bf16 as well.
+            # the first importance ratio is 1 (the consistency rule in the README's The method), in bf16 as well.
             d = tl.where(mask, x_prev.to(COMPUTE) - mean, 0.0)
             tl.store(part_ptr + b * tl.num_programs(0) + blk, tl.sum(d * d, axis=0))
 
@@ -271,7 +271,7 @@ if triton is not None:
         COMPUTE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     ):
         """Second stage of the log-prob reduction: one program sums each sample's NB partials in a
-        fixed order and applies SPEC §2's formula.
+        fixed order and applies the log-prob formula of the README's The method.
 
         Why two stages rather than atomics: the result is bitwise reproducible (float atomics add in
         whatever order blocks finish), so op 1 at sampling time and op 2 at training time reduce in the
@@ -420,7 +420,7 @@ class CfgDdimStepFunction(torch.autograd.Function):
     forward(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob); out_c=None means
     out_u is the stacked [2B, ...] UNet output and its gradient comes back as one [2B, ...] tensor.
 
-    Backward saves no tensor: the step is affine with per-sample coefficients (SPEC §8). The log-prob
+    Backward saves no tensor: the step is affine with per-sample coefficients. The log-prob
     is returned as non-differentiable, and that loses nothing: x_prev - mean = sigma z does not depend
     on x_t, out_u or out_c, so its gradient wrt them is identically zero (the coefficients and the
     noise are constants here). DDPO's differentiable log-prob is op 2's business.

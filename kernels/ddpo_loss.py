@@ -1,6 +1,6 @@
 """Op 2: DDPO's training-time log-prob of a stored step and the clipped PPO objective, fused.
 
-SPEC §2 and §4. For each sample b of a minibatch at one timestep (timesteps may differ per sample):
+README, The method (DDIM step, DDPO). For each sample b of a minibatch at one timestep (timesteps may differ per sample):
 
     mean_b  = c_x x_t + c_eps (out_u + w (out_c - out_u))
     lp_b    = mean_CHW( -(x_prev - mean_b)^2 / (2 sigma^2) ) - log(sigma) - 0.5 log(2 pi)
@@ -37,7 +37,7 @@ if triton is not None:
 
 
 def ppo_clip_loss_reference(log_prob, old_log_prob, advantages, clip_range: float):
-    """SPEC §4's clipped objective on per-sample log-probs. Returns (loss, stats) with detached stats
+    """The clipped objective (README, The method) on per-sample log-probs. Returns (loss, stats) with detached stats
     'log_prob', 'ratio' [B], 'approx_kl', 'clipfrac' (0-d tensors: no host sync)."""
     old_log_prob = old_log_prob.to(log_prob.dtype)
     advantages = advantages.to(log_prob.dtype)

@@ -64,7 +64,7 @@ def test_log_prob_matches_independent_float64_density():
     x_prev, log_prob = cfg_ddim_step_reference(out_u, out_c, x_t, guidance, coeffs, noise=z, return_log_prob=True)
     assert log_prob.shape == (3,) and log_prob.dtype == torch.float32
 
-    # Independent float64 computation from alphas_cumprod, straight from SPEC §2.
+    # Independent float64 computation from alphas_cumprod, straight from README, The method.
     for b, t in enumerate(timesteps.tolist()):
         ab_t = sched.alphas_cumprod[t].double()
         ab_prev = sched.alphas_cumprod[t - 20].double() if t - 20 >= 0 else torch.tensor(float(sched.final_alpha_cumprod)).double()

@@ -1,4 +1,4 @@
-"""DiffExp's two exploration parts and its schedule (explore.py, SPEC §3)."""
+"""DiffExp's two exploration parts and its schedule (explore.py)."""
 
 import pytest
 import torch

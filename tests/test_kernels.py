@@ -259,7 +259,7 @@ def test_step_gradcheck_eager():
 @requires_triton
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_step_matches_diffusers(prediction_type, gen):
-    """SPEC §2: x_prev equals DDIMScheduler.step(..., eta, variance_noise=z), first to last step."""
+    """README, The method: x_prev equals DDIMScheduler.step(..., eta, variance_noise=z), first to last step."""
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -458,7 +458,7 @@ def test_loss_gradcheck_eager():
 @requires_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sampling_and_training_log_probs_agree(dtype, gen):
-    """SPEC §3's consistency rule at the kernel level: op 2 on the step op 1 just took, with the
+    """The consistency rule (README, The method) at the kernel level: op 2 on the step op 1 just took, with the
     same model outputs, gives ratio 1 and loss -mean(A), bf16 included."""
     shape = (3, 4, 9, 13)
     co = make_coeffs(3, gen, dtype)

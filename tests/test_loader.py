@@ -1,4 +1,4 @@
-"""The one loading path for hub ids and local directories, offline (SPEC §10)."""
+"""The one loading path for hub ids and local directories, offline (built offline, as every test model is)."""
 
 import open_clip
 import pytest

@@ -1,4 +1,4 @@
-"""Tiny random-initialised models in the hub directory layout (SPEC §10).
+"""Tiny random-initialised models in the hub directory layout (built offline, as every test model is).
 
 They are built from config, saved exactly as a hub checkpoint is laid out, and then loaded by the
 tests through the project's own loaders, so the tests exercise the code path real checkpoints take.

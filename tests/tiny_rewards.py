@@ -1,4 +1,4 @@
-"""Tiny random-initialised reward models saved in their published layouts (SPEC §10).
+"""Tiny random-initialised reward models saved in their published layouts (built offline, as every test model is).
 
 Each builder writes what the real checkpoint looks like on disk (hub directory, or the single file
 its authors released) so that rewards.py loads it through the same code path as the real thing.
