@@ -1,13 +1,17 @@
 """Generate, evaluate and look at base or fine-tuned models.
 
     python sample.py generate --prompts unseen_animals --lora runs/alignprop/checkpoints/epoch_0099 --eval-rewards aesthetic,imagereward
-    python sample.py plot runs/alignprop runs/alignprop-baseline --labels DiffExp AlignProp
+    python sample.py explore --prompts unseen_animals --rewards pickscore,aesthetic --settings none diffexp cfg pw --sweep-w-low 0 3
+    python sample.py plot runs/alignprop runs/alignprop-baseline --labels DiffExp AlignProp   # writes runs/reward_mean_alignprop_vs_alignprop-baseline.png
     python sample.py gallery runs/alignprop          # writes runs/alignprop/gallery.html
 
-`generate` saves every image, a grid and a CSV table of scores (one column per reward). `plot`
-draws reward against the cumulative number of samples (the paper's x-axis) for one or more runs.
-`gallery` writes a self-contained HTML page where a slider moves each held-out prompt's fixed-seed
-image through the training epochs.
+`generate` saves every image, a grid and a CSV table of scores (one column per reward). `explore`
+measures how much a sampling setting (no DiffExp, DiffExp, each part alone, sweeps of t_sw, w_low
+and the prompt-weight range) explores before any training: reward spread, top rewards, how often a
+sample beats the no-DiffExp 90th percentile, and within-prompt diversity, every setting from the
+same starting noise. `plot` draws reward against the cumulative number of samples (the paper's
+x-axis) for one or more runs. `gallery` writes a self-contained HTML page where a slider moves each
+held-out prompt's fixed-seed image through the training epochs.
 """
 
 from __future__ import annotations
@@ -31,6 +35,67 @@ def fail(msg: str):
     sys.exit(2)
 
 
+def vae_scale_factor(pretrained: str, vae: str | None = None) -> int:
+    """The VAE's downsampling factor, 2 ** (len(block_out_channels) - 1), read from its config.json
+    without loading weights: `--vae`'s own config.json, else `pretrained`/vae/config.json (a local
+    directory, a shipped alias such as `toy`, or a hub id already in the local cache); 8 (SD, SDXL)
+    when it cannot be read."""
+    from diffusion import ALIASES
+
+    name, sub = (vae, "config.json") if vae else (pretrained, "vae/config.json")
+    name = str(ALIASES.get(str(name), name))
+    path = Path(name).expanduser() / sub
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, sub)
+            path = Path(cached) if isinstance(cached, str) else path
+        except Exception:  # noqa: BLE001 - not a hub id, or not cached: fall back to SD's factor
+            pass
+    try:
+        return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return 8
+
+
+def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, batch_size: int, num_steps: int, eta: float, resolution: int | None, seed: int, min_per_prompt: int = 1):
+    """One `error:` line (exit 2) for any count or value generate/explore cannot use, before loading."""
+    if num_per_prompt < min_per_prompt:
+        why = " (diversity and per-prompt statistics compare images of the same prompt)" if min_per_prompt > 1 else ""
+        fail(f"--num-per-prompt must be >= {min_per_prompt}{why}, got {num_per_prompt}")
+    if batch_size < 1:
+        fail(f"--batch-size must be >= 1 (images generated at once), got {batch_size}")
+    if num_steps < 1:
+        fail(f"--num-steps must be >= 1 (DDIM denoising steps), got {num_steps}")
+    if not 0.0 <= eta <= 1.0:
+        fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+    if seed < 0:
+        fail(f"--seed must be >= 0, got {seed}")
+    if resolution is not None:
+        factor = vae_scale_factor(pretrained, vae)
+        if resolution <= 0 or resolution % factor:
+            fail(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; leave it out for the model's native size")
+
+
+def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
+    """The weights' dtype; 'auto' is bf16 on CUDA and fp32 on the CPU (where bf16 is ~10x slower), said once."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device == "cuda" else "no"
+        print(f"--mixed-precision auto: {'bf16 (CUDA)' if device == 'cuda' else 'fp32 (no CUDA device)'}")
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+
+
+def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train_timesteps: int):
+    """Say once when a CFG schedule never reaches w_low: no step has t >= t_sw * T at this many steps."""
+    if cfg.cfg_schedule and not bool((timesteps >= cfg.t_sw * num_train_timesteps).any()):
+        print(
+            f"note: {label}: no step has t >= t_sw*T = {cfg.t_sw * num_train_timesteps:g} (the noisiest is t = {int(timesteps.max())} "
+            f"at {len(timesteps)} steps), so the CFG schedule never switches to w_low; lower t_sw or use more steps",
+            file=sys.stderr,
+        )
+
+
 def generate(
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     lora: str | None = None,
@@ -50,7 +115,7 @@ def generate(
     resolution: int | None = None,
     eval_rewards: str = "",
     reward_models: dict[str, str] | None = None,
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no",
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
     batch_size: int = 8,
     output_dir: str = "samples",
 ):
@@ -63,7 +128,10 @@ def generate(
         prompts: built-in prompt set name or a text file, one prompt a line.
         prompt: a single prompt instead of --prompts.
         num_per_prompt: images per prompt (seeds seed, seed+1, ...).
-        seed: first seed; image (prompt i, j) uses its own generator, so results do not depend on batching.
+        seed: first seed (>= 0); image (prompt i, j) uses its own generator seeded seed + j for x_T and the
+            step noise, and another one for DiffExp's word and weight, so results do not depend on
+            batching and DiffExp's draws never shift the noise (with the same seed, --prompt-weighting
+            changes the conditioning only).
         num_steps: DDIM steps.
         w_high: guidance scale (after the switch when --cfg-schedule).
         cfg_schedule: sample with DiffExp's dynamic CFG schedule (w_low for t >= t_sw*T).
@@ -71,11 +139,11 @@ def generate(
         t_sw: DiffExp switch point in [0, 1].
         w_low: DiffExp low guidance scale.
         prompt_weight_range: DiffExp prompt-weight range.
-        eta: DDIM eta.
-        resolution: image size (default: the model's native size).
+        eta: DDIM eta, in [0, 1].
+        resolution: image size, a multiple of the VAE's factor (8 for SD/SDXL; default: the model's native size).
         eval_rewards: comma-separated rewards, each scored separately, e.g. 'aesthetic,imagereward'.
         reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
-        mixed_precision: weights' precision.
+        mixed_precision: weights' precision; auto: bf16 on CUDA, fp32 on the CPU.
         batch_size: images generated at once.
         output_dir: where images, grid.png and scores.csv go.
     """
@@ -85,6 +153,7 @@ def generate(
 
     diffexp = DiffExpConfig(cfg_schedule, prompt_weighting, t_sw, w_low, w_high, tuple(prompt_weight_range))
     reward_names = [r.strip() for r in eval_rewards.split(",") if r.strip()]
+    check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed)
     try:
         diffexp.validate()
         prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
@@ -98,8 +167,10 @@ def generate(
     from torchvision.utils import save_image
     from tqdm import tqdm
 
+    from diffusion import seeded
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    dtype = pick_dtype(mixed_precision, device)
     try:
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
@@ -114,6 +185,7 @@ def generate(
     T = pipe.scheduler.config.num_train_timesteps
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps  # on the host: the guidance schedule is read there
+    note_unswitched_schedule("--cfg-schedule", diffexp, timesteps, T)
     text = TextConditioner(pipe, resolution)
     rows, all_images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generating"):
@@ -121,8 +193,9 @@ def generate(
         batch_prompts = [p for p, _ in batch]
         images = []
         for p, s in batch:  # one generator per image: the same seed gives the same image at any batch size
-            g = torch.Generator().manual_seed(s)
-            cond, guidance, weights = diffexp_conditioning(diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, g)
+            g = torch.Generator().manual_seed(s)  # x_T and the step noise
+            choices = seeded(s, 1)  # DiffExp's word and weight: drawn apart, so they never shift the noise
+            cond, guidance, weights = diffexp_conditioning(diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, choices)
             images.append(generate_images(pipe, cond, guidance, num_steps, g, eta, resolution, negative=text.negative))
             rows.append({"index": len(rows), "prompt": p, "seed": s, "word": weights[0].word or "", "weight": round(weights[0].weight, 3)})
         images = torch.cat(images)
@@ -146,43 +219,692 @@ def generate(
     print(f"wrote {len(rows)} images, grid.png and scores.csv to {out}")
 
 
-def _read_log(run: Path) -> list[dict]:
-    path = run / "log.jsonl"
-    if not path.is_file():
-        fail(f"{run}: no log.jsonl (pass a training run's --output-dir)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# ---------------------------------------------------------------------------------------------
+# explore: how much a sampling setting explores, measured before any training.
+
+# A setting is BASE or BASE:KEY=VALUE,...; BASE says which DiffExp parts are on.
+SETTING_BASES = {"none": (False, False), "diffexp": (True, True), "cfg": (True, False), "pw": (False, True)}
+# Each key and the part it belongs to (None: both, and also no DiffExp).
+SETTING_KEYS = {"t_sw": "cfg", "w_low": "cfg", "w_high": None, "range": "pw"}
+SETTING_SYNTAX = (
+    "a setting is none, diffexp, cfg or pw, optionally followed by :KEY=VALUE,... with KEY t_sw, w_low, w_high "
+    "or range=LO:HI (e.g. 'cfg:w_low=0', 'pw:range=1:3', 'diffexp:t_sw=0.7,w_low=0'; a bare 't_sw=0.7' means diffexp:t_sw=0.7)"
+)
 
 
-def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: str = "reward_curve.png", key: str = "reward_mean"):
-    """Reward against cumulative samples for one or several runs on one plot (e.g. DiffExp vs baseline).
+def parse_setting(text: str, t_sw: float, w_low: float, w_high: float, weight_range: tuple[float, float], flag: str = "--settings"):
+    """'cfg:w_low=0' -> (label, DiffExpConfig); unset keys take the given base values (--t-sw, ...).
+
+    Raises a one-line ValueError naming `flag` and the setting for an unknown base or key, a value that
+    is not a number, a key that does nothing in that setting (t_sw/w_low without the CFG schedule,
+    range without prompt weighting) or a value out of range.
+    """
+    from explore import DiffExpConfig
+
+    label = text.strip()
+    head, _, rest = label.partition(":")
+    if head.strip() in SETTING_BASES:
+        base, overrides = head.strip(), rest
+    elif "=" in head:
+        base, overrides = "diffexp", label
+    else:
+        raise ValueError(f"{flag} '{label}': unknown setting '{head.strip()}'; {SETTING_SYNTAX}")
+    cfg_on, pw_on = SETTING_BASES[base]
+    values: dict = {"t_sw": t_sw, "w_low": w_low, "w_high": w_high, "range": tuple(weight_range)}
+    seen = set()
+    for item in (part.strip() for part in overrides.split(",")):
+        if not item:
+            if overrides.strip():
+                raise ValueError(f"{flag} '{label}': an empty KEY=VALUE (a stray comma); {SETTING_SYNTAX}")
+            continue
+        key, eq, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        key = "range" if key in ("weight_range", "prompt_weight_range") else key
+        if not eq or key not in SETTING_KEYS:
+            raise ValueError(f"{flag} '{label}': '{item}' is not KEY=VALUE with KEY one of t_sw, w_low, w_high, range; {SETTING_SYNTAX}")
+        if key in seen:
+            raise ValueError(f"{flag} '{label}': {key} is given twice")
+        seen.add(key)
+        part = SETTING_KEYS[key]
+        if (part == "cfg" and not cfg_on) or (part == "pw" and not pw_on):
+            what, use = ("the CFG schedule", "cfg or diffexp") if part == "cfg" else ("prompt weighting", "pw or diffexp")
+            raise ValueError(f"{flag} '{label}': {key} does nothing without {what}, which {base} leaves off; use {use}, e.g. '{use.split()[0]}:{item}'")
+        try:
+            if key == "range":
+                lo, sep, hi = value.partition(":")
+                if not sep:
+                    raise ValueError
+                parsed = (float(lo), float(hi))
+            else:
+                parsed = float(value)
+        except ValueError:
+            need = "two numbers LO:HI (e.g. range=1:3)" if key == "range" else "a number"
+            raise ValueError(f"{flag} '{label}': {key} needs {need}, got '{value.strip()}'") from None
+        if not all(math.isfinite(v) for v in (parsed if key == "range" else (parsed,))):
+            raise ValueError(f"{flag} '{label}': {key} must be finite, got '{value.strip()}'")
+        values[key] = parsed
+    cfg = DiffExpConfig(cfg_on, pw_on, values["t_sw"], values["w_low"], values["w_high"], values["range"])
+    try:
+        cfg.validate()
+    except ValueError as e:
+        msg = str(e).replace("--t-sw", "t_sw").replace("--w-low and --w-high", "w_low and w_high").replace("--prompt-weight-range", "range")
+        raise ValueError(f"{flag} '{label}': {msg}") from None
+    return label, cfg
+
+
+def _setting_key(cfg) -> tuple:
+    """What makes two settings sample the same way (values of switched-off parts do not count)."""
+    return (
+        cfg.cfg_schedule,
+        cfg.prompt_weighting,
+        (cfg.t_sw, cfg.w_low) if cfg.cfg_schedule else None,
+        cfg.w_high,
+        tuple(cfg.weight_range) if cfg.prompt_weighting else None,
+    )
+
+
+def image_tower(scorers: dict):
+    """(embed, description): the image tower of the first reward (in --rewards order) that has one,
+    as a function images [N, 3, H, W] in [0, 1] -> embeddings [N, D] with that reward's own
+    preprocessing: aesthetic's CLIP, PickScore's CLIP, HPS's open_clip image encoder, ImageReward's
+    BLIP ViT (pooled), a custom reward's CLIP backbone. Otherwise (jpeg, a CNN custom reward, the toy
+    detector): the fallback, the images area-downsampled to 32 x 32 and scaled to [-1, 1], flattened.
+    """
+    import torch.nn.functional as F
+
+    import rewards
+
+    def feats(out):
+        return out if torch.is_tensor(out) else out.pooler_output
+
+    for name, reward in scorers.items():
+        for part, _, module in reward.parts:
+            embed = None
+            if isinstance(module, rewards.AestheticReward):
+                embed = lambda x, m=module: feats(m.clip.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)))  # noqa: E731
+                what = "its CLIP image embedding"
+            elif isinstance(module, rewards.PickScoreReward):
+                embed = lambda x, m=module: feats(m.model.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, m.mean, m.std)))  # noqa: E731
+                what = "its CLIP image embedding"
+            elif isinstance(module, rewards.HPSReward):
+                embed = lambda x, m=module: m.model.encode_image(rewards.hps_preprocess(x, m.size, m.mean, m.std))  # noqa: E731
+                what = "its open_clip image embedding"
+            elif isinstance(module, rewards.ImageRewardReward):
+                embed = lambda x, m=module: m.vision(pixel_values=rewards.clip_preprocess(x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)).pooler_output  # noqa: E731
+                what = "its BLIP ViT pooled output"
+            elif isinstance(module, rewards.CustomReward) and isinstance(module.net, rewards.ClipHead):
+                embed = lambda x, m=module: feats(m.net.clip.get_image_features(pixel_values=rewards.custom_preprocess(x, m.config)))  # noqa: E731
+                what = "its CLIP backbone's image embedding"
+            if embed is not None:
+
+                def run(images, m=module, embed=embed):
+                    p = next(m.parameters())
+                    return embed(images.to(device=p.device, dtype=p.dtype)).float()
+
+                return run, f"image tower of reward `{part}` ({what})"
+
+    def pixels(images):
+        return (F.interpolate(images.float(), size=(32, 32), mode="area") * 2 - 1).flatten(1)
+
+    return pixels, "pixels (no reward has an image tower): images area-downsampled to 32x32, scaled to [-1, 1]"
+
+
+def mean_pairwise_cosine_distance(embeddings: torch.Tensor) -> float:
+    """embeddings [P, N, D] (N images of each of P prompts) -> the mean over prompts and over the
+    N(N-1)/2 pairs of a prompt's images of 1 - cos(e_a, e_b). 0: all alike; 1: orthogonal on average."""
+    P, N, _ = embeddings.shape
+    e = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    cos = e @ e.transpose(1, 2)
+    iu = torch.triu_indices(N, N, 1)
+    return (1 - cos[:, iu[0], iu[1]]).mean().item()
+
+
+def explore_stats(
+    scores: dict[str, torch.Tensor],
+    embeddings: dict[str, torch.Tensor] | None = None,
+    reference: str | None = None,
+    top_frac: float = 0.1,
+    threshold: float | None = None,
+    quantile: float = 0.9,
+    success_threshold: float | None = None,
+) -> dict:
+    """The explore table from numbers alone (a pure function, tested on hand-made scores).
+
+    scores: {setting: [P, N]}: the reward of image n of prompt p; entry [p, n] of every setting was
+    drawn from the same starting noise. embeddings: {setting: [P, N, D]} (optional). reference: the
+    setting the threshold and the paired differences refer to (default 'none' if present, else the
+    first). Per setting:
+      mean, std             over all P*N samples (std: sample standard deviation, n - 1);
+      std_within            the std over a prompt's N samples, averaged over prompts;
+      top_mean              per prompt the mean of its top k = max(1, ceil(top_frac * N)) samples, averaged over prompts;
+      above                 the fraction of samples above their prompt's threshold: `threshold` if
+                            given, else the `quantile` (linear interpolation) of the reference's N samples of that prompt;
+      delta, delta_se       the mean of (sample - the reference's sample from the same noise) and its
+                            standard error over the P*N pairs;
+      diversity             mean_pairwise_cosine_distance of the embeddings;
+      success, solved,      with success_threshold s: the fraction of a prompt's samples with reward >= s
+      success_per_prompt    (averaged over prompts; per prompt), and the fraction of prompts with at least one.
+    Returns {"reference", "thresholds" (one per prompt), "top_k", "settings": {setting: {...}}}.
+    """
+    labels = list(scores)
+    ref = reference if reference is not None else ("none" if "none" in scores else labels[0])
+    ref_scores = scores[ref].double()
+    P, N = ref_scores.shape
+    if threshold is None:
+        tau = torch.quantile(ref_scores, quantile, dim=1, keepdim=True)
+    else:
+        tau = torch.full((P, 1), float(threshold), dtype=torch.float64)
+    k = max(1, math.ceil(top_frac * N - 1e-9))
+    out = {}
+    for label in labels:
+        s = scores[label].double()
+        if s.shape != (P, N):
+            raise ValueError(f"explore_stats: setting {label} has scores of shape {tuple(s.shape)}, the reference {ref} {(P, N)}")
+        d = (s - ref_scores).flatten()
+        row = {
+            "n": s.numel(),
+            "mean": s.mean().item(),
+            "std": s.flatten().std().item() if s.numel() > 1 else 0.0,
+            "std_within": s.std(dim=1).mean().item() if N > 1 else 0.0,
+            "top_mean": s.topk(k, dim=1).values.mean().item(),
+            "above": (s > tau).double().mean().item(),
+            "delta": d.mean().item(),
+            "delta_se": (d.std() / math.sqrt(len(d))).item() if len(d) > 1 else 0.0,
+        }
+        if embeddings is not None and label in embeddings:
+            row["diversity"] = mean_pairwise_cosine_distance(embeddings[label])
+        if success_threshold is not None:
+            per_prompt = (s >= success_threshold).double().mean(dim=1)
+            row |= {"success": per_prompt.mean().item(), "solved": (per_prompt > 0).double().mean().item(), "success_per_prompt": per_prompt.tolist()}
+        out[label] = row
+    return {"reference": ref, "thresholds": tau.squeeze(1).tolist(), "top_k": k, "settings": out}
+
+
+def _grid_size(images: torch.Tensor) -> torch.Tensor:
+    """Images as the grids show them: small ones (the toy world's 32 px) enlarged by a whole factor
+    to at least 96 px (nearest, so pixels stay visible), large ones reduced to 256 px."""
+    import torch.nn.functional as F
+
+    size = images.shape[-1]
+    if size < 96:
+        return F.interpolate(images, scale_factor=math.ceil(96 / size), mode="nearest")
+    if size > 256:
+        return F.interpolate(images, size=(256 * images.shape[-2] // size, 256), mode="area")
+    return images
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "setting"
+
+
+def _labelled_rows(rows: list[torch.Tensor], labels: list[str], path: Path):
+    """Save rows of images (each [C, 3, H, W] uint8) one under the other, each with its label on the left."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+
+    strips = [make_grid(r, nrow=len(r), padding=2, pad_value=255).permute(1, 2, 0).numpy() for r in rows]
+    font = ImageFont.load_default()
+    margin = max(8 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font)) for label in labels)
+    height, width = strips[0].shape[0], strips[0].shape[1]
+    canvas = Image.new("RGB", (margin + width, height * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (strip, label) in enumerate(zip(strips, labels)):
+        canvas.paste(Image.fromarray(strip), (margin, i * height))
+        draw.text((4, i * height + height // 2 - 6), label, fill="black", font=font)
+    canvas.save(path)
+
+
+def explore(
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    lora: str | None = None,
+    vae: str | None = None,
+    prompts: str = "unseen_animals",
+    prompt: str | None = None,
+    rewards: str = "",
+    reward_models: dict[str, str] | None = None,
+    settings: tuple[str, ...] = ("none", "diffexp", "cfg", "pw"),
+    sweep_t_sw: tuple[float, ...] = (),
+    sweep_w_low: tuple[float, ...] = (),
+    sweep_weight_range: tuple[str, ...] = (),
+    t_sw: float = 0.8,
+    w_low: float = 1.0,
+    w_high: float = 7.5,
+    prompt_weight_range: tuple[float, float] = (1.0, 2.0),
+    num_per_prompt: int = 8,
+    seed: int = 0,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    resolution: int | None = None,
+    top_frac: float = 0.1,
+    threshold: float | None = None,
+    threshold_quantile: float = 0.9,
+    success_threshold: float | None = None,
+    grid_prompts: int = 4,
+    grid_images: int = 8,
+    save_images: bool = False,
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
+    batch_size: int = 8,
+    output_dir: str = "explore",
+):
+    """Measure how much each sampling setting explores, before training: N images per prompt per
+    setting, every setting from the same starting noise, scored by one or more rewards.
+
+    Settings (--settings, any number, in the order given; the first 'none' is the reference):
+      none                   no DiffExp: constant guidance w_high
+      diffexp                both parts: the CFG schedule (w_low for t >= t_sw*T) and random prompt weighting
+      cfg                    the CFG schedule only
+      pw                     prompt weighting only
+      BASE:KEY=VALUE,...     one of those with other values; KEY is t_sw, w_low, w_high or range=LO:HI,
+                             e.g. 'cfg:w_low=0', 'pw:range=1:3', 'diffexp:t_sw=0.7,w_low=0', 'none:w_high=5'
+                             (a bare 't_sw=0.7' means diffexp:t_sw=0.7). Unset keys take --t-sw, --w-low,
+                             --w-high, --prompt-weight-range. A key the setting does not use (e.g.
+                             'pw:t_sw=0.7') is an error.
+
+    Sweeps add one setting per value, each part alone so a difference is that part's:
+      --sweep-t-sw 0.6 0.7 0.9 adds cfg:t_sw=0.6 ...; --sweep-w-low 0 3 adds cfg:w_low=0 ...;
+      --sweep-weight-range 1:1.5 1:3 adds pw:range=1:1.5 .... A setting equal to an earlier one is run once.
+
+    Same starting noise: the prompts' images are cut into batches of --batch-size in one fixed order
+    (prompt by prompt, index by index), the same for every setting, and batch b's x_T and step noise
+    come from one generator seeded by (--seed, b) alone; DiffExp's word and weight for (prompt p,
+    index n) come from a separate generator seeded by (--seed, p, n). So image (p, n) starts from the
+    same noise in every setting (and in every run with the same --seed and --batch-size), a setting
+    differs from 'none' only through its guidance schedule and conditioning, and a weight-range sweep
+    reuses the same word and the same uniform draw (w = LO + (HI - LO) u).
+
+    Outputs in --output-dir: explore.md (the tables), explore.csv (one row per image: setting, prompt,
+    index, chosen word and weight, every reward), explore.json (the statistics), explore.png (the
+    first reward's distribution per setting, and diversity against mean reward), grids/NN_SETTING.png
+    (the first --grid-prompts prompts, one row each, the same noise in every setting's grid),
+    grids/compare_pPPP.png (one prompt, one row per setting, labelled) and, with --save-images,
+    images/NN_SETTING/pPPP_NN.png.
+
+    Statistics (per setting; see explore_stats): reward mean and std; the within-prompt std; the mean
+    of the top --top-frac of each prompt's samples; the fraction of samples above their prompt's
+    threshold (default: the reference setting's --threshold-quantile of that prompt; --threshold
+    fixes one); the mean paired difference from the reference (same noise) with its standard error;
+    within-prompt diversity, the mean pairwise cosine distance of image embeddings from the first
+    reward with an image tower (aesthetic, pickscore, hps, imagereward, a CLIP custom reward), else of
+    the images downsampled to 32x32 pixels; with --success-threshold, the per-prompt success rate of
+    the first reward (reward >= threshold) and the fraction of prompts with at least one success.
 
     Args:
-        runs: training output directories (each holds log.jsonl).
-        labels: a legend label per run (default: the directory names).
-        output: the PNG to write.
-        key: the logged quantity on the y axis (reward_mean, eval_reward_mean, reward/NAME, ...).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x or SDXL base; `toy` for the toy world).
+        lora: a checkpoint directory written by the trainers (measure a fine-tuned model's exploration).
+        vae: replace the pipeline's VAE.
+        prompts: built-in prompt set name or a file (see diffusion.load_prompts).
+        prompt: a single prompt instead of --prompts.
+        rewards: comma-separated rewards, each scored separately; the first is the one the threshold,
+            success rate and plot use (e.g. 'pickscore,aesthetic'; toy world: 'pickscore' with
+            --reward-models pickscore_model toy-scorer pickscore_processor toy-scorer).
+        reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
+        settings: the sampling settings to compare (syntax above).
+        sweep_t_sw: add cfg:t_sw=X for each X.
+        sweep_w_low: add cfg:w_low=X for each X.
+        sweep_weight_range: add pw:range=LO:HI for each LO:HI.
+        t_sw: the switch point of diffexp/cfg settings that do not set t_sw.
+        w_low: the low guidance scale of diffexp/cfg settings that do not set w_low.
+        w_high: the ordinary guidance scale of every setting that does not set w_high.
+        prompt_weight_range: the weight range of diffexp/pw settings that do not set range.
+        num_per_prompt: images per prompt per setting (>= 2; 8 or more for the percentiles to mean much).
+        seed: seeds every generator (>= 0).
+        num_steps: DDIM steps.
+        eta: DDIM eta, in [0, 1].
+        resolution: image size, a multiple of the VAE's factor (default: the model's native size).
+        top_frac: the fraction of each prompt's samples the top mean is over.
+        threshold: a fixed threshold on the first reward (default: per prompt, the reference setting's --threshold-quantile).
+        threshold_quantile: the quantile of the reference setting's samples of a prompt used as its threshold.
+        success_threshold: a reward value that means success for the first reward (e.g. 0.5 for a probability).
+        grid_prompts: how many prompts (the first ones) the image grids show.
+        grid_images: at most this many images per prompt in the grids.
+        save_images: also save every image under images/.
+        mixed_precision: weights' precision; auto: bf16 on CUDA, fp32 on the CPU.
+        batch_size: images generated at once (part of what fixes the noise, with --seed).
+        output_dir: where the outputs go.
     """
+    import rewards as rewards_lib
+    from diffusion import CheckpointError, Conditioning, TextConditioner, generate as generate_images, load_pipeline, load_prompts, seeded
+    from explore import DiffExpConfig, diffexp_conditioning
+
+    # Everything is checked before any model loads.
+    check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed, min_per_prompt=2)
+    if not 0.0 < top_frac <= 1.0:
+        fail(f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}")
+    if not 0.0 <= threshold_quantile <= 1.0:
+        fail(f"--threshold-quantile must be in [0, 1], got {threshold_quantile}")
+    for flag, value in (("--threshold", threshold), ("--success-threshold", success_threshold)):
+        if value is not None and not math.isfinite(value):
+            fail(f"{flag} must be a finite number, got {value}")
+    if grid_prompts < 0 or grid_images < 1:
+        fail(f"--grid-prompts must be >= 0 and --grid-images >= 1, got {grid_prompts} and {grid_images}")
+    reward_names = [r.strip() for r in rewards.split(",") if r.strip()]
+    if not reward_names:
+        fail(f"--rewards: give at least one reward, e.g. --rewards pickscore,aesthetic ({', '.join(rewards_lib.NAMES)}, custom:DIR)")
+    try:
+        DiffExpConfig(True, True, t_sw, w_low, w_high, tuple(prompt_weight_range)).validate()
+        specs = [(s, "--settings") for s in settings]
+        specs += [(f"cfg:t_sw={v:g}", "--sweep-t-sw") for v in sweep_t_sw]
+        specs += [(f"cfg:w_low={v:g}", "--sweep-w-low") for v in sweep_w_low]
+        specs += [(f"pw:range={r.strip()}", "--sweep-weight-range") for r in sweep_weight_range]
+        if not specs:
+            raise ValueError("--settings: give at least one setting, e.g. --settings none diffexp cfg pw")
+        chosen, keys = [], {}
+        for text, flag in specs:
+            label, cfg = parse_setting(text, t_sw, w_low, w_high, tuple(prompt_weight_range), flag)
+            key = _setting_key(cfg)
+            if key in keys:
+                print(f"note: setting '{label}' samples as '{keys[key]}' does: measured once, as '{keys[key]}'", file=sys.stderr)
+                continue
+            keys[key] = label
+            chosen.append((label, cfg))
+        prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
+        for name in reward_names:
+            rewards_lib.parse_reward_spec(name, "--rewards")
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
+        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+
+    from torchvision.utils import make_grid, save_image
+    from tqdm import tqdm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(mixed_precision, device)
+    try:
+        pipe = load_pipeline(pretrained, device, dtype, vae=vae)
+        if lora is not None:
+            pipe.load_lora_weights(lora)
+        scorers = {name: rewards_lib.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    embed, embed_what = image_tower(scorers)
+
+    T = pipe.scheduler.config.num_train_timesteps
+    pipe.scheduler.set_timesteps(num_steps)
+    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
+    for label, cfg in chosen:
+        note_unswitched_schedule(f"setting '{label}'", cfg, timesteps, T)
+    text = TextConditioner(pipe, resolution)
+    P, N, S = len(prompt_list), num_per_prompt, len(chosen)
+    G, C = min(grid_prompts, P), min(grid_images, N)
+    jobs = [(p, n) for p in range(P) for n in range(N)]
+    batches = [jobs[k : k + batch_size] for k in range(0, len(jobs), batch_size)]
+    scores = {name: {label: torch.full((P, N), float("nan")) for label, _ in chosen} for name in reward_names}
+    embeddings: dict[str, torch.Tensor] = {}
+    grids = {label: [[None] * C for _ in range(G)] for label, _ in chosen}
+    choices: dict[str, dict] = {label: {} for label, _ in chosen}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"explore: {P} prompts x {N} images x {S} settings = {P * N * S} images, {num_steps} steps, batches of {batch_size}, on {device}")
+    bar = tqdm(total=len(batches) * S, desc="explore", unit="batch")
+    for b, batch in enumerate(batches):
+        batch_prompts = [prompt_list[p] for p, _ in batch]
+        cond = text.encode(batch_prompts)
+        for s_idx, (label, cfg) in enumerate(chosen):
+            exploring = cfg.cfg_schedule or cfg.prompt_weighting
+            conds, guidance = [], None
+            for k, (p, n) in enumerate(batch):  # DiffExp's draws: their own generator per (prompt, index)
+                c, guidance, w = diffexp_conditioning(cfg, exploring, [prompt_list[p]], cond[k : k + 1], text, timesteps, T, seeded(seed, 1, p, n))
+                conds.append(c)
+                choices[label][(p, n)] = w[0]
+            noise = seeded(seed, 0, b)  # x_T and step noise: the batch's own generator, the same in every setting
+            images = generate_images(pipe, Conditioning.cat(conds), guidance, num_steps, noise, eta, resolution, negative=text.negative)
+            with torch.no_grad():
+                for name, scorer in scorers.items():
+                    values, _ = scorer(images, batch_prompts)
+                    for (p, n), v in zip(batch, values.float().cpu()):
+                        scores[name][label][p, n] = v
+                e = embed(images).cpu()
+            if label not in embeddings:
+                embeddings[label] = torch.zeros(P, N, e.shape[-1])
+            for (p, n), row in zip(batch, e):
+                embeddings[label][p, n] = row
+            pixels = (_grid_size(images.float()).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            for (p, n), image in zip(batch, pixels):
+                if p < G and n < C:
+                    grids[label][p][n] = image
+            if save_images:
+                folder = out / "images" / f"{s_idx:02d}_{_slug(label)}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for (p, n), image in zip(batch, images):
+                    save_image(image.float(), folder / f"p{p:03d}_{n:02d}.png")
+            bar.update(1)
+    bar.close()
+
+    labels = [label for label, _ in chosen]
+    stats = {
+        name: explore_stats(scores[name], embeddings if i == 0 else None, top_frac=top_frac, threshold=threshold if i == 0 else None,
+                            quantile=threshold_quantile, success_threshold=success_threshold if i == 0 else None)
+        for i, name in enumerate(reward_names)
+    }  # fmt: skip
+
+    # explore.csv: one row per image.
+    with open(out / "explore.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setting", "prompt_index", "prompt", "index", "word", "weight", *reward_names])
+        for label in labels:
+            for p in range(P):
+                for n in range(N):
+                    w = choices[label][(p, n)]
+                    weighted = w.word is not None
+                    writer.writerow([label, p, prompt_list[p], n, w.word or "", round(w.weight, 4) if weighted else "",
+                                     *(f"{scores[name][label][p, n].item():.6g}" for name in reward_names)])  # fmt: skip
+    # explore.json: the statistics and what they were computed from.
+    settings_info = [
+        {"setting": label, "cfg_schedule": cfg.cfg_schedule, "prompt_weighting": cfg.prompt_weighting, "t_sw": cfg.t_sw, "w_low": cfg.w_low,
+         "w_high": cfg.w_high, "weight_range": list(cfg.weight_range),
+         "steps_at_w_low": int((timesteps >= cfg.t_sw * T).sum()) if cfg.cfg_schedule else 0}
+        for label, cfg in chosen
+    ]  # fmt: skip
+    meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt else prompts, "num_prompts": P, "num_per_prompt": N,
+            "num_steps": num_steps, "eta": eta, "resolution": text.resolution, "seed": seed, "batch_size": batch_size, "device": device,
+            "dtype": str(dtype).removeprefix("torch."), "rewards": reward_names, "embedding": embed_what, "top_frac": top_frac,
+            "threshold": threshold, "threshold_quantile": threshold_quantile, "success_threshold": success_threshold}  # fmt: skip
+    (out / "explore.json").write_text(json.dumps({"meta": meta, "settings": settings_info, "stats": stats}, indent=1))
+    (out / "explore.md").write_text(_explore_markdown(meta, settings_info, stats, prompt_list))
+    _explore_plot(out / "explore.png", labels, scores[reward_names[0]], stats[reward_names[0]], reward_names[0])
+    if G > 0:
+        (out / "grids").mkdir(exist_ok=True)
+        for s_idx, label in enumerate(labels):
+            cells = [img for row in grids[label] for img in row]
+            save_image(make_grid(torch.stack(cells).float() / 255, nrow=C, padding=2, pad_value=1.0), out / "grids" / f"{s_idx:02d}_{_slug(label)}.png")
+        for p in range(G):
+            _labelled_rows([torch.stack(grids[label][p]) for label in labels], labels, out / "grids" / f"compare_p{p:03d}.png")
+    print("## " + (out / "explore.md").read_text().split("\n## ")[2].strip())  # the first reward's table
+    print(f"wrote explore.md, explore.csv, explore.json, explore.png and grids/ to {out}")
+    return {"settings": labels, "scores": scores, "embeddings": embeddings, "stats": stats, "embedding": embed_what,
+            "grids": {label: torch.stack([torch.stack(row) for row in grids[label]]) if G else None for label in labels},
+            "choices": choices}  # fmt: skip
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v != v else f"{v:.4g}"
+
+
+def _explore_markdown(meta: dict, settings_info: list[dict], stats: dict, prompt_list: list[str]) -> str:
+    import datetime
+
+    first = meta["rewards"][0]
+    top_pct = f"{meta['top_frac'] * 100:g}%"
+    lines = [
+        f"# Exploration of {meta['pretrained']}" + (f" + LoRA {meta['lora']}" if meta["lora"] else ""),
+        "",
+        f"{datetime.date.today().isoformat()}, {meta['device']} ({meta['dtype']}). Prompts: {meta['prompts']} ({meta['num_prompts']}), "
+        f"{meta['num_per_prompt']} images per prompt per setting, {meta['num_steps']} DDIM steps, eta {meta['eta']:g}, "
+        f"{meta['resolution']} px, seed {meta['seed']}, batches of {meta['batch_size']}. Image n of a prompt starts from the same "
+        f"noise in every setting, so the settings differ only by guidance schedule and conditioning.",
+        "",
+        "## Settings",
+        "",
+        "| setting | CFG schedule | prompt weighting | t_sw | w_low | w_high | weight range | steps at w_low |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in settings_info:
+        cfg_on, pw_on = s["cfg_schedule"], s["prompt_weighting"]
+        lo, hi = s["weight_range"]
+        cells = [
+            s["setting"], "on" if cfg_on else "off", "on" if pw_on else "off",
+            f"{s['t_sw']:g}" if cfg_on else "—", f"{s['w_low']:g}" if cfg_on else "—", f"{s['w_high']:g}",
+            f"U({lo:g}, {hi:g})" if pw_on else "—", f"{s['steps_at_w_low']} of {meta['num_steps']}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    for i, name in enumerate(meta["rewards"]):
+        st = stats[name]
+        ref = st["reference"]
+        fixed = i == 0 and meta["threshold"] is not None
+        thr = f"> {meta['threshold']:g}" if fixed else f"> {ref}'s p{meta['threshold_quantile'] * 100:g}"
+        lines += ["", f"## {name}" + (" (first reward)" if i == 0 else ""), ""]
+        if i == 0:
+            threshold_text = (
+                f"the fixed value {meta['threshold']:g}" if fixed
+                else f"per prompt, the {meta['threshold_quantile'] * 100:g}th percentile of {ref}'s samples of that prompt"
+            )  # fmt: skip
+            success_text = (
+                f" Success: {name} ≥ {meta['success_threshold']:g}; 'prompts solved' is the share of prompts with at least one success."
+                if meta["success_threshold"] is not None else ""
+            )  # fmt: skip
+            lines += [
+                f"Threshold: {threshold_text}. Top {top_pct}: per prompt the mean of its best {st['top_k']} of {meta['num_per_prompt']}. "
+                f"Diversity: mean pairwise cosine distance (1 − cos) between the embeddings of a prompt's images, from the {meta['embedding']}."
+                + success_text,
+                "",
+            ]
+        header = ["setting", "mean", "std", "std within prompt", f"top {top_pct} per prompt", thr, f"mean − {ref} (same noise, ± s.e.)"]
+        if i == 0:
+            header.append("diversity")
+            if meta["success_threshold"] is not None:
+                header += [f"success (≥ {meta['success_threshold']:g})", "prompts solved"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for label, r in st["settings"].items():
+            cells = [label, _fmt(r["mean"]), _fmt(r["std"]), _fmt(r["std_within"]), _fmt(r["top_mean"]), f"{r['above'] * 100:.1f}%",
+                     "—" if label == ref else f"{r['delta']:+.4g} ± {r['delta_se']:.2g}"]  # fmt: skip
+            if i == 0:
+                cells.append(_fmt(r.get("diversity", float("nan"))))
+                if meta["success_threshold"] is not None:
+                    cells += [f"{r['success'] * 100:.1f}%", f"{r['solved'] * 100:.1f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+    if meta["success_threshold"] is not None:
+        st = stats[first]["settings"]
+        labels = list(st)
+        lines += ["", f"## Success rate per prompt ({first} ≥ {meta['success_threshold']:g})", "",
+                  "| prompt | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]  # fmt: skip
+        for p, text in enumerate(prompt_list):
+            lines.append(f"| {text.replace('|', '/')} | " + " | ".join(f"{st[label]['success_per_prompt'][p] * 100:.0f}%" for label in labels) + " |")
+    lines += [
+        "",
+        "How to read it: a setting explores usefully when it finds good samples more often than the reference "
+        f"(higher '{'top ' + top_pct}' and '> threshold', more successes, more prompts solved) without giving up much mean "
+        "reward, and shows more diversity. 'mean − reference' is paired by starting noise, so it is much more precise than "
+        "comparing the means. grids/ shows the first prompts' images, the same noise in every setting.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _explore_plot(path: Path, labels: list[str], scores: dict[str, torch.Tensor], stats: dict, reward_name: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8, 4 + 0.7 * len(labels)), 4.5))
+    ax1.boxplot([scores[label].flatten().numpy() for label in labels], showmeans=True)
+    ax1.set_xticks(range(1, len(labels) + 1), labels, rotation=45, ha="right", fontsize=8)
+    ax1.set_ylabel(reward_name)
+    ax1.set_title("reward per setting (all samples; triangle: mean)", fontsize=9)
+    ax1.grid(alpha=0.3, axis="y")
+    rows = stats["settings"]
+    xs = [rows[label].get("diversity", float("nan")) for label in labels]
+    ys = [rows[label]["mean"] for label in labels]
+    ax2.scatter(xs, ys)
+    for x, y, label in zip(xs, ys, labels):
+        ax2.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax2.set_xlabel("within-prompt diversity (mean pairwise cosine distance)")
+    ax2.set_ylabel(f"mean {reward_name}")
+    ax2.set_title("diversity against mean reward", fontsize=9)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _read_log(run: Path) -> list[dict]:
+    if not run.is_dir():
+        fail(f"{run}: no such directory (pass a training run's --output-dir)")
+    path = run / "log.jsonl"
+    if not path.is_file():
+        fail(f"{run}: no log.jsonl (pass a training run's --output-dir)")
+    records = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except ValueError as e:
+                fail(f"{path}: line {i} is not JSON ({e}); was the run killed while writing? delete that line")
+    return records
+
+
+def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
+    """Where `plot` writes without --output: next to the runs, never the current directory.
+    One run: RUN/KEY.png. Several: their closest common directory (e.g. runs/ for runs/a and
+    runs/b; the first run's directory when they share none but the filesystem root), named
+    KEY_LABEL1_vs_LABEL2....png, so different comparisons do not overwrite each other."""
+    import os
+    import re
+
+    slug = lambda t: re.sub(r"[^A-Za-z0-9.=-]+", "-", t).strip("-")[:40] or "run"  # noqa: E731
+    dirs = [Path(r).resolve() for r in runs]
+    if len(dirs) == 1:
+        return Path(runs[0]) / f"{slug(key)}.png"
+    common = Path(os.path.commonpath(dirs))
+    if common == Path(common.anchor):
+        common = dirs[0]
+    return common / f"{slug(key)}_{'_vs_'.join(slug(label) for label in labels)}"[:200].rstrip("_") + ".png"
+
+
+def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str = "reward_mean"):
+    """Reward against cumulative samples for one or several runs on one plot (e.g. DiffExp vs baseline).
+
+    Args:
+        runs: training output directories (each holds log.jsonl), one or more.
+        labels: a legend label per run (default: the directory names).
+        output: the PNG to write (default: next to the runs: RUN/KEY.png for one run; for several,
+            KEY_LABEL1_vs_LABEL2.png in their closest common directory, e.g. runs/).
+        key: the logged quantity on the y axis (reward_mean, eval_reward_mean, reward/NAME, ...).
+    """
+    if not runs:
+        fail("plot: give one or more training run directories, e.g. `sample.py plot runs/alignprop runs/baseline --labels DiffExp AlignProp`")
     labels = labels or [Path(r).name for r in runs]
     if len(labels) != len(runs):
         fail(f"--labels: {len(labels)} labels for {len(runs)} runs")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for run, label in zip(runs, labels):
-        points = [(r["samples"], r[key]) for r in _read_log(Path(run)) if key in r]
+    curves = []
+    for run in runs:  # every run is checked before anything is drawn or written
+        records = _read_log(Path(run))
+        points = [(r["samples"], r[key]) for r in records if key in r and "samples" in r]
         if not points:
-            fail(f"{run}: the log has no '{key}' entries")
+            known = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            fail(f"--key {key}: the log of {run} has no '{key}' entries; it has {', '.join(known) or 'no numbers'}")
+        curves.append(points)
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label in zip(curves, labels):
         ax.plot(*zip(*points), marker="o", markersize=3, label=label)
     ax.set_xlabel("number of samples")
     ax.set_ylabel(key)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(output, dpi=120)
-    print(f"wrote {output}")
+    path = Path(output) if output else default_plot_path(runs, labels, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def gallery(run: Positional[str], output: str | None = None):
@@ -222,5 +944,10 @@ function show(i, k) {{ document.getElementById('img' + i).src = frames[i][k]; do
     print(f"wrote {output} ({len(prompts)} prompts x {len(epochs)} epochs)")
 
 
+def main(argv: list[str] | None = None):
+    """The command line (`argv`: the arguments after the script name; default sys.argv)."""
+    return tyro.extras.subcommand_cli_from_dict({"generate": generate, "explore": explore, "plot": plot, "gallery": gallery}, args=argv)
+
+
 if __name__ == "__main__":
-    tyro.extras.subcommand_cli_from_dict({"generate": generate, "plot": plot, "gallery": gallery})
+    main()
