@@ -854,14 +854,15 @@ def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
     import os
     import re
 
-    slug = lambda t: re.sub(r"[^A-Za-z0-9.=-]+", "-", t).strip("-")[:40] or "run"  # noqa: E731
+    slug = lambda t: re.sub(r"[^A-Za-z0-9._=-]+", "-", t).strip("-")[:40] or "run"  # noqa: E731
     dirs = [Path(r).resolve() for r in runs]
     if len(dirs) == 1:
         return Path(runs[0]) / f"{slug(key)}.png"
     common = Path(os.path.commonpath(dirs))
     if common == Path(common.anchor):
         common = dirs[0]
-    return common / f"{slug(key)}_{'_vs_'.join(slug(label) for label in labels)}"[:200].rstrip("_") + ".png"
+    name = f"{slug(key)}_{'_vs_'.join(slug(label) for label in labels)}"[:200].rstrip("_")
+    return common / f"{name}.png"
 
 
 def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str = "reward_mean"):
