@@ -486,7 +486,7 @@ def explore(
     save_images: bool = False,
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
     batch_size: int = 8,
-    output_dir: str = "explore",
+    output_dir: str = "runs/explore",
 ):
     """Measure how much each sampling setting explores, before training: N images per prompt per
     setting, every setting from the same starting noise, scored by one or more rewards.
@@ -791,7 +791,7 @@ def _explore_markdown(meta: dict, settings_info: list[dict], stats: dict, prompt
         lines += ["", f"## Success rate per prompt ({first} ≥ {meta['success_threshold']:g})", "",
                   "| prompt | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]  # fmt: skip
         for p, text in enumerate(prompt_list):
-            lines.append(f"| {text.replace('|', '/')} | " + " | ".join(f"{st[label]['success_per_prompt'][p] * 100:.0f}%" for label in labels) + " |")
+            lines.append(f"| {text.replace('|', '/')} | " + " | ".join(f"{st[label]['success_per_prompt'][p] * 100:.1f}%" for label in labels) + " |")
     lines += [
         "",
         "How to read it: a setting explores usefully when it finds good samples more often than the reference "
