@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -42,17 +43,149 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
     if _looks_like_path(name) and not os.path.exists(name):
         raise CheckpointError(f"{what}: local directory '{name}' does not exist")
     try:
-        return cls.from_pretrained(name, **kwargs)
+        with _quiet_hub_fallback():
+            return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # hub errors (offline, 404, bad id) are OSError/ValueError subclasses
         if os.path.isdir(name):
             raise CheckpointError(f"{what}: '{name}' is not a complete checkpoint directory ({str(e).splitlines()[0]})") from None
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        offline = hub_offline()
         raise CheckpointError(
             f"{what}: cannot load '{name}': it is not in the local Hugging Face cache"
             f"{' and HF_HUB_OFFLINE is set' if offline else ' and the hub could not provide it'}. "
-            f"Download it on a machine with internet (`hf download {name}`) and pass its local directory, "
-            f"or unset HF_HUB_OFFLINE. ({type(e).__name__})"
+            f"Download it on a machine with internet (`hf download {name}`) and pass its local directory"
+            f"{', or unset HF_HUB_OFFLINE' if offline else ''}. ({type(e).__name__})"
         ) from None
+
+
+@contextlib.contextmanager
+def _quiet_hub_fallback():
+    """Drop diffusers' "Couldn't connect to the Hub ... Will try to load from local cache" warning while
+    loading: the checkpoints were checked beforehand (check_checkpoints), so it says nothing new, and it
+    must not come before a one-line error."""
+    import logging
+
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return not str(record.getMessage()).startswith("Couldn't connect to the Hub")
+
+    handlers = [h for name in ("diffusers", "") for h in logging.getLogger(name).handlers]
+    drop = Drop()
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, or check_checkpoints switched to offline mode."""
+    env = any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    constants = sys.modules.get("huggingface_hub.constants")
+    return env or bool(constants is not None and constants.HF_HUB_OFFLINE)
+
+
+def _hub_probe(url: str, timeout: float = 5.0):
+    """(HTTP status or None, reason) of one HEAD request, no retries: how the hub answers, fast."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub.utils import build_hf_headers
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None  # a redirect (to the file's storage) already says the file is there
+
+    try:
+        request = urllib.request.Request(url, method="HEAD", headers=build_hf_headers())
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=timeout) as response:
+            return response.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, ""
+    except Exception as e:  # noqa: BLE001 - DNS failure, refused, timeout, proxy: all mean "cannot reach it"
+        reason = getattr(e, "reason", e)
+        return None, f"{type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else 'no answer'}"
+
+
+def _in_hf_cache(repo: str, filename: str) -> str | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo, filename)
+    except Exception:  # noqa: BLE001 - not a valid repo id: not cached
+        return None
+    return path if isinstance(path, str) else None
+
+
+def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[str]:
+    """Check, before any model is loaded, that every checkpoint a run needs can be had.
+
+    `needed`: (flag, name, files) per checkpoint: `name` a local directory or file, a short name of
+    ALIASES, or a hub id, and `files` the file names of which at least one must be there (a hub id is
+    checked in the local Hugging Face cache; empty: the directory or id alone). Raises CheckpointError
+    in one line naming the flag and the fix for the first one missing. When HF_HUB_OFFLINE is not set
+    and a hub id is needed, the hub is asked once (one HEAD request, 5 s timeout, no retries): if it
+    cannot be reached, the process switches to offline mode, so the loaders do not spend a minute
+    retrying; a hub file that is not cached then fails here at once. Returns notes to print."""
+    notes, reachable = [], None
+    for flag, name, files in needed:
+        name = os.path.expanduser(str(ALIASES.get(str(name), name)))
+        if os.path.exists(name) or _looks_like_path(name):
+            if not os.path.exists(name):
+                raise CheckpointError(f"{flag}: local directory '{name}' does not exist (pass an existing directory or a hub id with {flag} ...)")
+            if files and os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in files):
+                raise CheckpointError(f"{flag}: '{name}' is not a complete checkpoint directory (no {' or '.join(files)} in it)")
+            continue
+        if any(_in_hf_cache(name, f) for f in files or ("config.json", "model_index.json")):
+            if not hub_offline() and reachable is None:
+                from huggingface_hub import constants
+
+                status, reason = _hub_probe(constants.ENDPOINT)
+                reachable = status is not None
+                if not reachable:
+                    _go_offline()
+                    notes.append(f"note: the Hugging Face hub cannot be reached ({reason}): loading from the local cache only (set HF_HUB_OFFLINE=1 to skip this check)")
+            continue
+        fix = f"download it on a machine with internet (`hf download {name}`) and pass its local directory with {flag} DIR"
+        if hub_offline():
+            raise CheckpointError(f"{flag}: '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE to download it here")
+        from huggingface_hub import constants
+
+        status, reason = _hub_probe(f"{constants.ENDPOINT}/{name}/resolve/main/{(files or ('config.json',))[0]}")
+        if status is None:
+            _go_offline()
+            raise CheckpointError(f"{flag}: '{name}' is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}")
+        if status in (401, 403, 404):
+            what = "needs a login (run `hf auth login`) or " if status != 404 else ""
+            raise CheckpointError(
+                f"{flag}: the hub has no '{(files or ('config.json',))[0]}' in '{name}' (HTTP {status}): the id is wrong or the repository {what}is missing; "
+                f"check the id, or pass a local directory with {flag} DIR"
+            )
+        reachable = True  # the loader downloads it
+    return notes
+
+
+def _go_offline():
+    """Offline mode for the rest of this process (the hub libraries read it when they call the hub)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+
+
+def vae_downsampling(pretrained: str, vae: str | None = None) -> tuple[int, str]:
+    """(factor, where it was read) of the VAE a run will use: 2 ** (len(block_out_channels) - 1) from
+    its config.json in a local directory or the Hugging Face cache, without loading it; (8, 'assumed')
+    when the config is not at hand (every SD / SDXL VAE downsamples by 8)."""
+    name = os.path.expanduser(str(ALIASES.get(str(vae or pretrained), vae or pretrained)))
+    rel = "config.json" if vae else "vae/config.json"
+    path = os.path.join(name, rel) if os.path.isdir(name) else _in_hf_cache(name, rel)
+    try:
+        channels = json.loads(Path(path).read_text())["block_out_channels"]
+        return 2 ** (len(channels) - 1), f"{'--vae' if vae else '--pretrained'} {vae or pretrained}"
+    except (TypeError, OSError, ValueError, KeyError):
+        return 8, "assumed"
 
 
 def inspect_pipeline(pretrained: str) -> str:
@@ -530,7 +663,9 @@ def lora_state_dict(unet) -> dict:
 
 
 def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3) -> Path:
-    """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state) atomically."""
+    """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state) atomically, with the
+    permissions of every other output (the umask's), and byte-identical for identical training; keep
+    the last `keep` checkpoints (0: keep all)."""
     import shutil
 
     from diffusers import StableDiffusionPipeline
@@ -542,18 +677,40 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep:
     tmp.mkdir(parents=True)
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
     metadata = unet.peft_config["default"].to_dict()  # so load_lora_weights rebuilds rank *and* alpha
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=weights, unet_lora_adapter_metadata=metadata)
+    # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_adapter_metadata=metadata, unet_lora_layers=weights)
     torch.save(state, tmp / "training_state.pt")
+    mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
+    for f in tmp.iterdir():
+        os.chmod(f, mode)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    for old in sorted(ckpt_root.glob("epoch_*"))[:-keep] if keep > 0 else []:
+    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest first (by epoch number, not by name)."""
+    found = []
+    for path in (Path(output_dir) / "checkpoints").glob("epoch_*"):
+        try:
+            found.append((int(path.name.split("_", 1)[1]), path))
+        except ValueError:
+            continue
+    return [path for _, path in sorted(found)]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = sorted((Path(output_dir) / "checkpoints").glob("epoch_*"))
+    ckpts = checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
 
 
@@ -584,16 +741,25 @@ def load_checkpoint(ckpt: Path, unet) -> dict:
 
 
 class RunLog:
-    def __init__(self, output_dir: str | Path, args, track: bool = False, project: str = "diffexp", enabled: bool = True):
+    """A run's files: args.json (the run's current arguments), args.jsonl (every invocation's arguments,
+    appended: the history of the run), log.jsonl (one JSON line per epoch); Weights & Biases with --track."""
+
+    def __init__(self, output_dir: str | Path, args, track: bool = False, project: str = "diffexp", enabled: bool = True, invocation: dict | None = None):
         self.dir, self.enabled, self.wandb = Path(output_dir), enabled, None
         if not enabled:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "args.json").write_text(json.dumps(_jsonable(vars(args)), indent=2))
+        current = _jsonable(vars(args))
+        (self.dir / "args.json").write_text(json.dumps(current, indent=2))
+        import datetime
+
+        entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "argv": sys.argv[1:]}
+        with open(self.dir / "args.jsonl", "a") as f:
+            f.write(json.dumps(entry | _jsonable(invocation or {}) | {"args": current}) + "\n")
         if track:
             import wandb
 
-            self.wandb = wandb.init(project=project, config=_jsonable(vars(args)), dir=str(self.dir))
+            self.wandb = wandb.init(project=project, config=current, dir=str(self.dir))
 
     def log(self, record: dict, images: dict | None = None):
         if not self.enabled:
@@ -607,11 +773,244 @@ class RunLog:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))} | extra, step=record.get("samples"))
 
     def truncate_after(self, epoch: int):
-        """On resume, drop log lines of epochs after the checkpoint (they will be redone)."""
+        """On resume, drop what epochs after the checkpoint wrote (log lines, eval/ and images/ of those
+        epochs): they will be redone."""
+        import shutil
+
         path = self.dir / "log.jsonl"
-        if self.enabled and path.exists():
+        if not self.enabled:
+            return
+        if path.exists():
             lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", -1) <= epoch]
             path.write_text("".join(ln + "\n" for ln in lines))
+        for old in [*(self.dir / "eval").glob("epoch_*"), *(self.dir / "images").glob("epoch_*.png")]:
+            try:
+                later = int(old.name.split("_", 1)[1].split(".")[0]) > epoch
+            except ValueError:
+                continue
+            if later:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+# ---------------------------------------------------------------------------------------------
+# The output directory: one run per directory, never two mixed, nothing computed deleted unasked.
+
+RUN_OUTPUTS = ("checkpoints", "log.jsonl", "eval", "images")  # what a run computed
+ARGS_FILES = ("args.json", "args.jsonl")
+# Arguments that can change on --resume without changing what the run is (when it evaluates, saves,
+# logs, how it computes the same numbers). Every other argument differing from the run's is refused,
+# except --num-epochs when DiffExp's exploration window stays where it was (see _same_exploration).
+HARMLESS_ARGS = frozenset({
+    "output_dir", "resume", "overwrite", "allow_changed_args", "config", "eval_every", "save_every", "keep_checkpoints",
+    "track", "wandb_project", "kernels", "gradient_checkpointing",
+})
+
+
+@dataclass
+class RunPlan:
+    """What a trainer does with --output-dir (decided by check_run_dir before anything is loaded):
+    'new' (empty or no directory), 'overwrite' (delete the old run's files first), 'restart' (--resume of
+    a run that stopped before its first checkpoint: clear its partial files, start at epoch 0) or
+    'resume' (continue from `checkpoint`). `changed`: argument -> [run's value, new value] accepted
+    with --allow-changed-args; `finished`: a resumed run already holds its last epoch."""
+
+    mode: str
+    checkpoint: Path | None = None
+    changed: dict | None = None
+    found: tuple[str, ...] = ()
+    finished: bool = False
+
+    def record(self) -> dict:
+        return {"mode": self.mode, "from_checkpoint": self.checkpoint.name if self.checkpoint else None} | ({"changed": self.changed} if self.changed else {})
+
+
+def _flag_value(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def check_run_dir(args) -> RunPlan:
+    """Decide what to do with args.output_dir given --resume / --overwrite / --allow-changed-args, reading
+    only; a ValueError (one line, naming the flags and the fix) when the directory holds another run, when
+    --resume has nothing to resume, or when --resume's arguments differ from the run's (args.json) in
+    anything but HARMLESS_ARGS."""
+    out = Path(args.output_dir)
+    resume, overwrite, allow = args.resume, getattr(args, "overwrite", False), getattr(args, "allow_changed_args", False)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite deletes it; pass one")
+    found = tuple(n + ("/" if (out / n).is_dir() else "") for n in RUN_OUTPUTS if (out / n).exists())
+    if found == ("checkpoints/",) and not any((out / "checkpoints").iterdir()):
+        found = ()  # an empty checkpoints/ (a run stopped while writing its first checkpoint leaves .tmp_*)
+    ckpt = latest_checkpoint(out)
+    if overwrite:
+        return RunPlan("overwrite", found=found)
+    if not resume:
+        if ckpt is not None:
+            raise ValueError(
+                f"--output-dir {out} already holds a run (checkpoints up to {ckpt.name}): pass --resume to continue it, "
+                f"choose another --output-dir, or pass --overwrite to delete its files and start again"
+            )
+        if found:
+            raise ValueError(
+                f"--output-dir {out} already holds a run that stopped before its first checkpoint ({', '.join(found)}): pass --resume "
+                f"to restart it there from scratch, choose another --output-dir, or pass --overwrite to delete its files"
+            )
+        return RunPlan("new")
+    if ckpt is None:
+        if not found:
+            raise ValueError(f"--resume: --output-dir {out} holds no run to resume (no checkpoints/, log.jsonl, eval/ or images/); drop --resume to start one there")
+        return RunPlan("restart", found=found)
+    changed = {}
+    recorded = out / "args.json"
+    if recorded.is_file():
+        try:
+            old = json.loads(recorded.read_text())
+        except ValueError:
+            raise ValueError(f"--resume: {recorded} is not valid JSON; restore it, or pass --overwrite to start the run again") from None
+        new = _jsonable(vars(args))
+        changed = {k: [old[k], v] for k, v in new.items() if k not in HARMLESS_ARGS and k in old and old[k] != v}
+        if "num_epochs" in changed and _same_exploration(old, new):
+            del changed["num_epochs"]  # only the run's length changes: extending or shortening it is harmless
+    if changed and not allow:
+        listed = ", ".join(f"--{k.replace('_', '-')} {_flag_value(a)} -> {_flag_value(b)}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"--resume: these arguments differ from the run's ({recorded}): {listed}; rerun with the run's values, "
+            f"or pass --allow-changed-args to continue it with the new ones"
+        )
+    epoch = int(ckpt.name.split("_", 1)[1])
+    return RunPlan("resume", ckpt, changed, found, finished=epoch >= args.num_epochs - 1)
+
+
+def _same_exploration(old: dict, new: dict) -> bool:
+    """--num-epochs changes what a run is only through DiffExp's exploration window (the first
+    explore_frac of the epochs): True when every epoch both runs have explores (or not) alike."""
+    frac = new.get("explore_frac")
+    if frac is None or old.get("explore_frac") != frac:
+        return False
+    a, b = int(old["num_epochs"]), int(new["num_epochs"])
+    return all((e < frac * a) == (e < frac * b) for e in range(min(a, b)))
+
+
+def prepare_run_dir(output_dir: str | Path, plan: RunPlan) -> list[str]:
+    """Carry out a RunPlan's deletions (main process only): 'overwrite' deletes the old run's files
+    (RUN_OUTPUTS and its argument history), 'restart' its partial outputs (the history is kept and the new
+    invocation appended). Files the trainers did not write are left alone. Returns what was deleted."""
+    import shutil
+
+    out = Path(output_dir)
+    names = RUN_OUTPUTS + (ARGS_FILES if plan.mode == "overwrite" else ()) if plan.mode in ("overwrite", "restart") else ()
+    deleted = []
+    for name in names:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        deleted.append(name)
+    return deleted
+
+
+def parse_args_with_presets(cls, presets: dict[str, dict], args: list[str] | None = None):
+    """tyro.cli(cls), where `--config NAME` makes the preset's values the defaults: every other flag
+    still overrides them one by one, and --help shows them (a dict flag's KEY VALUE pairs override the
+    preset's entries key by key). ValueError for an unknown preset."""
+    import dataclasses
+
+    import tyro
+
+    argv = list(sys.argv[1:] if args is None else args)
+    name = None
+    for i, a in enumerate(argv):
+        if a == "--config":
+            name = argv[i + 1] if i + 1 < len(argv) else ""
+        elif a.startswith("--config="):
+            name = a.split("=", 1)[1]
+    if name is not None and name not in presets:
+        raise ValueError(f"--config: unknown preset '{name}'; known: {', '.join(presets)}")
+    preset = presets[name] if name else {}
+    # A dict field (--reward-models) with a non-empty default would change tyro's flag for it
+    # (--reward-models.KEY VALUE), so the preset's entries are merged in after parsing instead: the
+    # flag's KEY VALUE pairs override them key by key.
+    dicts = {k: v for k, v in preset.items() if isinstance(v, dict)}
+    default = dataclasses.replace(cls(), config=name, **{k: v for k, v in preset.items() if k not in dicts}) if name else None
+    args = tyro.cli(cls, args=argv, default=default)
+    for k, v in dicts.items():
+        setattr(args, k, {**v, **getattr(args, k)})
+    return args
+
+
+def cfg_switch_warning(timesteps, num_train_timesteps: int, t_sw: float) -> str:
+    """The one-line warning for a DiffExp CFG schedule that never switches: no sampling timestep reaches
+    t_sw * T (every step at w_high), or every one does (every step at w_low)."""
+    ts = [int(t) for t in timesteps]
+    shown = ", ".join(map(str, ts[:6])) + (", ..." if len(ts) > 6 else "")
+    threshold = f"t_sw*T = {t_sw * num_train_timesteps:g}"
+    if all(t < t_sw * num_train_timesteps for t in ts):
+        return (f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
+                f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)")
+    return (f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
+            f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)")
+
+
+def resolve_mixed_precision(value: str) -> tuple[str, str]:
+    """('no' | 'fp16' | 'bf16', a one-line note) for --mixed-precision, where 'auto' is bf16 on a CUDA
+    device that supports it and float32 ('no') elsewhere (bf16 on a CPU is several times slower)."""
+    if value != "auto":
+        return value, f"mixed precision: {value}"
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16", "mixed precision: bf16 (--mixed-precision auto: CUDA)"
+    return "no", "mixed precision: no, float32 (--mixed-precision auto: no CUDA device with bf16; pass --mixed-precision bf16 to force it)"
+
+
+def save_sample_grid(images: torch.Tensor, prompts: list[str], path: str | Path, columns: int | None = None, tile: tuple[int, int] = (128, 256)):
+    """A PNG grid of `images` (N x 3 x H x W, uint8 or floats in [0, 1]) with each prompt written under
+    its image. Tiles are scaled to between tile[0] and tile[1] pixels (small images by a whole factor,
+    nearest neighbour, so pixels stay sharp)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    images = images.detach().cpu()
+    if images.is_floating_point():
+        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    n, _, h, w = images.shape
+    scale = max(1, -(-tile[0] // max(h, w))) if max(h, w) < tile[0] else min(1.0, tile[1] / max(h, w))
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    font = ImageFont.load_default()
+    line_h = int(font.getbbox("Ag")[3]) + 2
+    caption_h = 2 * line_h + 4
+    columns = columns or int(math.ceil(math.sqrt(n)))
+    rows = int(math.ceil(n / columns))
+    grid = Image.new("RGB", (columns * (tw + 4) + 4, rows * (th + caption_h + 4) + 4), "white")
+    draw = ImageDraw.Draw(grid)
+    for i in range(n):
+        x, y = 4 + (i % columns) * (tw + 4), 4 + (i // columns) * (th + caption_h + 4)
+        img = Image.fromarray(images[i].permute(1, 2, 0).numpy())
+        img = img.resize((tw, th), Image.NEAREST if scale >= 1 else Image.LANCZOS)
+        grid.paste(img, (x, y))
+        for k, line in enumerate(_wrap(draw, str(prompts[i]) if i < len(prompts) else "", font, tw)[:2]):
+            draw.text((x, y + th + 2 + k * line_h), line, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
+    """`text` in at most `max_lines` lines no wider than `width` pixels (cut with '...' where it does not fit)."""
+    words, lines = text.split(), []
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        lines.append(line)
+    if words:
+        lines[-1] += " " + " ".join(words)
+    for i, line in enumerate(lines):
+        if draw.textlength(line, font=font) > width:
+            while line and draw.textlength(line + "...", font=font) > width:
+                line = line[:-1]
+            lines[i] = line + "..."
+    return lines
 
 
 def _jsonable(x):

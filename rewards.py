@@ -637,3 +637,26 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
             module = CustomReward(name[len("custom:"):], device, dtype, custom_mode, custom_target)
         loaded.append((name, weight, _freeze(module, device, dtype)))
     return Reward(loaded)
+
+
+def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tuple[str, ...]]]:
+    """(flag, checkpoint, files) for every model load_reward(spec, **model_overrides) would load, for
+    diffusion.check_checkpoints to check before anything is loaded: the flag is the real override
+    (`--reward-models KEY`), files the names of which one must be in the directory / hub repo."""
+    m = {**DEFAULT_MODELS, **{k: v for k, v in model_overrides.items() if k in DEFAULT_MODELS and v is not None}}
+    needs = {
+        "aesthetic": [("aesthetic_clip", ("config.json",)), ("aesthetic_model", (AESTHETIC_FILE,))],
+        "pickscore": [("pickscore_model", ("config.json",)), ("pickscore_processor", ("preprocessor_config.json", "processor_config.json"))],
+        "imagereward": [(k, (f,)) for k, f in (("imagereward_model", IMAGEREWARD_FILES[0]), ("imagereward_model", IMAGEREWARD_FILES[1]))]
+        + [("imagereward_tokenizer", ("tokenizer_config.json", "vocab.txt"))],
+    }
+    out = []
+    for name, _ in parse_reward_spec(spec):
+        items = [("hps_model", (HPS_FILES[name],))] if name in HPS_FILES else needs.get(name, [])
+        for key, files in items:
+            if os.path.isfile(os.path.expanduser(str(m[key]))):
+                files = ()  # a single file passed directly
+            out.append((f"--reward-models {key}", m[key], files))
+        if name in HPS_FILES and str(m["hps_arch"]).startswith("local-dir:"):
+            out.append(("--reward-models hps_arch", str(m["hps_arch"])[len("local-dir:"):], ()))
+    return out

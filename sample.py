@@ -912,13 +912,22 @@ def gallery(run: Positional[str], output: str | None = None):
     """A self-contained HTML page: for each held-out prompt, a slider through the training epochs.
 
     Args:
-        run: a training output directory with eval/epoch_NNNN/ folders (written every --eval-every epochs).
+        run: a training output directory with eval/initial/ and eval/epoch_NNNN/ folders (written every --eval-every epochs).
         output: the HTML file (default: RUN/gallery.html).
     """
     run_dir = Path(run)
-    epochs = sorted((run_dir / "eval").glob("epoch_*"))
+
+    def number(folder: Path) -> int | None:
+        try:
+            return int(folder.name.split("_", 1)[1])
+        except (IndexError, ValueError):
+            return None
+
+    # eval/initial (before training), then eval/epoch_NNNN after epoch NNNN, in epoch order
+    numbered = sorted((e for e in (run_dir / "eval").glob("epoch_*") if number(e) is not None), key=number)
+    epochs = [e for e in [run_dir / "eval" / "initial"] if (e / "prompts.json").is_file()] + numbered
     if not epochs:
-        fail(f"{run}: no eval/epoch_* folders (train with --eval-every > 0)")
+        fail(f"{run}: no eval/initial or eval/epoch_* folders (train with --eval-every > 0)")
     meta = [json.loads((e / "prompts.json").read_text()) for e in epochs]
     prompts = meta[0]["prompts"]
 
@@ -928,7 +937,7 @@ def gallery(run: Positional[str], output: str | None = None):
     blocks = []
     for i, prompt in enumerate(prompts):
         frames = [data_uri(e / f"{i:03d}.png") for e in epochs]
-        captions = [f"epoch {int(e.name.split('_')[1])}: reward {m['reward'][i]:.4f}" for e, m in zip(epochs, meta)]
+        captions = [f"{'before training' if number(e) is None else f'epoch {number(e)}'}: reward {m['reward'][i]:.4f}" for e, m in zip(epochs, meta)]
         blocks.append(
             f'<div class="p"><h3>{html.escape(prompt)}</h3><img id="img{i}" src="{frames[-1]}">'
             f'<input type="range" min="0" max="{len(frames) - 1}" value="{len(frames) - 1}" oninput="show({i}, this.value)">'

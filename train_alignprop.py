@@ -7,39 +7,66 @@ differentiable reward through the sampling chain (Prabhudesai et al. 2023), expl
 Per epoch: sample images with the DiffExp CFG schedule and randomly weighted prompts (while
 exploring), decode them with the VAE, score them with the reward, and backpropagate -reward into
 the LoRA weights through the last K denoising steps (truncated backprop; the earlier steps run
-without a graph). See SPEC §3 and §5.
+without a graph). The math is in the README's "The method" section.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import tyro
 
+from rewards import DEFAULT_MODELS, NAMES
+
+
+REWARD_HELP = (
+    f"reward to maximise: one of {', '.join(NAMES)}, custom:DIR (a train_reward.py model), or a weighted sum "
+    f"such as 'hps:1,aesthetic:0.5'; differentiable rewards only (jpeg: use train_ddpo.py)"
+)
+REWARD_MODELS_HELP = (
+    f"override reward checkpoints with a hub id or a local directory, KEY VALUE pairs, e.g. --reward-models pickscore_model /ckpt/pickscore; "
+    f"keys: {', '.join(DEFAULT_MODELS)} (and custom_mode, custom_target for custom:DIR)"
+)
+
+# `--config NAME`: a named preset whose values become the defaults, each still overridable by its flag.
+PRESETS = {
+    # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
+    # reward, two-shape training prompts, unseen shape-colour combinations held out; ~2-5 min on a CPU.
+    "toy": dict(
+        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
+        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
+        samples_per_epoch=16, batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16, output_dir="runs/toy-alignprop",
+    ),
+}
+
 
 @dataclass
 class Args:
-    # model and reward
+    config: Literal["toy"] | None = None
+    """a preset filling in a whole setting, any flag still overriding it: 'toy' = the shipped offline toy world
+    (--pretrained toy, pickscore with the toy-scorer, toy_two_shapes / toy_unseen prompts, 10 steps, fp32,
+    30 epochs x 16 samples, output runs/toy-alignprop)"""
+
+    # --- model and reward ---
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout)"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout); 'toy': the shipped toy world"""
     vae: str | None = None
     """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
-    reward: str = "aesthetic"
-    """reward to maximise: a name from rewards.py or a weighted ensemble such as 'hps:1,aesthetic:0.5'"""
-    reward_models: dict[str, str] = field(default_factory=dict)
-    """override reward checkpoints (hub id or directory), e.g. --reward-models pickscore_model /ckpt/pickscore (keys: rewards.DEFAULT_MODELS)"""
+    reward: Annotated[str, tyro.conf.arg(help=REWARD_HELP)] = "aesthetic"
+    reward_models: Annotated[dict[str, str], tyro.conf.arg(help=REWARD_MODELS_HELP)] = field(default_factory=dict)
     prompts: str = "simple_animals"
     """training prompts: a built-in set in prompts/ (without .txt) or a text file, one prompt a line"""
     eval_prompts: str = "unseen_animals"
     """held-out prompts evaluated with fixed seeds every --eval-every epochs"""
 
-    # DiffExp (SPEC §3)
+    # --- DiffExp ---
     cfg_schedule: bool = True
     """DiffExp (a): low guidance scale w_low on the noisy steps t >= t_sw*T, w_high after"""
     prompt_weighting: bool = True
@@ -59,15 +86,15 @@ class Args:
     prompt_weight_pooled: bool = False
     """SDXL: also blend the pooled text embedding with the chosen word's weight (default: token states only)"""
 
-    # sampling
+    # --- sampling ---
     num_steps: int = 50
     """DDIM denoising steps"""
     eta: float = 0.0
     """DDIM eta (0 = deterministic sampling)"""
     resolution: int | None = None
-    """image size in pixels (default: the model's native size, 512 for SD 1.5)"""
+    """image size in pixels, a multiple of the VAE's downsampling factor (8 for SD; default: the model's native size, 512 for SD 1.5)"""
 
-    # optimisation
+    # --- optimisation ---
     num_epochs: int = 100
     """number of epochs (one epoch = samples_per_epoch images, gradient averaged over them)"""
     samples_per_epoch: int = 64
@@ -77,41 +104,58 @@ class Args:
     gradient_accumulation_steps: int = 16
     """batches accumulated per optimizer step (samples_per_epoch / (batch_size * processes) batches per epoch)"""
     lr: float = 1e-3
-    """AdamW learning rate (paper: 1e-3)"""
+    """AdamW learning rate (paper: 1e-3; 0 trains nothing: a dry run)"""
     adam_beta1: float = 0.9
+    """AdamW beta1 (first-moment decay), in [0, 1)"""
     adam_beta2: float = 0.999
+    """AdamW beta2 (second-moment decay), in [0, 1)"""
     adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay of the LoRA weights (>= 0)"""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon (> 0)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
     lora_rank: int = 4
+    """LoRA rank r of the adapters on the UNet's attention projections (to_q/k/v/out)"""
     lora_alpha: float = 4.0
+    """LoRA alpha: the adapters' output is scaled by alpha / rank"""
     backprop_steps: int = 1
     """K: only the last K denoising steps carry gradient (truncated backprop)"""
     backprop_steps_random: bool = False
     """draw K ~ U{1..backprop_steps} once per trajectory instead of fixing it"""
     gradient_checkpointing: Literal["call", "blocks", "none"] = "call"
     """recompute activations in backward: 'call' each whole UNet call, 'blocks' each UNet block and VAE-decoder block (least memory: SDXL at 1024 px), 'none' store everything"""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
-    """precision of the frozen weights and of autocast (LoRA weights stay fp32)"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """precision of the frozen weights and of autocast (LoRA weights stay fp32); auto: bf16 on CUDA, no (fp32) on CPU"""
     kernels: Literal["auto", "triton", "eager"] = "auto"
     """CFG+DDIM step implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
 
-    # run
+    # --- the run and its files ---
     seed: int = 0
+    """seed of the LoRA initialisation, the prompts drawn, the noise and the evaluation's fixed noise"""
     output_dir: str = "runs/alignprop"
+    """where the run's files go: args.json, args.jsonl, log.jsonl, images/, eval/, checkpoints/ (one run per directory)"""
     resume: bool = False
-    """continue from the last checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last checkpoint (with the same arguments; a run that stopped before its first checkpoint restarts from scratch)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir (its checkpoints, logs, images and evaluations) and start a new one there"""
+    allow_changed_args: bool = False
+    """with --resume: accept arguments that differ from the run's (they are recorded in args.jsonl)"""
     save_every: int = 1
     """write a checkpoint every N epochs (and after the last)"""
     keep_checkpoints: int = 3
+    """keep the last N checkpoints (0 keeps all)"""
     eval_every: int = 5
     """evaluate on --eval-prompts every N epochs (and before training and after the last epoch; 0 disables)"""
     eval_num: int = 8
-    """number of held-out prompts evaluated (fixed seeds, w_high, no DiffExp)"""
+    """number of held-out prompts evaluated, the first N of --eval-prompts (fixed seeds, w_high, no DiffExp; at most the set's size)"""
     track: bool = False
     """log to Weights & Biases (plain JSON-lines logs are always written)"""
     wandb_project: str = "diffexp"
+    """Weights & Biases project of --track"""
+
+
+GRID_IMAGES = 16  # training samples shown per epoch in images/epoch_NNNN.png
 
 
 def fail(msg: str):
@@ -122,38 +166,52 @@ def fail(msg: str):
 def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
-    from diffusion import CheckpointError, latest_checkpoint, load_prompts
+    from diffusion import CheckpointError, check_checkpoints, check_run_dir, load_prompts, resolve_mixed_precision, vae_downsampling
     from explore import DiffExpConfig
 
+    for ok, msg in [
+        (args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"),
+        (args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (images per epoch; paper: 64), got {args.samples_per_epoch}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1 (images per forward/backward pass), got {args.batch_size}"),
+        (args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"),
+        (args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"),
+        (1 <= args.backprop_steps <= args.num_steps, f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}"),
+        (args.eta >= 0, f"--eta must be >= 0, got {args.eta}"),
+        (math.isfinite(args.lr) and args.lr >= 0, f"--lr must be a number >= 0 (paper: 1e-3), got {args.lr}"),
+        (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}"),
+        (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {args.adam_beta2}"),
+        (args.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {args.adam_weight_decay}"),
+        (args.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {args.adam_epsilon}"),
+        (args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}"),
+        (args.lora_rank >= 1, f"--lora-rank must be >= 1, got {args.lora_rank}"),
+        (args.lora_alpha > 0, f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}"),
+        (args.resolution is None or args.resolution > 0, f"--resolution must be a positive number of pixels, got {args.resolution}"),
+        (args.save_every >= 1, f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}"),
+        (args.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}"),
+        (args.eval_every >= 0, f"--eval-every must be >= 0 (0 turns evaluation off), got {args.eval_every}"),
+        (args.eval_num >= 1, f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}"),
+    ]:
+        if not ok:
+            fail(msg)
     diffexp = DiffExpConfig(
         args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
         tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
     )
+    notes = []
     try:
         diffexp.validate()
         rewards.require_differentiable(args.reward)
         prompts = load_prompts(args.prompts, "--prompts")
-        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts")[: args.eval_num] if args.eval_every > 0 else []
+        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_every > 0 else []
+        if len(eval_prompts) < args.eval_num and eval_prompts:
+            notes.append(f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}")
+        eval_prompts = eval_prompts[: args.eval_num]
         unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
         if unknown:
             raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if args.num_steps < 1 or not 1 <= args.backprop_steps <= args.num_steps:
-        fail(f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}")
-    if args.eta < 0:
-        fail(f"--eta must be >= 0, got {args.eta}")
-    if args.track:
-        try:
-            import wandb  # noqa: F401
-        except ImportError:
-            fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
-
-    from accelerate import Accelerator
-
-    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # what accelerate will find (torchrun / accelerate launch set it)
     if args.samples_per_epoch % (args.batch_size * world):
         fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")
     batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
@@ -162,17 +220,58 @@ def main(args: Args):
             f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {batches_per_epoch} batches "
             f"per process per epoch (--samples-per-epoch / (--batch-size x processes))"
         )
-    if not args.resume and latest_checkpoint(args.output_dir) is not None:
-        fail(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume to continue it, or choose another --output-dir")
-    if args.resume and latest_checkpoint(args.output_dir) is None:
-        fail(f"--resume: no checkpoint in {args.output_dir}/checkpoints")
+    args.mixed_precision, precision_note = resolve_mixed_precision(args.mixed_precision)
+    try:
+        plan = check_run_dir(args)  # one run per --output-dir: refuse to mix two, or to lose one
+        factor, source = vae_downsampling(args.pretrained, args.vae)
+        if args.resolution is not None and args.resolution % factor:
+            raise ValueError(f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}")
+        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + ([("--vae", args.vae, ("config.json",))] if args.vae else [])
+        notes += check_checkpoints(needed + rewards.checkpoints_needed(args.reward, **args.reward_models))
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
+    if args.track:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
+    if plan.finished:
+        print(f"nothing to do: the run in {args.output_dir} has finished its {args.num_epochs} epochs ({plan.checkpoint}); "
+              f"to train on, pass a larger --num-epochs with --allow-changed-args")
+        return
+
+    from accelerate import Accelerator
+
+    from diffusion import prepare_run_dir
+
+    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if args.samples_per_epoch % (args.batch_size * world) or (args.samples_per_epoch // (args.batch_size * world)) % args.gradient_accumulation_steps:
+        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x --gradient-accumulation-steps "
+             f"{args.gradient_accumulation_steps} x {world} processes")
+    batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
+    deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
+    accelerator.wait_for_everyone()
+    if plan.mode == "restart":
+        notes.append(f"note: --resume: {args.output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})")
+    elif plan.mode == "overwrite" and deleted:
+        notes.append(f"note: --overwrite: deleted the previous run's files in {args.output_dir} ({', '.join(deleted)})")
+    if plan.changed:
+        notes.append("note: --allow-changed-args: continuing with " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items()))
+    if args.lr == 0:
+        notes.append("note: --lr 0: the LoRA weights will not change (a dry run)")
+    for line in [precision_note, *notes]:
+        accelerator.print(line)
 
     # --- setup ---------------------------------------------------------------------------------------
     from torch.utils.checkpoint import checkpoint
-    from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import RunLog, TextConditioner, add_lora, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
+    from diffusion import (
+        RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline,
+        save_checkpoint, save_sample_grid, seeded,
+    )
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step
 
@@ -199,15 +298,17 @@ def main(args: Args):
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
     latent_shape = (args.batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()  # steps at w_low while exploring
+    if diffexp.cfg_schedule and args.explore_frac > 0 and args.w_low != args.w_high and w_low_share in (0.0, 1.0):
+        accelerator.print(cfg_switch_warning(timesteps_host, T, args.t_sw), file=sys.stderr)
     text = TextConditioner(pipe, resolution)  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     if args.gradient_checkpointing == "blocks":  # diffusers checkpoints per block whenever grad is on, frozen or not
         unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
-    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
+    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process, invocation=plan.record())
 
     start_epoch, samples_seen = 0, 0
-    if args.resume:
-        ckpt = latest_checkpoint(args.output_dir)
+    if plan.mode == "resume":
+        ckpt = plan.checkpoint
         try:
             state = load_checkpoint(ckpt, unet)
         except CheckpointError as e:
@@ -225,17 +326,19 @@ def main(args: Args):
             out_u, out_c = cfg_unet(unet, x.to(weight_dtype), t, cond, text.negative, w)
         return out_u.float(), out_c.float()
 
-    def evaluate(epoch: int):
+    def evaluate(name: str):
+        """Held-out evaluation into eval/NAME: 'initial' before training, epoch_NNNN after epoch NNNN
+        (the same number as that epoch's checkpoint)."""
         if not eval_prompts or not accelerator.is_main_process:
             return {}
         with accelerator.autocast():
             return evaluate_held_out(
-                pipe, reward_fn, eval_prompts, log.dir / "eval" / f"epoch_{epoch:04d}", args.num_steps, args.w_high,
+                pipe, reward_fn, eval_prompts, log.dir / "eval" / name, args.num_steps, args.w_high,
                 seeded(args.seed, 10**6), resolution, args.kernels,
             )
 
     if start_epoch == 0:
-        log.log({"epoch": -1, "samples": 0} | evaluate(0))
+        log.log({"epoch": -1, "samples": 0} | evaluate("initial"))
 
     # --- training loop -------------------------------------------------------------------------------
     for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
@@ -244,7 +347,7 @@ def main(args: Args):
             torch.cuda.reset_peak_memory_stats()
         exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
         epoch_scores, epoch_components, losses, grad_norms, records = [], {}, [], [], []
-        first_images = None
+        grid_images, grid_prompts = [], []  # up to GRID_IMAGES of the epoch's samples, spread over its batches
 
         for batch in range(batches_per_epoch):
             g = seeded(args.seed, epoch, rank, batch)
@@ -290,8 +393,9 @@ def main(args: Args):
                 epoch_components.setdefault(k, []).append(v.detach().float())
             losses.append(loss.detach())
             records += [r.record() for r in weights]
-            if first_images is None:
-                first_images = images.detach().float()
+            keep = -(-GRID_IMAGES // batches_per_epoch)
+            grid_images.append((images[:keep].detach().float().clamp(0, 1) * 255).round().to(torch.uint8))
+            grid_prompts += batch_prompts[:keep]
 
         # --- log ----------------------------------------------------------------------------------------
         scores = accelerator.gather(torch.cat(epoch_scores))  # every process's samples
@@ -319,15 +423,15 @@ def main(args: Args):
         images_logged = {}
         if accelerator.is_main_process:
             grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
-            grid.parent.mkdir(parents=True, exist_ok=True)
-            save_image(first_images, grid, nrow=int(math.ceil(math.sqrt(len(first_images)))))
+            save_sample_grid(torch.cat(grid_images)[:GRID_IMAGES], grid_prompts[:GRID_IMAGES], grid)
             images_logged["samples"] = grid
         last = epoch == args.num_epochs - 1
         if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or last):
-            record |= evaluate(epoch + 1)
+            record |= evaluate(f"epoch_{epoch:04d}")
         log.log(record, images_logged)
+        held_out = f"eval {record['eval_reward_mean']:.4f} " if "eval_reward_mean" in record else ""
         accelerator.print(
-            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} "
+            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} {held_out}"
             f"loss {record['loss']:.4f} grad_norm {record['grad_norm']:.3g} exploring {exploring} "
             f"{record['sec_per_sample']:.3f} s/sample peak {record['peak_mem_mb']:.0f} MiB"
         )
@@ -341,5 +445,15 @@ def main(args: Args):
     accelerator.end_training()
 
 
+def cli(argv: list[str] | None = None) -> Args:
+    """The command line (sys.argv by default), with `--config NAME` presets."""
+    from diffusion import parse_args_with_presets
+
+    try:
+        return parse_args_with_presets(Args, PRESETS, argv)
+    except ValueError as e:
+        fail(str(e))
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli())

@@ -8,42 +8,70 @@ Per epoch: sample trajectories with the DiffExp CFG schedule and randomly weight
 exploring), storing for every step the latents, the log-prob, the guidance scale and the prompt
 embeddings actually used; score the images (in a background thread while the next batch samples);
 turn rewards into advantages; then `inner_epochs` PPO passes over the trajectories, recomputing
-each step's log-prob under exactly the conditions that sampled it (SPEC §3's consistency rule).
+each step's log-prob under exactly the conditions that sampled it (the README's consistency rule).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import tyro
 
+from rewards import DEFAULT_MODELS, NAMES
+
+
+REWARD_HELP = (
+    f"reward to maximise: one of {', '.join(NAMES)}, custom:DIR (a train_reward.py model), or a weighted sum "
+    f"such as 'hps:1,aesthetic:0.5' (non-differentiable rewards such as jpeg work here)"
+)
+REWARD_MODELS_HELP = (
+    f"override reward checkpoints with a hub id or a local directory, KEY VALUE pairs, e.g. --reward-models aesthetic_model /ckpt/aesthetic; "
+    f"keys: {', '.join(DEFAULT_MODELS)} (and custom_mode, custom_target for custom:DIR)"
+)
+
+# `--config NAME`: a named preset whose values become the defaults, each still overridable by its flag.
+PRESETS = {
+    # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
+    # reward, two-shape training prompts, unseen shape-colour combinations held out; ~3-6 min on a CPU.
+    "toy": dict(
+        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
+        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
+        samples_per_epoch=16, sample_batch_size=8, train_batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16,
+        output_dir="runs/toy-ddpo",
+    ),
+}
+
 
 @dataclass
 class Args:
-    # model and reward
+    config: Literal["toy"] | None = None
+    """a preset filling in a whole setting, any flag still overriding it: 'toy' = the shipped offline toy world
+    (--pretrained toy, pickscore with the toy-scorer, toy_two_shapes / toy_unseen prompts, 10 steps, fp32,
+    30 epochs x 16 samples, output runs/toy-ddpo)"""
+
+    # --- model and reward ---
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout)"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout); 'toy': the shipped toy world"""
     vae: str | None = None
     """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
-    reward: str = "aesthetic"
-    """reward to maximise: a name from rewards.py (jpeg works too) or an ensemble such as 'hps:1,aesthetic:0.5'"""
-    reward_models: dict[str, str] = field(default_factory=dict)
-    """override reward checkpoints (hub id or directory), e.g. --reward-models aesthetic_model /ckpt/aesthetic (keys: rewards.DEFAULT_MODELS)"""
+    reward: Annotated[str, tyro.conf.arg(help=REWARD_HELP)] = "aesthetic"
+    reward_models: Annotated[dict[str, str], tyro.conf.arg(help=REWARD_MODELS_HELP)] = field(default_factory=dict)
     prompts: str = "simple_animals"
     """training prompts: a built-in set in prompts/ (without .txt) or a text file, one prompt a line"""
     eval_prompts: str = "unseen_animals"
     """held-out prompts evaluated with fixed seeds every --eval-every epochs"""
 
-    # DiffExp (SPEC §3)
+    # --- DiffExp ---
     cfg_schedule: bool = True
     """DiffExp (a): low guidance scale w_low on the noisy steps t >= t_sw*T, w_high after"""
     prompt_weighting: bool = True
@@ -63,20 +91,21 @@ class Args:
     prompt_weight_pooled: bool = False
     """SDXL: also blend the pooled text embedding with the chosen word's weight (default: token states only)"""
 
-    # sampling
+    # --- sampling ---
     num_steps: int = 50
     """DDIM denoising steps"""
     eta: float = 1.0
     """DDIM eta; must be > 0 (the policy needs a density)"""
     resolution: int | None = None
-    """image size in pixels (default: the model's native size, 512 for SD 1.5)"""
+    """image size in pixels, a multiple of the VAE's downsampling factor (8 for SD; default: the model's native size, 512 for SD 1.5)"""
     samples_per_epoch: int = 64
     """trajectories per epoch across all processes (paper: 64)"""
     sample_batch_size: int = 8
     """trajectories sampled at once per process"""
 
-    # PPO
+    # --- PPO ---
     num_epochs: int = 100
+    """number of epochs (one epoch = sampling samples_per_epoch trajectories, then --inner-epochs PPO passes over them)"""
     train_batch_size: int = 4
     """trajectories per training forward/backward pass per process"""
     gradient_accumulation_steps: int = 4
@@ -94,35 +123,54 @@ class Args:
     stat_buffer_size: int = 32
     """rewards kept per prompt for its mean/std"""
     stat_min_count: int = 16
-    """below this many rewards for a prompt, normalise by the batch's mean/std"""
+    """below this many rewards for a prompt, normalise by the batch's mean/std (at most --stat-buffer-size)"""
     lr: float = 3e-4
-    """AdamW learning rate (paper: 3e-4)"""
+    """AdamW learning rate (paper: 3e-4; 0 trains nothing: a dry run)"""
     adam_beta1: float = 0.9
+    """AdamW beta1 (first-moment decay), in [0, 1)"""
     adam_beta2: float = 0.999
+    """AdamW beta2 (second-moment decay), in [0, 1)"""
     adam_weight_decay: float = 1e-4
+    """AdamW decoupled weight decay of the LoRA weights (>= 0)"""
     adam_epsilon: float = 1e-8
+    """AdamW epsilon (> 0)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
     lora_rank: int = 4
+    """LoRA rank r of the adapters on the UNet's attention projections (to_q/k/v/out)"""
     lora_alpha: float = 4.0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
-    """precision of the frozen weights and of autocast (LoRA weights and log-probs stay fp32)"""
+    """LoRA alpha: the adapters' output is scaled by alpha / rank"""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """precision of the frozen weights and of autocast (LoRA weights and log-probs stay fp32); auto: bf16 on CUDA, no (fp32) on CPU"""
     kernels: Literal["auto", "triton", "eager"] = "auto"
     """step / loss implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
 
-    # run
+    # --- the run and its files ---
     seed: int = 0
+    """seed of the LoRA initialisation, the prompts drawn, the noise and the evaluation's fixed noise"""
     output_dir: str = "runs/ddpo"
+    """where the run's files go: args.json, args.jsonl, log.jsonl, images/, eval/, checkpoints/ (one run per directory)"""
     resume: bool = False
-    """continue from the last checkpoint in --output-dir"""
+    """continue the run in --output-dir from its last checkpoint (with the same arguments; a run that stopped before its first checkpoint restarts from scratch)"""
+    overwrite: bool = False
+    """delete the run already in --output-dir (its checkpoints, logs, images and evaluations) and start a new one there"""
+    allow_changed_args: bool = False
+    """with --resume: accept arguments that differ from the run's (they are recorded in args.jsonl)"""
     save_every: int = 1
+    """write a checkpoint every N epochs (and after the last)"""
     keep_checkpoints: int = 3
+    """keep the last N checkpoints (0 keeps all)"""
     eval_every: int = 5
     """evaluate on --eval-prompts every N epochs (and before training and after the last epoch; 0 disables)"""
     eval_num: int = 8
+    """number of held-out prompts evaluated, the first N of --eval-prompts (fixed seeds, w_high, no DiffExp, eta 0; at most the set's size)"""
     track: bool = False
     """log to Weights & Biases (plain JSON-lines logs are always written)"""
     wandb_project: str = "diffexp"
+    """Weights & Biases project of --track"""
+
+
+GRID_IMAGES = 16  # training samples shown per epoch in images/epoch_NNNN.png
 
 
 def fail(msg: str):
@@ -158,61 +206,123 @@ class PerPromptStatTracker:
 def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
-    from diffusion import CheckpointError, latest_checkpoint, load_prompts
+    from diffusion import CheckpointError, check_checkpoints, check_run_dir, load_prompts, resolve_mixed_precision, vae_downsampling
     from explore import DiffExpConfig
 
+    for ok, msg in [
+        (args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"),
+        (args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (trajectories per epoch; paper: 64), got {args.samples_per_epoch}"),
+        (args.sample_batch_size >= 1, f"--sample-batch-size must be >= 1 (trajectories sampled at once), got {args.sample_batch_size}"),
+        (args.train_batch_size >= 1, f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}"),
+        (args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"),
+        (args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"),
+        (args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0"),
+        (args.inner_epochs >= 1, f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}"),
+        (0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}"),
+        (args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)"),
+        (args.adv_clip_max > 0, f"--adv-clip-max must be > 0 (advantages are clipped to [-max, max]), got {args.adv_clip_max}"),
+        (args.stat_buffer_size >= 1, f"--stat-buffer-size must be >= 1 (rewards kept per prompt), got {args.stat_buffer_size}"),
+        (args.stat_min_count >= 1, f"--stat-min-count must be >= 1, got {args.stat_min_count}"),
+        (not args.per_prompt_stat_tracking or args.stat_min_count <= args.stat_buffer_size,
+         f"--stat-min-count {args.stat_min_count} is more than --stat-buffer-size {args.stat_buffer_size} holds, so per-prompt statistics "
+         f"would never be used: lower --stat-min-count or raise --stat-buffer-size"),
+        (math.isfinite(args.lr) and args.lr >= 0, f"--lr must be a number >= 0 (paper: 3e-4), got {args.lr}"),
+        (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}"),
+        (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {args.adam_beta2}"),
+        (args.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {args.adam_weight_decay}"),
+        (args.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {args.adam_epsilon}"),
+        (args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}"),
+        (args.lora_rank >= 1, f"--lora-rank must be >= 1, got {args.lora_rank}"),
+        (args.lora_alpha > 0, f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}"),
+        (args.resolution is None or args.resolution > 0, f"--resolution must be a positive number of pixels, got {args.resolution}"),
+        (args.save_every >= 1, f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}"),
+        (args.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}"),
+        (args.eval_every >= 0, f"--eval-every must be >= 0 (0 turns evaluation off), got {args.eval_every}"),
+        (args.eval_num >= 1, f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}"),
+    ]:
+        if not ok:
+            fail(msg)
     diffexp = DiffExpConfig(
         args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
         tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
     )
+    notes = []
     try:
         diffexp.validate()
         rewards.parse_reward_spec(args.reward)
         prompts = load_prompts(args.prompts, "--prompts")
-        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts")[: args.eval_num] if args.eval_every > 0 else []
+        eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_every > 0 else []
+        if len(eval_prompts) < args.eval_num and eval_prompts:
+            notes.append(f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}")
+        eval_prompts = eval_prompts[: args.eval_num]
         unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
         if unknown:
             raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if not args.eta > 0:
-        fail(f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0")
-    if not args.clip_range > 0:
-        fail(f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)")
-    if not 0 < args.timestep_fraction <= 1:
-        fail(f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}")
-    if args.adv_clip_max <= 0 or args.inner_epochs < 1 or args.num_steps < 1:
-        fail("--adv-clip-max must be > 0, --inner-epochs and --num-steps >= 1")
+
+    def check_batches(world: int):
+        """The batch sizes divide an epoch's trajectories for `world` processes."""
+        if args.samples_per_epoch % (args.sample_batch_size * world):
+            fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes")
+        if (args.samples_per_epoch // world) % args.train_batch_size:
+            fail(f"--train-batch-size {args.train_batch_size} must divide the {args.samples_per_epoch // world} trajectories per process per epoch")
+        if (args.samples_per_epoch // world // args.train_batch_size) % args.gradient_accumulation_steps:
+            fail(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
+                 f"{args.samples_per_epoch // world // args.train_batch_size} training batches per epoch")
+
+    check_batches(int(os.environ.get("WORLD_SIZE", "1")))  # what accelerate will find (torchrun / accelerate launch set it)
+    args.mixed_precision, precision_note = resolve_mixed_precision(args.mixed_precision)
+    try:
+        plan = check_run_dir(args)  # one run per --output-dir: refuse to mix two, or to lose one
+        factor, source = vae_downsampling(args.pretrained, args.vae)
+        if args.resolution is not None and args.resolution % factor:
+            raise ValueError(f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}")
+        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + ([("--vae", args.vae, ("config.json",))] if args.vae else [])
+        notes += check_checkpoints(needed + rewards.checkpoints_needed(args.reward, **args.reward_models))
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
     if args.track:
         try:
             import wandb  # noqa: F401
         except ImportError:
             fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
+    if plan.finished:
+        print(f"nothing to do: the run in {args.output_dir} has finished its {args.num_epochs} epochs ({plan.checkpoint}); "
+              f"to train on, pass a larger --num-epochs with --allow-changed-args")
+        return
 
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
+    from diffusion import prepare_run_dir
+
     # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
-    if args.samples_per_epoch % (args.sample_batch_size * world):
-        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes")
+    check_batches(world)
     samples_per_process = args.samples_per_epoch // world
-    if samples_per_process % args.train_batch_size:
-        fail(f"--train-batch-size {args.train_batch_size} must divide the {samples_per_process} trajectories per process per epoch")
     train_batches = samples_per_process // args.train_batch_size
-    if train_batches % args.gradient_accumulation_steps:
-        fail(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {train_batches} training batches per epoch")
-    if not args.resume and latest_checkpoint(args.output_dir) is not None:
-        fail(f"--output-dir {args.output_dir} already holds checkpoints: pass --resume to continue it, or choose another --output-dir")
-    if args.resume and latest_checkpoint(args.output_dir) is None:
-        fail(f"--resume: no checkpoint in {args.output_dir}/checkpoints")
+    deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
+    accelerator.wait_for_everyone()
+    if plan.mode == "restart":
+        notes.append(f"note: --resume: {args.output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})")
+    elif plan.mode == "overwrite" and deleted:
+        notes.append(f"note: --overwrite: deleted the previous run's files in {args.output_dir} ({', '.join(deleted)})")
+    if plan.changed:
+        notes.append("note: --allow-changed-args: continuing with " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items()))
+    if args.lr == 0:
+        notes.append("note: --lr 0: the LoRA weights will not change (a dry run)")
+    for line in [precision_note, *notes]:
+        accelerator.print(line)
 
     # --- setup ---------------------------------------------------------------------------------------
-    from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import Conditioning, RunLog, TextConditioner, add_lora, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline, save_checkpoint, seeded
+    from diffusion import (
+        Conditioning, RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, decode, evaluate_held_out, load_checkpoint,
+        load_pipeline, save_checkpoint, save_sample_grid, seeded,
+    )
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step, ddpo_clip_loss
 
@@ -240,9 +350,11 @@ def main(args: Args):
     latent_shape = (args.sample_batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()
+    if diffexp.cfg_schedule and args.explore_frac > 0 and args.w_low != args.w_high and w_low_share in (0.0, 1.0):
+        accelerator.print(cfg_switch_warning(timesteps_host, T, args.t_sw), file=sys.stderr)
     text = TextConditioner(pipe, resolution)  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process)
+    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process, invocation=plan.record())
     # A reward that works on the host (JPEG encoding) is scored in a thread while the next batch samples.
     # That thread gets one intra-op thread: its first torch op would otherwise start a second full
     # OpenMP team, and two teams on the same cores slow the UNet far more than the overlap gains.
@@ -251,8 +363,8 @@ def main(args: Args):
     reward_worker = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if host_reward else None
 
     start_epoch, samples_seen = 0, 0
-    if args.resume:
-        ckpt = latest_checkpoint(args.output_dir)
+    if plan.mode == "resume":
+        ckpt = plan.checkpoint
         try:
             state = load_checkpoint(ckpt, unet)
         except CheckpointError as e:
@@ -277,17 +389,19 @@ def main(args: Args):
             scores, components = reward_fn(images, batch_prompts)
         return scores.float(), {k: v.float() for k, v in components.items()}
 
-    def evaluate(epoch: int):
+    def evaluate(name: str):
+        """Held-out evaluation into eval/NAME: 'initial' before training, epoch_NNNN after epoch NNNN
+        (the same number as that epoch's checkpoint)."""
         if not eval_prompts or not accelerator.is_main_process:
             return {}
         with accelerator.autocast():
             return evaluate_held_out(
-                pipe, reward_fn, eval_prompts, log.dir / "eval" / f"epoch_{epoch:04d}", args.num_steps, args.w_high,
+                pipe, reward_fn, eval_prompts, log.dir / "eval" / name, args.num_steps, args.w_high,
                 seeded(args.seed, 10**6), resolution, args.kernels,
             )
 
     if start_epoch == 0:
-        log.log({"epoch": -1, "samples": 0} | evaluate(0))
+        log.log({"epoch": -1, "samples": 0} | evaluate("initial"))
 
     # --- training loop -------------------------------------------------------------------------------
     for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
@@ -297,8 +411,9 @@ def main(args: Args):
         exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
 
         # --- sampling: store everything the training pass must reproduce ----------------------------
-        trajectories, pending, records, first_images = [], [], [], None
-        for batch in range(samples_per_process // args.sample_batch_size):
+        trajectories, pending, records, grid_images = [], [], [], []  # grid: up to GRID_IMAGES samples, spread over the batches
+        sample_batches = samples_per_process // args.sample_batch_size
+        for batch in range(sample_batches):
             g = seeded(args.seed, epoch, rank, batch)
             batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.sample_batch_size,), generator=g).tolist()]
             cond, guidance_host, weights = diffexp_conditioning(
@@ -330,8 +445,7 @@ def main(args: Args):
                 "cond": cond,  # the (weighted) embeddings, and on SDXL the pooled embedding and time ids, as used
             })
             records += [r.record() for r in weights]
-            if first_images is None:
-                first_images = images.float()
+            grid_images.append((images[: -(-GRID_IMAGES // sample_batches)].float().clamp(0, 1) * 255).round().to(torch.uint8))
 
         local_prompts = [r["prompt"] for r in records]
         results = [f.result() if reward_worker else f for f in pending]
@@ -422,15 +536,17 @@ def main(args: Args):
         images_logged = {}
         if accelerator.is_main_process:
             grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
-            grid.parent.mkdir(parents=True, exist_ok=True)
-            save_image(first_images, grid, nrow=int(math.ceil(math.sqrt(len(first_images)))))
+            per_batch = -(-GRID_IMAGES // sample_batches)
+            grid_prompts = [p for k in range(sample_batches) for p in local_prompts[k * args.sample_batch_size :][:per_batch]]
+            save_sample_grid(torch.cat(grid_images)[:GRID_IMAGES], grid_prompts[:GRID_IMAGES], grid)
             images_logged["samples"] = grid
         last = epoch == args.num_epochs - 1
         if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or last):
-            record |= evaluate(epoch + 1)
+            record |= evaluate(f"epoch_{epoch:04d}")
         log.log(record, images_logged)
+        held_out = f"eval {record['eval_reward_mean']:.4f} " if "eval_reward_mean" in record else ""
         accelerator.print(
-            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} "
+            f"epoch {epoch} samples {samples_seen} reward {record['reward_mean']:.4f}±{record['reward_std']:.4f} {held_out}"
             f"kl {record['approx_kl']:.2e} clipfrac {record['clipfrac']:.3f} ratio [{record['ratio_min']:.4f}, {record['ratio_max']:.4f}] "
             f"exploring {exploring} {record['sec_per_sample']:.3f} s/sample peak {record['peak_mem_mb']:.0f} MiB"
         )
@@ -449,5 +565,15 @@ def main(args: Args):
     accelerator.end_training()
 
 
+def cli(argv: list[str] | None = None) -> Args:
+    """The command line (sys.argv by default), with `--config NAME` presets."""
+    from diffusion import parse_args_with_presets
+
+    try:
+        return parse_args_with_presets(Args, PRESETS, argv)
+    except ValueError as e:
+        fail(str(e))
+
+
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(cli())

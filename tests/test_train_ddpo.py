@@ -1,12 +1,11 @@
 """train_ddpo.py end to end on the tiny offline pipeline (CPU), and its advantage computation."""
 
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, lora_weights, read_log, run_script
+from conftest import lora_weights, read_log, run_script
 
 from kernels import ppo_clip_loss_reference
 from train_ddpo import PerPromptStatTracker
@@ -53,7 +52,7 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
 
     For one step x_prev = mu_theta + sigma z and a reward f(x_prev) = u.x_prev + c/2 |x_prev|^2, the
     reward gradient has a closed form, d/dtheta E_z f = J^T (u + c mu), and the log-probs being
-    per-dimension means (SPEC §2) make E_z[(f - baseline) d log_prob] that divided by C*H*W. With
+    per-dimension means (README, The method) make E_z[(f - baseline) d log_prob] that divided by C*H*W. With
     many draws of z the loss's gradient must match it in direction and scale, with per-sample
     guidance scales as DiffExp uses them; a sign, scale or guidance error in the backward does not."""
     from diffusion import add_lora, encode_prompts, load_pipeline
@@ -207,26 +206,3 @@ def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
     r = read_log(tmp_path / "run")[-1]
     assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
     assert r["lora_sync_error"] == 0.0
-
-
-@pytest.mark.parametrize(
-    "extra, message",
-    [
-        (["--eta", "0"], r"--eta must be > 0 for DDPO"),
-        (["--clip-range", "0"], r"--clip-range must be > 0"),
-        (["--t-sw", "-0.1"], r"--t-sw must be in \[0, 1\]"),
-        (["--samples-per-epoch", "6", "--sample-batch-size", "4"], r"--samples-per-epoch 6 must be divisible by --sample-batch-size 4"),
-        (["--train-batch-size", "3"], r"--train-batch-size 3 must divide"),
-        (["--reward", "hps:abc"], r"--reward"),
-    ],
-)
-def test_bad_input_fails_before_loading(extra, message, tmp_path):
-    import re
-
-    args = ["--pretrained", tmp_path / "missing", "--samples-per-epoch", "4", "--sample-batch-size", "2", "--train-batch-size", "2",
-            "--gradient-accumulation-steps", "1", "--output-dir", tmp_path / "out", *extra]
-    proc = subprocess.run([sys.executable, ROOT / "train_ddpo.py", *map(str, args)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and re.search(message, last), last
-    assert "Traceback" not in proc.stderr
