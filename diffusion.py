@@ -133,7 +133,7 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
         name = os.path.expanduser(str(ALIASES.get(str(name), name)))
         if os.path.exists(name) or _looks_like_path(name):
             if not os.path.exists(name):
-                raise CheckpointError(f"{flag}: local directory '{name}' does not exist (pass an existing directory or a hub id with {flag} ...)")
+                raise CheckpointError(f"{flag}: local directory '{name}' does not exist (pass an existing directory or a hub id)")
             if files and os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in files):
                 raise CheckpointError(f"{flag}: '{name}' is not a complete checkpoint directory (no {' or '.join(files)} in it)")
             continue

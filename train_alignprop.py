@@ -236,8 +236,8 @@ def main(args: Args):
         except ImportError:
             fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
     if plan.finished:
-        print(f"nothing to do: the run in {args.output_dir} has finished its {args.num_epochs} epochs ({plan.checkpoint}); "
-              f"to train on, pass a larger --num-epochs with --allow-changed-args")
+        print(f"nothing to do: the run in {args.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of --num-epochs "
+              f"{args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that moves DiffExp's exploration window)")
         return
 
     from accelerate import Accelerator

@@ -166,6 +166,29 @@ def test_offline_without_hf_hub_offline_fails_fast(tiny_sd_dir, tmp_path, monkey
     assert "HF_HUB_OFFLINE" not in err and time.time() - t0 < 10
 
 
+def test_diffusers_hub_fallback_warning_is_dropped_while_loading():
+    """diffusers' "Couldn't connect to the Hub ... Will try to load from local cache" says nothing after
+    check_checkpoints and must not come before a one-line error; other warnings still show."""
+    import logging
+
+    seen = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    logging.getLogger("diffusers").addHandler(handler)
+    try:
+        with diffusion._quiet_hub_fallback():
+            logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
+            logger.warning("Couldn't connect to the Hub: offline.\nWill try to load from local cache.")
+            logger.warning("something else")
+    finally:
+        logging.getLogger("diffusers").removeHandler(handler)
+    assert seen == ["something else"]
+
+
 def test_one_wrong_invocation_as_a_user_runs_it(tmp_path):
     """The process itself: imports print nothing, the line is the only output on stderr, exit 2."""
     proc = subprocess.run([sys.executable, ROOT / "train_alignprop.py", "--lora-rank", "0", "--output-dir", tmp_path / "out"],

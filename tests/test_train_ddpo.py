@@ -23,8 +23,9 @@ def tiny_args(tiny_sd_dir, out, *extra):
 def test_ratio_is_one_before_any_update(tiny_sd_dir, tiny_aesthetic, tmp_path, diffexp):
     """lr = 0: the policy never changes, so every recomputed log-prob (every sample, every step,
     with the stored guidance scale and weighted embeddings) must equal the stored one."""
-    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
-               "--num-epochs", 1, "--lr", 0, "--adam-weight-decay", 0, *diffexp))
+    proc = run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
+                      "--num-epochs", 1, "--lr", 0, "--adam-weight-decay", 0, *diffexp))  # fmt: skip
+    assert "note: --lr 0: the LoRA weights will not change (a dry run)" in proc.stdout  # allowed, but said
     r = read_log(tmp_path / "run")[-1]
     assert r["exploring"] and (r["w_low_share"] == 0.5) == (diffexp == [])
     assert any(p["word"] for p in r["prompt_weights"]) == (diffexp == [])
