@@ -128,6 +128,8 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
     and a hub id is needed, the hub is asked once (one HEAD request, 5 s timeout, no retries): if it
     cannot be reached, the process switches to offline mode, so the loaders do not spend a minute
     retrying; a hub file that is not cached then fails here at once. Returns notes to print."""
+    from huggingface_hub import constants
+
     notes, reachable = [], None
     for flag, name, files in needed:
         name = os.path.expanduser(str(ALIASES.get(str(name), name)))
@@ -139,8 +141,6 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
             continue
         if any(_in_hf_cache(name, f) for f in files or ("config.json", "model_index.json")):
             if not hub_offline() and reachable is None:
-                from huggingface_hub import constants
-
                 status, reason = _hub_probe(constants.ENDPOINT)
                 reachable = status is not None
                 if not reachable:
@@ -150,8 +150,6 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
         fix = f"download it on a machine with internet (`hf download {name}`) and pass its local directory with {flag} DIR"
         if hub_offline():
             raise CheckpointError(f"{flag}: '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE to download it here")
-        from huggingface_hub import constants
-
         status, reason = _hub_probe(f"{constants.ENDPOINT}/{name}/resolve/main/{(files or ('config.json',))[0]}")
         if status is None:
             _go_offline()

@@ -211,15 +211,18 @@ def main(args: Args):
             raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # what accelerate will find (torchrun / accelerate launch set it)
-    if args.samples_per_epoch % (args.batch_size * world):
-        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")
-    batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
-    if batches_per_epoch % args.gradient_accumulation_steps:
-        fail(
-            f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {batches_per_epoch} batches "
-            f"per process per epoch (--samples-per-epoch / (--batch-size x processes))"
-        )
+
+    def check_batches(world: int):
+        """The batch size and the accumulation divide an epoch's images for `world` processes."""
+        if args.samples_per_epoch % (args.batch_size * world):
+            fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")
+        if (args.samples_per_epoch // (args.batch_size * world)) % args.gradient_accumulation_steps:
+            fail(
+                f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {args.samples_per_epoch // (args.batch_size * world)} "
+                f"batches per process per epoch (--samples-per-epoch / (--batch-size x processes))"
+            )
+
+    check_batches(int(os.environ.get("WORLD_SIZE", "1")))  # what accelerate will find (torchrun / accelerate launch set it)
     args.mixed_precision, precision_note = resolve_mixed_precision(args.mixed_precision)
     try:
         plan = check_run_dir(args)  # one run per --output-dir: refuse to mix two, or to lose one
@@ -247,9 +250,7 @@ def main(args: Args):
     # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
-    if args.samples_per_epoch % (args.batch_size * world) or (args.samples_per_epoch // (args.batch_size * world)) % args.gradient_accumulation_steps:
-        fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x --gradient-accumulation-steps "
-             f"{args.gradient_accumulation_steps} x {world} processes")
+    check_batches(world)
     batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
     deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
