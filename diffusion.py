@@ -678,6 +678,7 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep:
     # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
     metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
     StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_adapter_metadata=metadata, unet_lora_layers=weights)
+    _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
     torch.save(state, tmp / "training_state.pt")
     mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
     for f in tmp.iterdir():
@@ -688,6 +689,21 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep:
     for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old)
     return final
+
+
+def _canonical_safetensors_header(path: Path):
+    """Rewrite a .safetensors file's JSON header with the metadata keys sorted and the tensors in the
+    order of their data: safetensors writes the metadata map in the (per-process random) order of a
+    hash map, so two identical runs would otherwise write different bytes. The tensor data is untouched."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = header.pop("__metadata__", None)
+    tensors = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
+    canonical = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(tensors)
+    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, the header padded with spaces (as safetensors does)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
 
 
 def _umask() -> int:

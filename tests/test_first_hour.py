@@ -309,6 +309,9 @@ def test_checkpoints_are_sorted_by_epoch_and_keep_zero_keeps_all(tiny_sd_dir, tm
     with safe_open(tmp_path / "two" / "checkpoints" / "epoch_0012" / "pytorch_lora_weights.safetensors", "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert meta["unet.target_modules"] == sorted(meta["unet.target_modules"])  # not a set's hash-seed order
+    raw = (tmp_path / "two" / "checkpoints" / "epoch_0012" / "pytorch_lora_weights.safetensors").read_bytes()
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])  # not a hash map's order either
 
 
 def test_vae_downsampling_is_read_without_loading(tiny_sd_dir):
