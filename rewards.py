@@ -46,6 +46,7 @@ DEFAULT_MODELS = dict(
     hps_arch="ViT-H-14",  # open_clip architecture: a model name or 'local-dir:DIR' (open_clip_config.json)
     imagereward_model="THUDM/ImageReward",  # repo (or dir) with ImageReward.pt and med_config.json
     imagereward_tokenizer="google-bert/bert-base-uncased",  # BLIP's text tokenizer
+    toy_detector=str(Path(__file__).resolve().parent / "models" / "toy-detector"),  # toy-compose: toy.py's detector (config.json + model.safetensors)
 )
 AESTHETIC_FILE = "aesthetic-model.pth"  # the LAION predictor sac+logos+ava1-l14-linearMSE.pth, renamed
 HPS_FILES = {"hps": "HPS_v2.1_compressed.pt", "hpsv2": "HPS_v2_compressed.pt"}
@@ -55,7 +56,7 @@ IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-NAMES = ("aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility")
+NAMES = ("aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility", "toy-compose")
 NOT_DIFFERENTIABLE = ("jpeg", "jpeg_incompressibility")
 
 
@@ -446,6 +447,120 @@ class JpegReward(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# toy-compose: the toy world's compositional reward (what GenEval-style detector rewards are to real
+# models). toy.py trains the detector on its own renders; its config.json carries the vocabulary.
+
+TOY_DETECTOR_FILES = ("config.json", "model.safetensors")
+
+
+class ToyDetectorNet(nn.Module):
+    """toy.py's detector: a small CNN whose last feature map (stride 4) gives, for every (colour, shape)
+    object, a presence map and a location map. Presence logit: log-mean-exp of the presence map (a
+    soft max over places); position: the location map's soft-argmax, (x, y) in pixels of the input
+    (x right, y down). Input: N x 3 x size x size in [0, 1]. Both outputs are differentiable."""
+
+    def __init__(self, num_objects: int, channels: list, size: int = 32):
+        super().__init__()
+        layers = []
+        for c_in, c_out, stride, dilation in channels:
+            layers += [nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(c_out), nn.SiLU()]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(channels[-1][1], 2 * num_objects, 1)
+        self.num_objects = num_objects
+        cells = size // math.prod(c[2] for c in channels)
+        centres = (torch.arange(cells) + 0.5) * (size / cells)
+        gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+        self.register_buffer("grid", torch.stack([gx.flatten(), gy.flatten()], -1), persistent=False)
+
+    def forward(self, x):
+        maps = self.head(self.features((x - 0.5) / 0.5))
+        n, _, h, w = maps.shape
+        presence, location = maps.reshape(n, 2, self.num_objects, h * w).unbind(1)
+        logits = torch.logsumexp(presence, -1) - math.log(h * w)
+        xy = location.softmax(-1) @ self.grid.to(location.dtype)
+        return logits, xy
+
+
+def load_toy_detector(name: str, what: str = "--reward-models toy_detector"):
+    """(frozen ToyDetectorNet, config) from a directory (or hub repo) holding config.json + model.safetensors."""
+    cfg_path = from_pretrained(HubFile, name, what, filename=TOY_DETECTOR_FILES[0])
+    weights = from_pretrained(HubFile, name, what, filename=TOY_DETECTOR_FILES[1])
+    config = json.loads(Path(cfg_path).read_text())
+    net = ToyDetectorNet(len(config["objects"]), config["channels"], config["image_size"])
+    _load_strict(net, load_state_dict_file(weights), what, weights)  # safetensors: no pickle
+    return net.requires_grad_(False).eval(), config
+
+
+class ToyComposeReward(nn.Module):
+    """The probability that an image shows everything its toy caption asks for, in the stated relation.
+
+    "a red circle": P(red circle present). "a red circle left of a blue square": P(red circle) *
+    P(blue square) * P(relation), where P(A left of B) = sigmoid((dx - |dy|) / s) and P(A above B) =
+    sigmoid((dy - |dx|) / s), (dx, dy) = position of B minus position of A (y down) and s the config's
+    relation_scale_px: B must lie more to the right of A than above or below it (resp. more below A
+    than beside it). Soft throughout, so gradients reach the pixels (AlignProp); DDPO uses the value.
+    Extra shapes are not penalised. A prompt outside the toy grammar raises a ValueError naming it.
+    """
+
+    differentiable = True
+
+    def __init__(self, name: str):
+        super().__init__()
+        import re
+
+        self.net, self.config = load_toy_detector(name)
+        self.index = {tuple(o): i for i, o in enumerate(self.config["objects"])}
+        colours = sorted({o[0] for o in self.index}, key=len, reverse=True)
+        shapes = sorted({o[1] for o in self.index}, key=len, reverse=True)
+        self.relations = list(self.config["relations"])
+        if not set(self.relations) <= {"left of", "above"}:
+            raise CheckpointError(f"toy-compose: the detector's relations {self.relations} are not 'left of' / 'above'")
+        obj = f"an? ({'|'.join(map(re.escape, colours))}) ({'|'.join(map(re.escape, shapes))})"
+        self.pattern = re.compile(f"{obj}(?: ({'|'.join(map(re.escape, self.relations))}) {obj})?")
+        self.grammar = (
+            f"'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>' (two different objects), "
+            f"colours {', '.join(sorted(colours))}; shapes {', '.join(sorted(shapes))}; relations {', '.join(self.relations)}"
+        )
+        self.size = int(self.config["image_size"])
+        self.scale = float(self.config["relation_scale_px"])
+
+    def parse(self, prompt: str) -> tuple[int, int, int]:
+        """(object index A, relation: 0 none / 1 + index into relations, object index B; B = A when alone)."""
+        m = self.pattern.fullmatch(" ".join(str(prompt).lower().strip().rstrip(".").split()))
+        if m is None:
+            raise ValueError(f"toy-compose: prompt {prompt!r} is not in the toy grammar; it scores {self.grammar}")
+        ca, sa, rel, cb, sb = m.groups()
+        a = self.index.get((ca, sa))
+        b = a if rel is None else self.index.get((cb, sb))
+        if a is None or b is None:
+            raise ValueError(f"toy-compose: prompt {prompt!r} names an object the detector does not know")
+        if rel is not None and a == b:
+            raise ValueError(f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.grammar})")
+        return a, 0 if rel is None else 1 + self.relations.index(rel), b
+
+    def factors(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """P(A present), P(B present), P(relation holds), each [N]; 1 for B and the relation when alone."""
+        parsed = torch.tensor([self.parse(p) for p in prompts], device=images.device).view(-1, 3)  # fail before any work
+        if images.shape[-2:] != (self.size, self.size):
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        logits, xy = self.net(images)
+        prob = logits.sigmoid()
+        rows = torch.arange(len(images), device=images.device)
+        a, rel, b = parsed.unbind(1)
+        d = xy[rows, b] - xy[rows, a]  # [N, 2]: B's position relative to A's
+        margin = {"left of": d[:, 0] - d[:, 1].abs(), "above": d[:, 1] - d[:, 0].abs()}
+        one = torch.ones_like(prob[:, 0])
+        rel_prob = one
+        for k, r in enumerate(self.relations, start=1):
+            rel_prob = torch.where(rel == k, torch.sigmoid(margin[r] / self.scale), rel_prob)
+        return prob[rows, a], torch.where(rel == 0, one, prob[rows, b]), rel_prob
+
+    def forward(self, images, prompts):
+        p_a, p_b, p_rel = self.factors(images, prompts)
+        return p_a * p_b * p_rel
+
+
+# ----------------------------------------------------------------------------------------------
 # Custom reward models (train_reward.py trains them; `custom:DIR` loads them). The networks live
 # here so that both trainers and train_reward.py share one definition.
 
@@ -631,6 +746,8 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
             module = HPSReward(m["hps_model"], m["hps_arch"], HPS_FILES[name])
         elif name == "imagereward":
             module = ImageRewardReward(m["imagereward_model"], m["imagereward_tokenizer"])
+        elif name == "toy-compose":
+            module = ToyComposeReward(m["toy_detector"])
         elif name in NOT_DIFFERENTIABLE:
             module = JpegReward(-1.0 if name == "jpeg" else 1.0)
         else:
@@ -649,6 +766,7 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
         "pickscore": [("pickscore_model", ("config.json",)), ("pickscore_processor", ("preprocessor_config.json", "processor_config.json"))],
         "imagereward": [(k, (f,)) for k, f in (("imagereward_model", IMAGEREWARD_FILES[0]), ("imagereward_model", IMAGEREWARD_FILES[1]))]
         + [("imagereward_tokenizer", ("tokenizer_config.json", "vocab.txt"))],
+        "toy-compose": [("toy_detector", (TOY_DETECTOR_FILES[0],)), ("toy_detector", (TOY_DETECTOR_FILES[1],))],
     }
     out = []
     for name, _ in parse_reward_spec(spec):

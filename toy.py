@@ -3,6 +3,7 @@
     python toy.py                 # the real build (37.5 min on 2 busy CPU cores) -> models/toy, models/toy-scorer
     python toy.py --smoke --out /tmp/toy --scorer-out /tmp/toy-scorer   # a few steps of each stage (CI)
     python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
+    python toy.py --only-detector # rebuild only the toy-compose detector -> models/toy-detector (+ its quality.json key)
 
 The world: 32 px images of one or two coloured shapes on light plain or textured backgrounds, captioned
 "a red circle" or "a blue square left of a green triangle", rendered procedurally from a seed. Stages:
@@ -14,6 +15,8 @@ The world: 32 px images of one or two coloured shapes on light plain or textured
   4. unet       UNet2DConditionModel, epsilon prediction with SD's noise schedule, caption dropout for CFG
   5. save       StableDiffusionPipeline.save_pretrained (fp16 safetensors) + CLIPModel/CLIPProcessor
   6. eval       load both back through diffusion.load_pipeline / rewards.load_reward and measure quality
+  7. detector   a small CNN trained on fresh renders: presence and position of each (colour, shape), read by
+                the compositional `toy-compose` reward (--only-detector: this stage alone, and its measurement)
 
 The prompt sets written to prompts/ are toy_shapes (seen single shapes), toy_two_shapes (seen pairs)
 and toy_unseen (held-out shape-colour combinations, alone and in pairs). Like the paper's unseen
@@ -118,6 +121,30 @@ class Args:
     eval_cfg: float = 7.5
     """guidance scale in the evaluation (AlignProp's default w_high)"""
 
+    # detector (the toy-compose reward)
+    only_detector: bool = False
+    """train (with --eval-only: only measure) the detector alone and update the 'detector' key of
+    --out/quality.json; the pipeline and the scorer are not touched (they are only read, to measure the
+    base model's success rate)"""
+    detector_out: str | None = None
+    """where the detector is written (default: toy-detector beside --out, i.e. models/toy-detector)"""
+    detector_steps: int = 1500
+    """detector optimizer steps, each on a fresh batch of renders"""
+    detector_batch: int = 64
+    """detector batch size"""
+    detector_lr: float = 3e-3
+    """detector peak learning rate"""
+    detector_two_frac: float = 0.6
+    """fraction of the detector's training renders with two shapes"""
+    detector_label_smoothing: float = 0.02
+    """presence targets eps / 1 - eps (0.02 / 0.98): the detector's probabilities stay within about [eps, 1 - eps]"""
+    detector_relation_scale: float = 2.0
+    """pixels: P(A left of B) = sigmoid((dx - |dy|) / scale) (similarly 'above'), written to its config.json"""
+    detector_eval_per_prompt: int = 8
+    """base-model images per prompt when measuring its toy-compose success rate"""
+    detector_eval_steps: int = 10
+    """DDIM steps of those images (the toy world's training runs use 10)"""
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. The world: shapes, colours, captions, rendering.
@@ -156,11 +183,14 @@ ALL_SINGLE = single_captions()
 ALL_TWO = two_captions()
 
 
-def render(n: int, gen: torch.Generator, two_frac: float = 0.5, objects=OBJECTS, pairs=None):
+def render(n: int, gen: torch.Generator, two_frac: float = 0.5, objects=OBJECTS, pairs=None, layout: bool = False):
     """n images [n, 3, 32, 32] in [0, 1] and their captions, from `gen` only (deterministic).
 
     Shapes are signed-distance functions with a one-pixel soft edge (antialiasing), vectorised over
     the batch. `pairs` (a list of (a, relation, b)) fixes the content instead of drawing it.
+    `layout=True` also returns what was drawn where (the detector's labels): a list of (a, relation,
+    b) and the shapes' centres a_xy, b_xy [n, 2] in pixels (x right, y down; b_xy unused for one shape).
+    The same `gen` gives the same images either way.
     """
 
     def u(lo, hi, size=(n,)):
@@ -221,6 +251,8 @@ def render(n: int, gen: torch.Generator, two_frac: float = 0.5, objects=OBJECTS,
     img = paint(img, [p[0] for p in pairs], a_xy, r1, jitter[:, 0], torch.ones(n))
     img = paint(img, [p[2] for p in pairs], b_xy, r2, jitter[:, 1], is_two.float())
     captions = [f"{name(a)} {r} {name(b)}" if r else name(a) for a, r, b in pairs]
+    if layout:
+        return img.clamp(0, 1), captions, (pairs, a_xy, b_xy)
     return img.clamp(0, 1), captions
 
 
@@ -555,6 +587,200 @@ def dir_size_mb(path) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
+# 7. The compositional detector behind the `toy-compose` reward (rewards.ToyComposeReward): what
+#    GenEval-style detector rewards are to real models. Trained on fresh renders, whose labels are
+#    free: render(layout=True) says which objects it drew and where.
+
+DETECTOR_CHANNELS = [(3, 16, 1, 1), (16, 32, 2, 1), (32, 48, 1, 1), (48, 64, 2, 1), (64, 64, 1, 1), (64, 64, 1, 2)]
+"""(in, out, stride, dilation) of each 3x3 conv (+ BatchNorm + SiLU): 32 px -> an 8x8 map, receptive field 37 px"""
+
+
+def detector_labels(layout):
+    """render's layout -> presence targets [n, 24] (0/1) and centres [n, 24, 2] (pixels; 0 where absent)."""
+    pairs, a_xy, b_xy = layout
+    index = {o: i for i, o in enumerate(OBJECTS)}
+    present = torch.zeros(len(pairs), len(OBJECTS))
+    centres = torch.zeros(len(pairs), len(OBJECTS), 2)
+    for i, (a, r, b) in enumerate(pairs):
+        present[i, index[a]], centres[i, index[a]] = 1, a_xy[i]
+        if r:
+            present[i, index[b]], centres[i, index[b]] = 1, b_xy[i]
+    return present, centres
+
+
+def detector_augment(x, gen):
+    """Generated images are softer and noisier than renders: blend towards a 3x3 blur (half of the
+    images, random strength), add pixel noise of random strength, scale each channel slightly."""
+    n = len(x)
+    blur = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    x = x + torch.rand(n, 1, 1, 1, generator=gen) * (torch.rand(n, 1, 1, 1, generator=gen) < 0.5) * (blur - x)
+    x = x * (1 + 0.04 * (2 * torch.rand(n, 3, 1, 1, generator=gen) - 1))
+    x = x + 0.03 * torch.rand(n, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+    return x.clamp(0, 1)
+
+
+def train_detector(args):
+    """Presence: BCE (label-smoothed: the reward's logits stay finite, so its gradient does not vanish);
+    position: Huber loss of the soft-argmax to the drawn centre, for the objects present. Trained on all
+    24 combinations, like the scorer and the base model: the held-out (UNSEEN) ones are held out of the
+    fine-tuning prompts, not of the models that make or judge the images."""
+    from rewards import ToyDetectorNet
+
+    torch.manual_seed(args.seed + 17)
+    gen = torch.Generator().manual_seed(args.seed + 29)  # its own stream: the other stages are unchanged
+    net = ToyDetectorNet(len(OBJECTS), DETECTOR_CHANNELS, SIZE)
+    opt = torch.optim.AdamW(net.parameters(), lr=args.detector_lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.detector_lr, total_steps=args.detector_steps, pct_start=0.1)
+    eps = args.detector_label_smoothing
+    bar = tqdm(range(args.detector_steps), desc="detector", mininterval=2)
+    for _ in bar:
+        images, _, layout = render(args.detector_batch, gen, args.detector_two_frac, layout=True)
+        present, centres = detector_labels(layout)
+        logits, xy = net(detector_augment(images, gen))
+        cls = F.binary_cross_entropy_with_logits(logits, present * (1 - eps) + (1 - present) * eps)
+        err = F.smooth_l1_loss(xy, centres, reduction="none").sum(-1)
+        pos = (err * present).sum() / present.sum()
+        loss = cls + pos / 4  # a quarter: a 4 px error costs about as much as a wrong presence at the start
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(cls=f"{cls.item():.4f}", pos_px=f"{pos.item():.3f}", refresh=False)
+    return net.eval().requires_grad_(False)
+
+
+def save_detector(args, net):
+    from safetensors.torch import save_file
+
+    out = Path(args.detector_out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    state = {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(out / "model.safetensors"))
+    config = {
+        "what": "toy.py's compositional detector for the toy-compose reward (rewards.ToyComposeReward)",
+        "image_size": SIZE,
+        "channels": [list(c) for c in DETECTOR_CHANNELS],
+        "objects": [list(o) for o in OBJECTS],
+        "relations": list(RELATIONS),
+        "relation_scale_px": args.detector_relation_scale,
+        "input": "N x 3 x 32 x 32 in [0, 1] (the reward resizes other sizes bilinearly)",
+        "seed": args.seed,
+        "steps": args.detector_steps,
+        "batch": args.detector_batch,
+        "parameters": sum(p.numel() for p in net.parameters()),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+@torch.no_grad()
+def evaluate_detector(args) -> dict:
+    """The detector through the reward's own loader, on fresh renders (their own seed): exact presence
+    sets (all 24 outputs right at 0.5), reward > 0.5 for the drawn caption, the drawn caption against
+    wrong ones, the relation, position error; single shapes, pairs, and the held-out combinations."""
+    from rewards import load_reward
+
+    reward = load_reward("toy-compose", toy_detector=args.detector_out)
+    ours = reward.parts[0][2]
+    gen = torch.Generator().manual_seed(args.seed + 2_000_003)
+    n = 64 if args.smoke else 1000
+    index = {o: i for i, o in enumerate(OBJECTS)}
+    score = lambda images, captions: reward(images, captions)[0]  # noqa: E731
+    res = {}
+
+    def sets_right(images, layout):
+        present, _ = detector_labels(layout)
+        return ((ours.net(images)[0].sigmoid() > 0.5) == (present > 0.5)).all(1).float().mean().item()
+
+    for key, objects, frac in [("single", OBJECTS, 0.0), ("pair", OBJECTS, 1.0), ("unseen_single", UNSEEN, 0.0)]:
+        images, captions, layout = render(n, gen, frac, objects=objects, layout=True)
+        res[f"{key}_exact_set"] = sets_right(images, layout)  # every one of the 24 presences right
+        res[f"{key}_reward_over_half"] = (score(images, captions) > 0.5).float().mean().item()
+    # pairs with at least one held-out combination (the toy_unseen kind)
+    unseen_pairs = [c for c in ALL_TWO if any(f"{name(u)} " in c + " " for u in UNSEEN)]
+    caps = [unseen_pairs[i] for i in torch.randint(len(unseen_pairs), (n,), generator=gen).tolist()]
+    lookup = {name(o): o for o in OBJECTS}
+    pairs = [(lookup[a], r, lookup[b]) for c in caps for r in RELATIONS if f" {r} " in c for a, b in [c.split(f" {r} ")]]
+    images, captions, layout = render(n, gen, pairs=pairs, layout=True)
+    res["unseen_pair_exact_set"] = sets_right(images, layout)
+    res["unseen_pair_reward_over_half"] = (score(images, captions) > 0.5).float().mean().item()
+
+    # Pairs: the right caption against wrong ones (how often it scores higher), and the relation read.
+    images, captions, (pairs, a_xy, b_xy) = render(n, gen, 1.0, layout=True)
+    own = score(images, captions)
+    absent = [[o for o in OBJECTS if o not in (a, b)] for a, _, b in pairs]
+    pick = lambda options: options[torch.randint(len(options), (1,), generator=gen).item()]  # noqa: E731
+    other_rel = {RELATIONS[0]: RELATIONS[1], RELATIONS[1]: RELATIONS[0]}
+    wrong = {
+        "missing_shape": [f"{name(a)} {r} {name(pick(x))}" for (a, r, b), x in zip(pairs, absent)],
+        "wrong_colour": [f"{name(pick([o for o in x if o[1] == a[1]]))} {r} {name(b)}" for (a, r, b), x in zip(pairs, absent)],
+        "swapped_order": [f"{name(b)} {r} {name(a)}" for a, r, b in pairs],
+        "other_relation": [f"{name(a)} {other_rel[r]} {name(b)}" for a, r, b in pairs],
+    }
+    for key, caps in wrong.items():
+        res[f"pair_beats_{key}"] = (own > score(images, caps)).float().mean().item()
+    # The relation alone: of the four readings (A left of B, B left of A, A above B, B above A) the
+    # drawn one scores highest; and the soft-argmax positions' error against the drawn centres.
+    four = [[f"{name(x)} {rr} {name(y)}" for rr in RELATIONS for x, y in [(a, b), (b, a)]] for a, _, b in pairs]
+    scores = torch.stack([score(images, [f[k] for f in four]) for k in range(4)], 1)
+    res["pair_relation_right"] = (scores.argmax(1) == torch.tensor([f.index(c) for f, c in zip(four, captions)])).float().mean().item()
+    _, xy = ours.net(images)
+    rows = torch.arange(len(pairs))
+    ia, ib = torch.tensor([index[a] for a, _, _ in pairs]), torch.tensor([index[b] for _, _, b in pairs])
+    res["pair_position_error_px"] = torch.cat([(xy[rows, ia] - a_xy).norm(dim=-1), (xy[rows, ib] - b_xy).norm(dim=-1)]).mean().item()
+    res["renders_per_measure"] = n
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
+
+
+def base_model_success(args) -> dict:
+    """The shipped pipeline's images of each toy prompt set, made and scored by `sample.py generate`
+    (the command line, as a user runs it); success = toy-compose > 0.5. From the saved PNGs also: how
+    often both asked shapes are detected (p > 0.5 each), and how often the relation holds when they are."""
+    import csv
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from rewards import load_reward
+
+    ours = load_reward("toy-compose", toy_detector=args.detector_out).parts[0][2]
+    res = {"settings": f"sample.py generate: DDIM {args.detector_eval_steps} steps, eta 0, CFG {args.eval_cfg}, {args.detector_eval_per_prompt} images per prompt (seeds {args.seed}..{args.seed + args.detector_eval_per_prompt - 1})"}
+    with tempfile.TemporaryDirectory() as tmp:
+        for prompt_set in ("toy_shapes", "toy_two_shapes", "toy_unseen"):
+            out = Path(tmp) / prompt_set
+            cmd = [
+                sys.executable, str(ROOT / "sample.py"), "generate", "--pretrained", args.out, "--prompts", prompt_set,
+                "--num-per-prompt", str(args.detector_eval_per_prompt), "--num-steps", str(args.detector_eval_steps),
+                "--w-high", str(args.eval_cfg), "--seed", str(args.seed), "--eval-rewards", "toy-compose",
+                "--reward-models", "toy_detector", args.detector_out, "--output-dir", str(out),
+            ]  # fmt: skip
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"sample.py generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            rows = list(csv.DictReader(open(out / "scores.csv")))
+            value = torch.tensor([float(r["toy-compose"]) for r in rows])
+            pixels = [torch.from_numpy(np.array(Image.open(out / f"{int(r['index']):04d}.png").convert("RGB"))) for r in rows]
+            images = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
+            prompts = [r["prompt"] for r in rows]
+            with torch.no_grad():
+                p_a, p_b, p_rel = ours.factors(images, prompts)
+            pair = torch.tensor([ours.parse(p)[1] > 0 for p in prompts])
+            both = (p_a > 0.5) & (p_b > 0.5)
+            for key, sel in [("single", ~pair), ("pair", pair)]:
+                if sel.any():
+                    entry = {"prompts": len({p for p, s in zip(prompts, sel) if s}), "images": int(sel.sum()),
+                             "success": round((value[sel] > 0.5).float().mean().item(), 4), "mean_reward": round(value[sel].mean().item(), 4)}  # fmt: skip
+                    if key == "pair":  # what fails: a shape missing (or mis-coloured), or the relation
+                        entry["both_shapes_detected"] = round(both[sel].float().mean().item(), 4)
+                        entry["relation_right_when_both"] = round((p_rel[sel & both] > 0.5).float().mean().item(), 4) if (sel & both).any() else None
+                    res[f"{prompt_set}_{key}"] = entry
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
@@ -568,6 +794,12 @@ def main(args: Args):
         args.out = str(ROOT / out)
     if not scorer_out.is_absolute():
         args.scorer_out = str(ROOT / scorer_out)
+    detector_out = Path(args.detector_out) if args.detector_out else Path(args.out).parent / "toy-detector"
+    args.detector_out = str(detector_out if detector_out.is_absolute() else ROOT / detector_out)
+    if args.smoke:
+        args.detector_steps, args.detector_batch = 3, 16
+    if args.only_detector:
+        return detector_stage(args, train=not args.eval_only)
     if args.write_prompts and not args.smoke:
         write_prompt_sets(args.seed)
     timings = {}
@@ -619,8 +851,14 @@ def main(args: Args):
         save(args, vae, clip, text_encoder, unet, tokenizer)
         print(f"saved {args.out} ({dir_size_mb(args.out):.1f} MB) and {args.scorer_out} ({dir_size_mb(args.scorer_out):.1f} MB)")
 
+        t0 = time.time()
+        save_detector(args, train_detector(args))
+        timings["detector"] = time.time() - t0
+
     t0 = time.time()
     quality = evaluate(args, args.out, args.scorer_out)
+    if (Path(args.detector_out) / "config.json").is_file():
+        quality["detector"] = measure_detector(args)
     timings["eval"] = time.time() - t0
     quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     quality["sizes_mb"] = {"pipeline": round(dir_size_mb(args.out), 2), "scorer": round(dir_size_mb(args.scorer_out), 2)}
@@ -631,6 +869,37 @@ def main(args: Args):
     if not args.smoke:
         report.write_text(json.dumps(quality, indent=2) + "\n")
     return quality
+
+
+def measure_detector(args) -> dict:
+    res = {"renders": evaluate_detector(args)}
+    if not args.smoke:  # the smoke pipeline draws noise; its success rate would say nothing
+        res["base_model"] = base_model_success(args)
+    res["size_kb"] = round(dir_size_mb(args.detector_out) * 1000, 1)
+    res["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
+    return res
+
+
+def detector_stage(args, train: bool) -> dict:
+    """--only-detector: train and save the detector (unless --eval-only), measure it, and put the
+    result under the 'detector' key of --out/quality.json, keeping every other key."""
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    if train:
+        save_detector(args, train_detector(args))
+        print(f"detector: {time.time() - t0:.0f} s, saved {args.detector_out} ({dir_size_mb(args.detector_out) * 1000:.0f} kB)")
+    t1 = time.time()
+    res = measure_detector(args)
+    if train:
+        res["build_s"] = round(t1 - t0, 1)
+    res["eval_s"] = round(time.time() - t1, 1)
+    print(json.dumps(res, indent=2))
+    report = Path(args.out) / "quality.json"
+    if not args.smoke:
+        quality = json.loads(report.read_text()) if report.is_file() else {}
+        quality["detector"] = res
+        report.write_text(json.dumps(quality, indent=2) + "\n")
+    return res
 
 
 if __name__ == "__main__":

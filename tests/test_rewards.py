@@ -221,7 +221,7 @@ def test_parse_reward_spec_valid(tmp_path):
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("hsp", "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, custom:DIR"),
+        ("hsp", "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, toy-compose, custom:DIR"),
         ("hps:abc", "--reward 'hps:abc': weight 'abc' of 'hps' is not a number (write e.g. 'hps:0.5')"),
         ("hps:1,,x", "--reward 'hps:1,,x' has an empty component: write 'name:weight,name:weight' without stray commas"),
         ("hps:1,", "--reward 'hps:1,' has an empty component"),
