@@ -212,7 +212,7 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
               "--batch-size", 2, "--gradient-accumulation-steps", 1, "--lora-rank", 4, "--lora-alpha", 16, "--lr", 1e-2]  # fmt: skip
     run_script("train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common))
     ckpt = out / "checkpoints" / "epoch_0000"
-    assert (out / "eval" / "epoch_0001" / "000.png").exists()
+    assert (out / "eval" / "epoch_0000" / "000.png").exists()  # the evaluation after epoch 0 = checkpoints/epoch_0000
 
     oracle = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     oracle.load_lora_weights(ckpt)
