@@ -206,6 +206,8 @@ def run_ours(spec: dict) -> dict:
         return score
 
     rewards.load_reward = load_checked
+    if spec["trainer"] == "alignprop":  # the brightness reward needs no checkpoint: skip the up-front check of aesthetic's
+        rewards.checkpoints_needed = lambda *args, **kwargs: []
     trainer = importlib.import_module(f"train_{spec['trainer']}")
     trainer.main(tyro.cli(trainer.Args, args=our_argv(spec)))
     log = [json.loads(line) for line in (Path(spec["out"]) / "log.jsonl").read_text().splitlines() if line.strip()]

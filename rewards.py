@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from diffusion import CheckpointError, from_pretrained
 
 # Where each model comes from by default; every entry can be overridden with a hub id or a local path
-# (keyword argument of load_reward, command-line flag --aesthetic-model etc. in the trainers).
+# (keyword argument of load_reward; on the command line `--reward-models KEY VALUE`, e.g. `--reward-models aesthetic_model DIR`).
 DEFAULT_MODELS = dict(
     aesthetic_clip="openai/clip-vit-large-patch14",  # CLIPModel whose image embedding the MLP reads
     aesthetic_model="trl-lib/ddpo-aesthetic-predictor",  # repo (or dir, or file) with aesthetic-model.pth
@@ -223,10 +223,10 @@ class AestheticReward(nn.Module):
         super().__init__()
         from transformers import CLIPModel
 
-        self.clip = from_pretrained(CLIPModel, clip_name, "--aesthetic-clip")
-        path = from_pretrained(HubFile, mlp_name, "--aesthetic-model", filename=AESTHETIC_FILE)
+        self.clip = from_pretrained(CLIPModel, clip_name, "--reward-models aesthetic_clip")
+        path = from_pretrained(HubFile, mlp_name, "--reward-models aesthetic_model", filename=AESTHETIC_FILE)
         self.mlp = AestheticMLP(self.clip.config.projection_dim)
-        _load_strict(self.mlp, load_state_dict_file(path), "--aesthetic-model", path)
+        _load_strict(self.mlp, load_state_dict_file(path), "--reward-models aesthetic_model", path)
         self.size = self.clip.config.vision_config.image_size
 
     def forward(self, images, prompts):
@@ -243,8 +243,8 @@ class PickScoreReward(nn.Module):
         super().__init__()
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = from_pretrained(CLIPModel, model_name, "--pickscore-model")
-        processor = from_pretrained(CLIPProcessor, processor_name, "--pickscore-processor")
+        self.model = from_pretrained(CLIPModel, model_name, "--reward-models pickscore_model")
+        processor = from_pretrained(CLIPProcessor, processor_name, "--reward-models pickscore_processor")
         self.tokenizer = processor.tokenizer
         ip = processor.image_processor
         self.size, self.mean, self.std = _size(ip.crop_size), tuple(ip.image_mean), tuple(ip.image_std)
@@ -297,16 +297,16 @@ class HPSReward(nn.Module):
         super().__init__()
         import open_clip
 
-        path = from_pretrained(HubFile, ckpt_name, "--hps-model", filename=filename)
+        path = from_pretrained(HubFile, ckpt_name, "--reward-models hps_model", filename=filename)
         try:  # pretrained=None: the HPS checkpoint replaces all weights, so nothing else is fetched
             self.model = open_clip.create_model(arch, pretrained=None, load_weights=False)
             self.tokenizer = open_clip.get_tokenizer(arch)
         except (RuntimeError, FileNotFoundError, ValueError) as e:
-            raise CheckpointError(f"--hps-arch: cannot build open_clip model '{arch}' ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(f"--reward-models hps_arch: cannot build open_clip model '{arch}' ({str(e).splitlines()[0]})") from None
         ckpt = load_state_dict_file(path)
         state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt  # the HPS release wraps it in 'state_dict'
         state = {k.removeprefix("module."): v for k, v in state.items()}
-        _load_strict(self.model, state, "--hps-model", path)
+        _load_strict(self.model, state, "--reward-models hps_model", path)
         cfg = open_clip.get_model_preprocess_cfg(self.model)
         size = cfg["size"]
         self.size = size if isinstance(size, int) else size[0]
@@ -354,20 +354,20 @@ class ImageRewardReward(nn.Module):
         super().__init__()
         from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-        ckpt_path = from_pretrained(HubFile, model_name, "--imagereward-model", filename=IMAGEREWARD_FILES[0])
+        ckpt_path = from_pretrained(HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[0])
         if os.path.isfile(model_name):  # a bare ImageReward.pt: its med_config.json must lie beside it
             cfg_path = os.path.join(os.path.dirname(ckpt_path), IMAGEREWARD_FILES[1])
         else:
-            cfg_path = from_pretrained(HubFile, model_name, "--imagereward-model", filename=IMAGEREWARD_FILES[1])
+            cfg_path = from_pretrained(HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[1])
         if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"--imagereward-model: '{cfg_path}' is missing; it comes with ImageReward.pt in THUDM/ImageReward")
+            raise CheckpointError(f"--reward-models imagereward_model: '{cfg_path}' is missing; it comes with ImageReward.pt in THUDM/ImageReward")
         med = json.loads(Path(cfg_path).read_text())
         state = load_state_dict_file(ckpt_path)
         vit = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
         text = {k[len("blip.text_encoder."):]: v for k, v in state.items() if k.startswith("blip.text_encoder.")}
         mlp = {k[len("mlp."):]: v for k, v in state.items() if k.startswith("mlp.")}
         if not vit or not text or not mlp:
-            raise CheckpointError(f"--imagereward-model: '{ckpt_path}' has no blip.visual_encoder/blip.text_encoder/mlp weights")
+            raise CheckpointError(f"--reward-models imagereward_model: '{ckpt_path}' has no blip.visual_encoder/blip.text_encoder/mlp weights")
         text.pop("embeddings.position_ids", None)  # a buffer older torch saved; not a weight
 
         width = vit["cls_token"].shape[-1]
@@ -386,7 +386,7 @@ class ImageRewardReward(nn.Module):
                 hidden_act="gelu",
             )
         )
-        _load_strict(self.vision, _blip_vit_to_transformers(vit), "--imagereward-model", ckpt_path)
+        _load_strict(self.vision, _blip_vit_to_transformers(vit), "--reward-models imagereward_model", ckpt_path)
         self.text = BlipTextModel(
             BlipTextConfig(
                 vocab_size=med["vocab_size"],
@@ -405,10 +405,10 @@ class ImageRewardReward(nn.Module):
             ),
             add_pooling_layer=False,
         )
-        _load_strict(self.text, text, "--imagereward-model", ckpt_path)
+        _load_strict(self.text, text, "--reward-models imagereward_model", ckpt_path)
         self.mlp = AestheticMLP(med["hidden_size"])  # same 5-linear head layout as the aesthetic MLP
-        _load_strict(self.mlp, mlp, "--imagereward-model", ckpt_path)
-        self.tokenizer = from_pretrained(BertTokenizer, tokenizer_name, "--imagereward-tokenizer")
+        _load_strict(self.mlp, mlp, "--reward-models imagereward_model", ckpt_path)
+        self.tokenizer = from_pretrained(BertTokenizer, tokenizer_name, "--reward-models imagereward_tokenizer")
         self.size = grid * patch
 
     def forward(self, images, prompts):

@@ -96,6 +96,19 @@ def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train
         )
 
 
+def check_all_checkpoints(pretrained: str, vae: str | None, reward_names: list[str], reward_models: dict | None):
+    """The pipeline's, the VAE's and every reward's checkpoint must be there before any is loaded
+    (one CheckpointError naming the flag and the fix), as in the trainers."""
+    import rewards
+    from diffusion import check_checkpoints
+
+    needed = [("--pretrained", pretrained, ("model_index.json",))] + ([("--vae", vae, ("config.json",))] if vae else [])
+    for name in reward_names:
+        needed += rewards.checkpoints_needed(name, **(reward_models or {}))
+    for note in check_checkpoints(needed):
+        print(note, file=sys.stderr)
+
+
 def generate(
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     lora: str | None = None,
@@ -172,6 +185,7 @@ def generate(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(mixed_precision, device)
     try:
+        check_all_checkpoints(pretrained, vae, reward_names, reward_models)  # every one before loading any
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
             pipe.load_lora_weights(lora)
@@ -613,6 +627,7 @@ def explore(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(mixed_precision, device)
     try:
+        check_all_checkpoints(pretrained, vae, reward_names, reward_models)  # every one before loading any
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
             pipe.load_lora_weights(lora)

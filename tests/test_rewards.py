@@ -111,7 +111,7 @@ def test_aesthetic_rejects_a_state_dict_of_another_layout(models, tmp_path):
     sd = torch.load(f"{models['aesthetic_model']}/aesthetic-model.pth", weights_only=True)
     sd["layers.8.weight"] = sd.pop("layers.7.weight")  # e.g. a head with a ReLU in between
     torch.save(sd, tmp_path / "aesthetic-model.pth")
-    with pytest.raises(CheckpointError, match=r"--aesthetic-model: '.*aesthetic-model.pth' does not fit the model: missing \['layers.7.weight'\], unexpected \['layers.8.weight'\]"):
+    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_model: '.*aesthetic-model.pth' does not fit the model: missing \['layers.7.weight'\], unexpected \['layers.8.weight'\]"):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
 
 
@@ -247,18 +247,18 @@ def test_require_differentiable():
 
 
 def test_missing_weights_offline_name_the_checkpoint_and_the_fix(tmp_path):
-    with pytest.raises(CheckpointError, match=r"--pickscore-model: cannot load 'yuvalkirstain/PickScore_v1'.*HF_HUB_OFFLINE is set.*`hf download yuvalkirstain/PickScore_v1`"):
+    with pytest.raises(CheckpointError, match=r"--reward-models pickscore_model: cannot load 'yuvalkirstain/PickScore_v1'.*HF_HUB_OFFLINE is set.*`hf download yuvalkirstain/PickScore_v1`"):
         rewards.load_reward("pickscore")
-    with pytest.raises(CheckpointError, match=r"--hps-model: cannot load 'xswu/HPSv2'.*`hf download xswu/HPSv2`"):
+    with pytest.raises(CheckpointError, match=r"--reward-models hps_model: cannot load 'xswu/HPSv2'.*`hf download xswu/HPSv2`"):
         rewards.load_reward("hps")
-    with pytest.raises(CheckpointError, match=r"--aesthetic-clip: local directory '/no/such/clip' does not exist"):
+    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_clip: local directory '/no/such/clip' does not exist"):
         rewards.load_reward("aesthetic", aesthetic_clip="/no/such/clip")
 
 
 def test_incomplete_local_directory_names_the_missing_file(models, tmp_path):
-    with pytest.raises(CheckpointError, match=r"--aesthetic-model: '.*' is not a complete checkpoint directory \(missing aesthetic-model.pth\)"):
+    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_model: '.*' is not a complete checkpoint directory \(missing aesthetic-model.pth\)"):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
-    with pytest.raises(CheckpointError, match=r"--hps-model: .* \(missing HPS_v2.1_compressed.pt\)"):
+    with pytest.raises(CheckpointError, match=r"--reward-models hps_model: .* \(missing HPS_v2.1_compressed.pt\)"):
         rewards.load_reward("hps", **{**models, "hps_model": str(tmp_path)})
 
 

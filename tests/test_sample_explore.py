@@ -187,6 +187,7 @@ EXPLORE_ERRORS = [
     (["--rewards", "jpeg,bogus"], "--rewards 'bogus': unknown reward 'bogus'"),
     (["--prompts", "no_such_set"], "--prompts 'no_such_set'"),
     (["--lora", "/nonexistent/ckpt"], "--lora /nonexistent/ckpt: no pytorch_lora_weights.safetensors"),
+    (["--rewards", "jpeg,aesthetic"], "--reward-models aesthetic_clip: 'openai/clip-vit-large-patch14' is not in the local Hugging Face cache"),
 ]
 
 
@@ -207,6 +208,9 @@ GENERATE_ERRORS = [
     (["--seed", "-1"], "--seed must be >= 0"),
     (["--t-sw", "2"], "--t-sw must be in [0, 1]"),
     (["--eval-rewards", "bogus"], "--eval-rewards 'bogus': unknown reward"),
+    # every checkpoint is checked before any is loaded, naming the real override
+    (["--eval-rewards", "jpeg,pickscore"], "--reward-models pickscore_model: 'yuvalkirstain/PickScore_v1' is not in the local Hugging Face cache"),
+    (["--vae", "/no/such/vae"], "--vae: local directory '/no/such/vae' does not exist"),
 ]
 
 
