@@ -925,6 +925,18 @@ def prepare_run_dir(output_dir: str | Path, plan: RunPlan) -> list[str]:
     return deleted
 
 
+def run_dir_notes(output_dir: str | Path, plan: RunPlan, deleted: list[str]) -> list[str]:
+    """The lines a trainer prints about what it did to --output-dir (restart, overwrite, accepted changes)."""
+    notes = []
+    if plan.mode == "restart":
+        notes.append(f"note: --resume: {output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})")
+    elif plan.mode == "overwrite" and deleted:
+        notes.append(f"note: --overwrite: deleted the previous run's files in {output_dir} ({', '.join(deleted)})")
+    if plan.changed:
+        notes.append("note: --allow-changed-args: continuing with " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items()))
+    return notes
+
+
 def parse_args_with_presets(cls, presets: dict[str, dict], args: list[str] | None = None):
     """tyro.cli(cls), where `--config NAME` makes the preset's values the defaults: every other flag
     still overrides them one by one, and --help shows them (a dict flag's KEY VALUE pairs override the

@@ -96,17 +96,29 @@ def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train
         )
 
 
-def check_all_checkpoints(pretrained: str, vae: str | None, reward_names: list[str], reward_models: dict | None):
-    """The pipeline's, the VAE's and every reward's checkpoint must be there before any is loaded
-    (one CheckpointError naming the flag and the fix), as in the trainers."""
+def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names: list[str], reward_models: dict | None, mixed_precision: str):
+    """(pipe, {reward name: scorer}, device) for generate and explore: every checkpoint (pipeline,
+    --vae, each reward) is checked before any is loaded, as in the trainers; one error line on failure."""
     import rewards
-    from diffusion import check_checkpoints
+    from diffusion import CheckpointError, check_checkpoints, load_pipeline
 
-    needed = [("--pretrained", pretrained, ("model_index.json",))] + ([("--vae", vae, ("config.json",))] if vae else [])
-    for name in reward_names:
-        needed += rewards.checkpoints_needed(name, **(reward_models or {}))
-    for note in check_checkpoints(needed):
-        print(note, file=sys.stderr)
+    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
+        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = pick_dtype(mixed_precision, device)
+    try:
+        needed = [("--pretrained", pretrained, ("model_index.json",))] + ([("--vae", vae, ("config.json",))] if vae else [])
+        for name in reward_names:
+            needed += rewards.checkpoints_needed(name, **(reward_models or {}))
+        for note in check_checkpoints(needed):
+            print(note, file=sys.stderr)
+        pipe = load_pipeline(pretrained, device, dtype, vae=vae)
+        if lora is not None:
+            pipe.load_lora_weights(lora)
+        scorers = {name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
+    except (CheckpointError, ValueError) as e:
+        fail(str(e))
+    return pipe, scorers, device
 
 
 def generate(
@@ -161,7 +173,7 @@ def generate(
         output_dir: where images, grid.png and scores.csv go.
     """
     import rewards
-    from diffusion import CheckpointError, TextConditioner, generate as generate_images, load_pipeline, load_prompts
+    from diffusion import TextConditioner, generate as generate_images, load_prompts
     from explore import DiffExpConfig, diffexp_conditioning
 
     diffexp = DiffExpConfig(cfg_schedule, prompt_weighting, t_sw, w_low, w_high, tuple(prompt_weight_range))
@@ -174,24 +186,12 @@ def generate(
             rewards.parse_reward_spec(name, "--eval-rewards")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+    pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
 
     from torchvision.utils import save_image
     from tqdm import tqdm
 
     from diffusion import seeded
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(mixed_precision, device)
-    try:
-        check_all_checkpoints(pretrained, vae, reward_names, reward_models)  # every one before loading any
-        pipe = load_pipeline(pretrained, device, dtype, vae=vae)
-        if lora is not None:
-            pipe.load_lora_weights(lora)
-        scorers = {name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
 
     jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
     out = Path(output_dir)
@@ -579,7 +579,7 @@ def explore(
         output_dir: where the outputs go.
     """
     import rewards as rewards_lib
-    from diffusion import CheckpointError, Conditioning, TextConditioner, generate as generate_images, load_pipeline, load_prompts, seeded
+    from diffusion import Conditioning, TextConditioner, generate as generate_images, load_prompts, seeded
     from explore import DiffExpConfig, diffexp_conditioning
 
     # Everything is checked before any model loads.
@@ -618,22 +618,10 @@ def explore(
             rewards_lib.parse_reward_spec(name, "--rewards")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+    pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
 
     from torchvision.utils import make_grid, save_image
     from tqdm import tqdm
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = pick_dtype(mixed_precision, device)
-    try:
-        check_all_checkpoints(pretrained, vae, reward_names, reward_models)  # every one before loading any
-        pipe = load_pipeline(pretrained, device, dtype, vae=vae)
-        if lora is not None:
-            pipe.load_lora_weights(lora)
-        scorers = {name: rewards_lib.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
-    except (CheckpointError, ValueError) as e:
-        fail(str(e))
     embed, embed_what = image_tower(scorers)
 
     T = pipe.scheduler.config.num_train_timesteps
@@ -715,7 +703,7 @@ def explore(
     ]  # fmt: skip
     meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt else prompts, "num_prompts": P, "num_per_prompt": N,
             "num_steps": num_steps, "eta": eta, "resolution": text.resolution, "seed": seed, "batch_size": batch_size, "device": device,
-            "dtype": str(dtype).removeprefix("torch."), "rewards": reward_names, "embedding": embed_what, "top_frac": top_frac,
+            "dtype": str(pipe.unet.dtype).removeprefix("torch."), "rewards": reward_names, "embedding": embed_what, "top_frac": top_frac,
             "threshold": threshold, "threshold_quantile": threshold_quantile, "success_threshold": success_threshold}  # fmt: skip
     (out / "explore.json").write_text(json.dumps({"meta": meta, "settings": settings_info, "stats": stats}, indent=1))
     (out / "explore.md").write_text(_explore_markdown(meta, settings_info, stats, prompt_list))

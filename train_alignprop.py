@@ -245,7 +245,7 @@ def main(args: Args):
 
     from accelerate import Accelerator
 
-    from diffusion import prepare_run_dir
+    from diffusion import prepare_run_dir, run_dir_notes
 
     # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
@@ -254,12 +254,7 @@ def main(args: Args):
     batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
     deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
-    if plan.mode == "restart":
-        notes.append(f"note: --resume: {args.output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})")
-    elif plan.mode == "overwrite" and deleted:
-        notes.append(f"note: --overwrite: deleted the previous run's files in {args.output_dir} ({', '.join(deleted)})")
-    if plan.changed:
-        notes.append("note: --allow-changed-args: continuing with " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items()))
+    notes += run_dir_notes(args.output_dir, plan, deleted)
     if args.lr == 0:
         notes.append("note: --lr 0: the LoRA weights will not change (a dry run)")
     for line in [precision_note, *notes]:
