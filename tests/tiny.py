@@ -39,6 +39,20 @@ CLIP_TEXT = dict(
 )
 
 
+# A tiny AutoencoderKL: 32 px images, 4x16x16 latents (downsampling factor 2).
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(32, 64),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=32,
+    sample_size=32,
+)
+
+
 def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """A tiny SD 1.x pipeline (32 px images, 4x16x16 latents) saved with save_pretrained."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -60,17 +74,7 @@ def make_tiny_sd(out_dir: str | Path, prediction_type: str = "epsilon", seed: in
         attention_head_dim=8,
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-    )
+    vae = AutoencoderKL(**TINY_VAE)
     text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(tmp)
@@ -143,19 +147,7 @@ def make_tiny_sdxl(out_dir: str | Path, refiner: bool = False, scheduler_config:
         addition_time_embed_dim=time_dim,
         projection_class_embeddings_input_dim=pooled_dim + (5 if refiner else 6) * time_dim,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=32,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=True,
-    )
+    vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's scaling; it overflows in fp16
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_TEXT, "hidden_size": 64, "intermediate_size": 128}, projection_dim=pooled_dim))
     with tempfile.TemporaryDirectory() as tmp:
         build_clip_tokenizer(tmp)
