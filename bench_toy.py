@@ -48,6 +48,9 @@ class Args:
     eval_prompts: str = "toy_unseen"
     eval_every: int = 5
     eval_num: int = 16
+    reward: str = "pickscore"
+    """the trainers' --reward ('pickscore' is the toy scorer; 'pickscore:1,toy-compose:0' also logs the
+    compositional reward of the held-out images as eval_reward/toy-compose without training on it)"""
     key: str = "eval_reward_mean"
     """the logged quantity compared (eval_reward_mean: held-out prompts, fixed seeds, no DiffExp)"""
     output_dir: str = "runs/bench_toy"
@@ -58,7 +61,7 @@ class Args:
 
 
 def command(args: Args, method: str, arm: str, seed: int, out: Path) -> list[str]:
-    cmd = [sys.executable, str(ROOT / f"train_{method}.py"), "--pretrained", "toy", "--reward", "pickscore"]
+    cmd = [sys.executable, str(ROOT / f"train_{method}.py"), "--pretrained", "toy", "--reward", args.reward]
     cmd += ["--reward-models", "pickscore_model", "toy-scorer", "pickscore_processor", "toy-scorer"]
     cmd += ["--prompts", args.prompts, "--eval-prompts", args.eval_prompts, "--num-steps", str(args.num_steps)]
     cmd += ["--num-epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch), "--mixed-precision", "no"]
