@@ -417,7 +417,7 @@ DIFFERENCES = [
     "DDPO, the same work on both sides per epoch: per sample batch (2) the S sampling steps each call the UNet once "
     "on the doubled (unconditional + conditional) batch of 8, and the training pass makes S such calls with backward; "
     "2 VAE decodes, 2 text-encoder calls, 1 optimizer step. trl scores the rewards after all sampling, in the main "
-    "thread (async_reward_computation off, its default); ours scores each batch in a background thread while the "
+    "thread (async_reward_computation off, its default); ours scores each batch (JPEG, a host-side reward) in a one-thread worker while the "
     "next batch samples.",
     "AlignProp, the same number of UNet calls (S per batch, the last one recomputed in backward by checkpointing), "
     "but trl runs every step with autograd on through torch.utils.checkpoint and detaches the first S-1 outputs, "

@@ -1,4 +1,4 @@
-"""Rewards for fine-tuning and evaluation (SPEC §6): one contract for all of them.
+"""Rewards for fine-tuning and evaluation: one contract for all of them.
 
     reward = load_reward("hps:1,aesthetic:0.5", device="cuda")
     scores, components = reward(images, prompts)   # images: N x 3 x H x W floats in [0, 1]; scores: [N]

@@ -6,7 +6,7 @@
 
 Per epoch: sample trajectories with the DiffExp CFG schedule and randomly weighted prompts (while
 exploring), storing for every step the latents, the log-prob, the guidance scale and the prompt
-embeddings actually used; score the images (in a background thread while the next batch samples);
+embeddings actually used; score the images (host-side rewards in a one-thread worker while the next batch samples);
 turn rewards into advantages; then `inner_epochs` PPO passes over the trajectories, recomputing
 each step's log-prob under exactly the conditions that sampled it (the README's consistency rule).
 """

@@ -1,4 +1,4 @@
-"""Train a custom reward model for a visual attribute, then fine-tune towards it (SPEC §7).
+"""Train a custom reward model for a visual attribute, then fine-tune towards it.
 
     # 1. make data: SD images of a prompt set, snowed at a random strength (the label), cached on disk
     python train_reward.py --attribute snow --levels 2 --source animals_activities --data data/snow --only-make-data
