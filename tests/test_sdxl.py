@@ -66,25 +66,28 @@ def test_conditioning_matches_the_pipelines_encode_prompt(pipe):
     assert cond.time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
 
 
-@pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_generate_equals_the_sdxl_pipeline(pipe, tiny_sdxl_dir, eta):
+@pytest.mark.parametrize("eta,px", [(0.0, 32), (1.0, 32), (0.0, 64)])
+def test_generate_equals_the_sdxl_pipeline(pipe, tiny_sdxl_dir, eta, px):
     """diffusion.generate == StableDiffusionXLPipeline with DDIM on the same noise (x_T, then each
-    step's noise from the same generator), two different prompts in one batch."""
+    step's noise from the same generator), two different prompts in one batch; also away from the
+    native size (time_ids follow the resolution, as --resolution 512 does on the real model)."""
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
 
     oracle = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
     oracle.scheduler = DDIMScheduler.from_config(oracle.scheduler.config)
     oracle.set_progress_bar_config(disable=True)
     prompts = ["a red dog", "wow!! a cat riding a bike"]
-    cond = diffusion.TextConditioner(pipe).encode(prompts)
-    ours = diffusion.generate(pipe, cond, torch.full((4,), 5.0), 4, torch.Generator().manual_seed(3), eta=eta)
+    cond = diffusion.TextConditioner(pipe, px).encode(prompts)
+    assert cond.time_ids[0].tolist() == [px, px, 0, 0, px, px]
+    ours = diffusion.generate(pipe, cond, torch.full((4,), 5.0), 4, torch.Generator().manual_seed(3), eta=eta, resolution=px)
 
     g = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 4, 16, 16, generator=g)
+    latents = torch.randn(2, 4, px // 2, px // 2, generator=g)
     images = oracle(
         prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, guidance_scale=5.0, num_inference_steps=4,
-        eta=eta, generator=g, latents=latents, output_type="pt", height=32, width=32,
+        eta=eta, generator=g, latents=latents, output_type="pt", height=px, width=px,
     ).images
+    assert ours.shape == (2, 3, px, px)
     torch.testing.assert_close(ours, images, atol=1e-5, rtol=1e-4)
     assert (ours[0] - ours[1]).abs().max() > 1e-3  # the two prompts give different images
 
