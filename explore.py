@@ -191,7 +191,16 @@ def apply_prompt_weights(
     return torch.where(w == 1, embeds, empty + w * (embeds - empty))
 
 
-def diffexp_conditioning(cfg: DiffExpConfig, exploring: bool, prompts: list[str], cond, text, timesteps: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+def diffexp_conditioning(
+    cfg: DiffExpConfig,
+    exploring: bool,
+    prompts: list[str],
+    cond,
+    text,
+    timesteps: torch.Tensor,
+    num_train_timesteps: int,
+    generator: torch.Generator,
+):
     """One batch's DiffExp decision, shared by both trainers and sample.py.
 
     cond: the prompts' `diffusion.Conditioning`; text: the `diffusion.TextConditioner` that made it
