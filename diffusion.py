@@ -190,7 +190,7 @@ def inspect_pipeline(pretrained: str) -> str:
     """'sd' or 'sdxl' for a base checkpoint (hub id or directory), read from its model_index.json
     before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-
     image SD / SDXL base model (an SDXL refiner, a checkpoint without its text encoder, another class).
-    A hub id whose model_index.json is not in the cache is left to load_pipeline's own error."""
+    A hub id whose model_index.json cannot be had (offline and not cached) is left to the loader's own error."""
     name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
     index = Path(name) / "model_index.json"
     if not index.is_file():
@@ -198,12 +198,17 @@ def inspect_pipeline(pretrained: str) -> str:
             if not os.path.exists(name):
                 raise CheckpointError(f"--pretrained: local directory '{name}' does not exist")
             raise CheckpointError(f"--pretrained: '{name}' is not a complete checkpoint directory (no model_index.json; pass a diffusers pipeline directory)")
-        try:
-            from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download
 
+        try:  # cached, or else (online) the one small file that says which pipeline it is
             index = Path(hf_hub_download(name, "model_index.json", local_files_only=True))
-        except Exception:  # noqa: BLE001 - not cached: load_pipeline reports it with the full advice
-            return "unknown"
+        except Exception:  # noqa: BLE001
+            try:
+                if hub_offline():
+                    raise OSError("offline")
+                index = Path(hf_hub_download(name, "model_index.json"))
+            except Exception:  # noqa: BLE001 - unavailable: load_pipeline reports it with the full advice
+                return "unknown"
     try:
         config = json.loads(index.read_text())
     except (OSError, ValueError) as e:
@@ -387,15 +392,21 @@ def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=No
     if not rows_u or not rows_c:  # every sample at w = 1 (or every one at w = 0): one half only
         out = unet(x, t, **(cond if rows_c else negative).unet_kwargs()).sample
         return out, out
-    # a mix (DDPO's training pass visits shuffled steps): the needed rows, then each output put back in place
-    take = lambda v, rows: v[torch.tensor(rows, device=v.device)]  # noqa: E731
-    inputs = Conditioning.cat([negative[torch.tensor(rows_u)], cond[torch.tensor(rows_c)]]).to(x.device)
-    out = unet(torch.cat([take(x, rows_u), take(x, rows_c)]), torch.cat([take(t, rows_u), take(t, rows_c)]), **inputs.unet_kwargs()).sample
+    # a mix (DDPO's training pass visits shuffled steps): the needed rows of the doubled batch, then each
+    # output put back in place; the two index lists go to the device in one copy each, without a sync
     pos_u = {i: k for k, i in enumerate(rows_u)}
     pos_c = {i: len(rows_u) + k for k, i in enumerate(rows_c)}
-    idx_u = [pos_u.get(i, pos_c.get(i)) for i in range(B)]
-    idx_c = [pos_c.get(i, pos_u.get(i)) for i in range(B)]
-    return take(out, idx_u), take(out, idx_c)
+    take = _device_index(rows_u + [B + i for i in rows_c], x.device)
+    put = _device_index([pos_u.get(i, pos_c.get(i)) for i in range(B)] + [pos_c.get(i, pos_u.get(i)) for i in range(B)], x.device)
+    inputs = Conditioning.cat([negative, cond])._map(lambda v: v.index_select(0, take.to(v.device)))
+    out = unet(torch.cat([x, x]).index_select(0, take), torch.cat([t, t]).index_select(0, take), **inputs.unet_kwargs()).sample
+    return out.index_select(0, put).chunk(2)
+
+
+def _device_index(rows: list[int], device) -> torch.Tensor:
+    """An index tensor on `device`, copied from pinned memory without waiting for the device."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return index.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else index
 
 
 def load_prompts(name_or_path: str, flag: str = "--prompts") -> list[str]:
@@ -795,7 +806,7 @@ class RunLog:
         if not self.enabled:
             return
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("epoch", -1) <= epoch]
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and _log_epoch(ln) <= epoch]
             path.write_text("".join(ln + "\n" for ln in lines))
         for old in [*(self.dir / "eval").glob("epoch_*"), *(self.dir / "images").glob("epoch_*.png")]:
             try:
@@ -1037,6 +1048,14 @@ def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
                 line = line[:-1]
             lines[i] = line + "..."
     return lines
+
+
+def _log_epoch(line: str) -> float:
+    """A log line's epoch; a torn line (the run was killed while writing it) counts as after every epoch."""
+    try:
+        return json.loads(line).get("epoch", -1)
+    except ValueError:
+        return float("inf")
 
 
 def _jsonable(x):

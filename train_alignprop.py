@@ -252,6 +252,7 @@ def main(args: Args):
     world, rank = accelerator.num_processes, accelerator.process_index
     check_batches(world)
     batches_per_epoch = args.samples_per_epoch // (args.batch_size * world)
+    accelerator.wait_for_everyone()  # every process has read --output-dir (check_run_dir) before anything in it is deleted
     deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
     notes += run_dir_notes(args.output_dir, plan, deleted)

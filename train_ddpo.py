@@ -303,6 +303,7 @@ def main(args: Args):
     check_batches(world)
     samples_per_process = args.samples_per_epoch // world
     train_batches = samples_per_process // args.train_batch_size
+    accelerator.wait_for_everyone()  # every process has read --output-dir (check_run_dir) before anything in it is deleted
     deleted = prepare_run_dir(args.output_dir, plan) if accelerator.is_main_process else []
     accelerator.wait_for_everyone()
     notes += run_dir_notes(args.output_dir, plan, deleted)

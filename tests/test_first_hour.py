@@ -471,3 +471,14 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_
     assert (out / "images" / "epoch_0000.png").read_bytes()[:4] == b"\x89PNG"
     assert [json.loads(line)["mode"] for line in (out / "args.jsonl").read_text().splitlines()] == ["new", "restart"]
     assert not os.path.exists(out / "eval" / "initial")  # --eval-every 0: the old run's evaluation is gone, not kept
+
+
+def test_resume_drops_a_torn_log_line(tmp_path):
+    """A run killed while writing log.jsonl leaves half a line: resuming drops it with the later epochs."""
+    from types import SimpleNamespace
+
+    from diffusion import RunLog
+
+    (tmp_path / "log.jsonl").write_text('{"epoch": -1}\n{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "rew')
+    RunLog(tmp_path, SimpleNamespace(seed=0)).truncate_after(0)
+    assert (tmp_path / "log.jsonl").read_text() == '{"epoch": -1}\n{"epoch": 0}\n'
