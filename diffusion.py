@@ -594,9 +594,11 @@ def generate(
 
     cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
     device, dtype, B = cond.embeds.device, cond.embeds.dtype, len(cond)
-    text = TextConditioner(pipe, resolution)
-    negative = (negative or text.negative).to(device, dtype)
-    latent = text.resolution // pipe.vae_scale_factor
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if negative is None:  # encoding "" costs a text-encoder call: callers that sample often pass their own
+        negative = TextConditioner(pipe, resolution).negative
+    negative = negative.to(device, dtype)
+    latent = resolution // pipe.vae_scale_factor
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps.to(device)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps, device)
@@ -625,9 +627,10 @@ def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, gene
     `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
     from torchvision.utils import save_image
 
-    cond = TextConditioner(pipe, resolution).encode(prompts)
+    text = TextConditioner(pipe, resolution)
+    cond = text.encode(prompts)
     guidance = torch.full((num_steps,), float(w_high))
-    images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend)
+    images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend, negative=text.negative)
     scores, components = reward_fn(images, prompts)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
