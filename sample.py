@@ -35,30 +35,6 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def vae_scale_factor(pretrained: str, vae: str | None = None) -> int:
-    """The VAE's downsampling factor, 2 ** (len(block_out_channels) - 1), read from its config.json
-    without loading weights: `--vae`'s own config.json, else `pretrained`/vae/config.json (a local
-    directory, a shipped alias such as `toy`, or a hub id already in the local cache); 8 (SD, SDXL)
-    when it cannot be read."""
-    from diffusion import ALIASES
-
-    name, sub = (vae, "config.json") if vae else (pretrained, "vae/config.json")
-    name = str(ALIASES.get(str(name), name))
-    path = Path(name).expanduser() / sub
-    if not path.is_file():
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(name, sub)
-            path = Path(cached) if isinstance(cached, str) else path
-        except Exception:  # noqa: BLE001 - not a hub id, or not cached: fall back to SD's factor
-            pass
-    try:
-        return 2 ** (len(json.loads(path.read_text())["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return 8
-
-
 def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, batch_size: int, num_steps: int, eta: float, resolution: int | None, seed: int, min_per_prompt: int = 1):
     """One `error:` line (exit 2) for any count or value generate/explore cannot use, before loading."""
     if num_per_prompt < min_per_prompt:
@@ -73,7 +49,9 @@ def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, b
     if seed < 0:
         fail(f"--seed must be >= 0, got {seed}")
     if resolution is not None:
-        factor = vae_scale_factor(pretrained, vae)
+        from diffusion import vae_downsampling
+
+        factor = vae_downsampling(pretrained, vae)[0]
         if resolution <= 0 or resolution % factor:
             fail(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; leave it out for the model's native size")
 

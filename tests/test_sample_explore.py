@@ -12,6 +12,7 @@ import statistics
 import pytest
 import torch
 
+import diffusion
 import sample
 
 STEPS = 4  # SD's leading spacing: timesteps 751, 501, 251, 1 -- t_sw 0.8 (800) never switches, t_sw 0.5 does at two steps
@@ -220,10 +221,10 @@ def test_generate_bad_arguments_fail_in_one_line(extra, message, tiny_sd_dir, no
 
 
 def test_vae_factor_is_read_from_the_checkpoint(tiny_sd_dir, tmp_path, nothing_loads, capsys):
-    assert sample.vae_scale_factor(str(tiny_sd_dir)) == 2
-    assert sample.vae_scale_factor("toy") == 2  # the shipped toy world, through its alias
-    assert sample.vae_scale_factor("nobody/not-a-cached-model") == 8  # SD's and SDXL's
-    assert sample.vae_scale_factor(str(tiny_sd_dir), vae=str(tiny_sd_dir / "vae")) == 2
+    assert diffusion.vae_downsampling(str(tiny_sd_dir))[0] == 2
+    assert diffusion.vae_downsampling("toy")[0] == 2  # the shipped toy world, through its alias
+    assert diffusion.vae_downsampling("nobody/not-a-cached-model")[0] == 8  # SD's and SDXL's
+    assert diffusion.vae_downsampling(str(tiny_sd_dir), vae=str(tiny_sd_dir / "vae"))[0] == 2
     expect_error(["generate", "--pretrained", "nobody/not-a-cached-model", "--resolution", "36"], capsys, "multiple of 8")
 
 
