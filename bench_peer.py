@@ -52,8 +52,11 @@ ALIGNPROP_LR, ALIGNPROP_ETA = 1e-3, 0.0  # eta: our AlignProp default (trl's is 
 PROMPTS = "simple_animals"
 SEED = 0
 
-SIDES = ("trl", "ours", "ours+diffexp")
-SIDE_LABEL = {"trl": f"trl {TRL_VERSION}", "ours": "ours, DiffExp off", "ours+diffexp": "ours, DiffExp on (defaults)"}
+SIDES = ("trl", "ours", "ours+diffexp", "ours+compile", "ours+diffexp+compile")
+SIDE_LABEL = {
+    "trl": f"trl {TRL_VERSION}", "ours": "ours, DiffExp off", "ours+diffexp": "ours, DiffExp on (defaults)",
+    "ours+compile": "ours --compile, DiffExp off", "ours+diffexp+compile": "ours --compile, DiffExp on (defaults)",
+}
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Args:
     """epochs trained first in every run and not timed (first-call allocation, lazy initialisation)"""
     diffexp: bool = True
     """also time our trainers with DiffExp at its defaults (CFG schedule + prompt weighting, exploring every epoch)"""
+    compile: bool = False
+    """also time our trainers with --compile (torch.compile of the UNet, inductor), DiffExp off and on; the compiling happens in the warm-up epoch(s), whose time is shown in the notes; first prints inductor's difference to eager on the tiny UNet"""
     threads: int = 2
     """intra-op threads of every run (torch.set_num_threads and OMP_NUM_THREADS)"""
     markdown: str = "runs/bench_peer.md"
@@ -136,12 +141,14 @@ def our_argv(spec: dict) -> list[str]:
         "--lora-rank", LORA_RANK, "--lora-alpha", LORA_ALPHA, "--w-high", GUIDANCE, "--prompts", PROMPTS,
         "--eval-every", 0, "--save-every", 10**6, "--seed", SEED, "--output-dir", spec["out"],
     ]
-    if spec["side"] == "ours+diffexp":
+    if "diffexp" in spec["side"]:
         # DiffExp's own defaults (t_sw, w_low, prompt-weight range, stopwords); exploring in every epoch,
         # since with --explore-frac 0.75 the last quarter of a short run would not explore.
         common += ["--explore-frac", 1.0]
     else:
         common += ["--no-cfg-schedule", "--no-prompt-weighting"]
+    if "compile" in spec["side"]:
+        common += ["--compile"]
     if spec["trainer"] == "ddpo":
         specific = [
             "--reward", "jpeg", "--sample-batch-size", BATCH, "--train-batch-size", BATCH, "--eta", DDPO_ETA,
@@ -217,6 +224,7 @@ def run_ours(spec: dict) -> dict:
     timed = epochs[spec["warmup"]:]
     return {
         "sec_per_sample": [r["sec_per_sample"] for r in timed],
+        "warmup_sec_per_sample": [r["sec_per_sample"] for r in epochs[: spec["warmup"]]],
         "samples_per_epoch": [r["samples"] - p["samples"] for p, r in zip([{"samples": 0}] + epochs, epochs)][spec["warmup"]:],
         "exploring": [r["exploring"] for r in timed],
         "w_low_share": [r["w_low_share"] for r in timed],
@@ -357,11 +365,16 @@ def summarise(results: dict, args: Args, sizes) -> list[dict]:
 
 
 def note(runs: list[dict], side: str, trainer: str) -> str:
-    if side != "ours+diffexp" or not runs:
-        return ""
-    exploring = all(all(r.get("exploring", [])) for r in runs)
-    share = statistics.mean(v for r in runs for v in r.get("w_low_share", [0.0]))
-    return f"exploring every timed epoch: {'yes' if exploring else 'NO'}; share of steps at w_low {share:.2f}"
+    notes = []
+    if "diffexp" in side and runs:
+        exploring = all(all(r.get("exploring", [])) for r in runs)
+        share = statistics.mean(v for r in runs for v in r.get("w_low_share", [0.0]))
+        notes.append(f"exploring every timed epoch: {'yes' if exploring else 'NO'}; share of steps at w_low {share:.2f}")
+    if "compile" in side and runs:
+        first = [r["warmup_sec_per_sample"][0] for r in runs if r.get("warmup_sec_per_sample")]
+        if first:
+            notes.append(f"first (warm-up) epoch, compiling: {min(first):.2f}-{max(first):.2f} s/sample")
+    return "; ".join(notes)
 
 
 def fmt(v, spec=".4f"):
@@ -403,7 +416,7 @@ def settings_markdown(args: Args, sizes) -> list[str]:
         spec = dict(side="ours", trainer=trainer, res=res, steps=steps, num_epochs=args.warmup_epochs + args.epochs, pretrained="<tiny-sd>", out="<tmp>")
         reward = " (rewards.load_reward replaced by mean brightness, in-process as the tests do)" if trainer == "alignprop" else ""
         lines += [f"- `train_{trainer}.py {' '.join(our_argv(spec))}`{reward}; the DiffExp row drops "
-                  "`--no-cfg-schedule --no-prompt-weighting` and adds `--explore-frac 1.0`"]
+                  "`--no-cfg-schedule --no-prompt-weighting` and adds `--explore-frac 1.0`" + ("; the --compile rows add `--compile`" if args.compile else "")]
     lines += ["", f"trl {TRL_VERSION} side (config fields set; the rest at trl's defaults; `DefaultDDPOStableDiffusionPipeline(dir, use_lora=True)` "
               "with height = width = the size passed to its sampling calls):", ""]
     for trainer in args.trainers:
@@ -412,6 +425,12 @@ def settings_markdown(args: Args, sizes) -> list[str]:
         lines += [f"- `{cls}({', '.join(f'{k}={v!r}' for k, v in trl_config_fields(spec).items())})`"]
     return lines
 
+
+COMPILE_DIFFERENCE = (
+    "The --compile rows only: our UNet runs compiled by torch.compile (inductor) in place; the warm-up epoch "
+    "compiles (its time is in the notes, not in the table). trl 0.23.1 has no such option; a user could compile "
+    "trl's pipeline.unet by hand, which this benchmark does not do."
+)
 
 DIFFERENCES = [
     "DDPO, the same work on both sides per epoch: per sample batch (2) the S sampling steps each call the UNet once "
@@ -430,7 +449,44 @@ DIFFERENCES = [
 
 
 def sides(args: Args) -> tuple[str, ...]:
-    return SIDES if args.diffexp else SIDES[:2]
+    return tuple(s for s in SIDES if (args.diffexp or "diffexp" not in s) and (args.compile or "compile" not in s))
+
+
+def compiled_vs_eager(pretrained: Path, threads: int) -> str:
+    """One UNet forward + backward at 64 px (batch 8, the CFG batch), eager and compiled as --compile
+    does (diffusion.compile_unet, inductor), from the same LoRA weights: the largest differences of
+    the output and of the LoRA gradients, relative to the largest eager value. In a subprocess, like the runs."""
+    code = f"""
+import json, sys, torch
+sys.path[:0] = [{str(ROOT)!r}]
+torch.set_num_threads({threads})
+from diffusers import UNet2DConditionModel
+from diffusion import add_lora, compile_unet
+def run(compiled):
+    unet = UNet2DConditionModel.from_pretrained({str(pretrained / "unet")!r})
+    torch.manual_seed(0)
+    params = add_lora(unet, {LORA_RANK}, {LORA_ALPHA})
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.1)  # lora_B starts at zero: give every adapter a non-zero effect
+    if compiled:
+        compile_unet(unet)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, unet.config.in_channels, 32, 32, generator=g)
+    t = torch.randint(0, 1000, (8,), generator=g)
+    e = torch.randn(8, 77, unet.config.cross_attention_dim, generator=g)
+    out = unet(x, t, e).sample
+    (out * torch.randn(out.shape, generator=g)).sum().backward()
+    return out.detach(), [p.grad for p in params]
+(a, ga), (b, gb) = run(False), run(True)
+rel = lambda u, v: ((u - v).abs().max() / u.abs().max()).item()
+print(json.dumps(dict(out=rel(a, b), grad=max(rel(u, v) for u, v in zip(ga, gb)))))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(threads), capture_output=True, text=True)
+    if proc.returncode != 0:
+        return "FAILED: " + " | ".join(proc.stderr.strip().splitlines()[-3:])
+    d = json.loads(proc.stdout.strip().splitlines()[-1])
+    return f"largest difference of the output {d['out']:.1e} and of the LoRA gradients {d['grad']:.1e}, relative to the largest eager value"
 
 
 def check_trl():
@@ -453,6 +509,8 @@ def main(args: Args):
         sizes = [parse_size(s) for s in args.sizes]
         if args.repeats < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.threads < 1 or not args.trainers:
             raise ValueError("--repeats, --epochs and --threads must be >= 1, --warmup-epochs >= 0, and --trainers not empty")
+        if args.compile and args.warmup_epochs < 1:
+            raise ValueError("--compile needs --warmup-epochs >= 1: the first epoch compiles the UNet and must not be timed")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -477,6 +535,9 @@ def main(args: Args):
         from tiny import make_tiny_sd
 
         pretrained = make_tiny_sd(work / "tiny-sd")
+        if args.compile:
+            check = compiled_vs_eager(pretrained, args.threads)
+            print(f"inductor against eager on the tiny UNet: {check}", flush=True)
         results: dict[tuple, list[dict]] = {}
         total = args.repeats * len(sizes) * len(args.trainers) * len(sides(args))
         done = 0
@@ -500,6 +561,8 @@ def main(args: Args):
         md = Path(args.markdown)
         md.parent.mkdir(parents=True, exist_ok=True)
         notes = ["What the two sides do differently (S = denoising steps):", "", *[f"- {d}" for d in DIFFERENCES]]
+        if args.compile:
+            notes += [f"- {COMPILE_DIFFERENCE}", "", f"Inductor against eager on the tiny UNet (LoRA r{LORA_RANK}, fp32): {check}"]
         md.write_text("\n".join(["# bench_peer: our trainers vs trl " + TRL_VERSION, "", *settings_markdown(args, sizes), "", *lines, "", *notes, ""]))
         print(f"\nwrote {md}" + (f"; runs kept in {work}" if args.keep_dir else ""))
         failed = sum(r["failed"] for r in rows)

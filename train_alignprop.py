@@ -129,6 +129,8 @@ class Args:
     """precision of the frozen weights and of autocast (LoRA weights stay fp32); auto: bf16 on CUDA, no (fp32) on CPU"""
     kernels: Literal["auto", "triton", "eager"] = "auto"
     """CFG+DDIM step implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
+    compile: bool = False
+    """torch.compile the UNet (inductor; forward and backward, LoRA included): on a 2-core CPU ~10% less time per sample once compiled, after ~1.5 min of compiling in the first epoch; not measured on a GPU; results equal eager to float tolerance"""
 
     # --- the run and its files ---
     seed: int = 0
@@ -166,7 +168,9 @@ def fail(msg: str):
 def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
-    from diffusion import CheckpointError, check_checkpoints, check_run_dir, load_prompts, resolve_mixed_precision, vae_downsampling
+    from diffusion import (
+        CheckpointError, check_checkpoints, check_run_dir, compile_problem, load_prompts, resolve_mixed_precision, vae_downsampling,
+    )
     from explore import DiffExpConfig
 
     for ok, msg in [
@@ -233,6 +237,8 @@ def main(args: Args):
         notes += check_checkpoints(needed + rewards.checkpoints_needed(args.reward, **args.reward_models))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
+    if args.compile and (problem := compile_problem()):
+        fail(problem)
     if args.track:
         try:
             import wandb  # noqa: F401
@@ -266,7 +272,7 @@ def main(args: Args):
     from tqdm import tqdm
 
     from diffusion import (
-        RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline,
+        RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, compile_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline,
         save_checkpoint, save_sample_grid, seeded,
     )
     from explore import diffexp_conditioning, is_exploring
@@ -282,6 +288,8 @@ def main(args: Args):
     unet, T = pipe.unet, pipe.scheduler.config.num_train_timesteps
     torch.manual_seed(args.seed)  # identical LoRA initialisation on every process
     params = add_lora(unet, args.lora_rank, args.lora_alpha)
+    if args.compile:
+        compile_unet(unet)  # in place, after the adapters exist, so they are compiled too
     optimizer = torch.optim.AdamW(
         params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
     )
