@@ -87,6 +87,35 @@ def finished(run: Path, epochs: int) -> bool:
     return log.is_file() and any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
 
 
+def success_rates(run: Path, epochs: int) -> tuple[float, float] | None:
+    """Share of held-out images the compositional reward calls a success (toy-compose > 0.5), at the
+    first evaluation and at the last: the run's eval/initial and eval/epoch_<last> images, re-scored
+    from their PNG files (8-bit, so within ~1e-3 of the logged float scores). Cached in success.json."""
+    cache = run / "success.json"
+    if cache.is_file():
+        return tuple(json.loads(cache.read_text()))
+    dirs = [run / "eval" / "initial", run / "eval" / f"epoch_{epochs - 1:04d}"]
+    if not all((d / "prompts.json").is_file() for d in dirs):
+        return None
+    import torch
+    from torchvision.io import read_image
+
+    import rewards
+
+    global _TOY_COMPOSE
+    if "_TOY_COMPOSE" not in globals():
+        _TOY_COMPOSE = rewards.load_reward("toy-compose", device="cpu")
+    rates = []
+    for d in dirs:
+        prompts = json.loads((d / "prompts.json").read_text())["prompts"]
+        images = torch.stack([read_image(str(d / f"{i:03d}.png")).float() / 255 for i in range(len(prompts))])
+        with torch.no_grad():
+            scores, _ = _TOY_COMPOSE(images[:, :3], prompts)
+        rates.append((scores > 0.5).float().mean().item())
+    cache.write_text(json.dumps(rates))
+    return tuple(rates)
+
+
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
     """(samples, mean, std) over seeds at the sample counts every seed logged."""
     common = sorted(set.intersection(*[{s for s, _ in c} for c in curves])) if curves else []
@@ -104,8 +133,8 @@ def report(args: Args):
         return _read_curve(run, key) if finished(run, args.epochs) else []
 
     lines = [
-        f"| method | arm | seeds | final {args.key} (mean ± std) | gain over its own start (mean ± std) | gain − baseline's gain, same seed (mean ± s.e.) | samples to reach the baseline's final |",
-        "|---|---|---|---|---|---|---|",
+        f"| method | arm | seeds | final {args.key} (mean ± std) | gain over its own start (mean ± std) | gain − baseline's gain, same seed (mean ± s.e.) | samples to reach the baseline's final | toy-compose success on {args.eval_prompts}, first → last evaluation |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     import matplotlib
 
@@ -132,9 +161,12 @@ def report(args: Args):
                 f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}"
                 if arm != "baseline" and len(diffs) > 1 else "—"
             )
+            rates = [r for s in runs[arm] if (r := success_rates(out / method / arm / f"seed{s}", args.epochs)) is not None]
+            success = (f"{100 * statistics.fmean(a for a, _ in rates):.1f}% → {100 * statistics.fmean(b for _, b in rates):.1f}%"
+                       f" ({len(rates)} × {args.eval_num} images)" if rates else "—")
             reach = next((s for s, m, _ in curve if m >= base_final), "not reached") if base_final is not None else "— (baseline did not gain)"
             lines.append(
-                f"| {method} | {arm} | {len(g)} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {g_mean:+.3f} ± {statistics.pstdev(g):.3f} | {paired} | {reach} |"
+                f"| {method} | {arm} | {len(g)} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {g_mean:+.3f} ± {statistics.pstdev(g):.3f} | {paired} | {reach} | {success} |"
             )
             xs, ms, sd = zip(*curve)
             ax.plot(xs, ms, marker="o", label=arm)
