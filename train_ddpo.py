@@ -145,7 +145,7 @@ class Args:
     kernels: Literal["auto", "triton", "eager"] = "auto"
     """step / loss implementation: Triton on CUDA (auto), or the eager PyTorch reference"""
     compile: bool = False
-    """torch.compile the UNet (inductor; forward and backward, LoRA included): on a 2-core CPU ~10% less time per sample once compiled, after ~1.5 min of compiling in the first epoch; not measured on a GPU; results equal eager to float tolerance"""
+    """torch.compile the UNet (inductor; forward and backward, LoRA included): on a 2-core CPU 0-18% less time per sample once compiled (bench_peer.py), after ~1.5 min of compiling in the first epoch; not measured on a GPU; results equal eager to float tolerance"""
 
     # --- the run and its files ---
     seed: int = 0

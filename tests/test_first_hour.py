@@ -257,6 +257,7 @@ def test_check_run_dir_decisions(tmp_path):
     (tmp_path / "run" / "checkpoints" / "epoch_0001").mkdir(parents=True)
     p = plan(resume=True, eval_every=1, track=True)
     assert (p.mode, p.checkpoint.name, p.changed, p.finished) == ("resume", "epoch_0001", {}, False)
+    assert plan(resume=True, compile=True, kernels="eager").changed == {}  # how, not what, it computes
     # --num-epochs alone is harmless while every epoch explores alike (explore_frac 1.0: extending a run) ...
     assert plan(resume=True, num_epochs=10).changed == {}
     assert plan(resume=True, num_epochs=2).finished  # ... and a run that holds its last epoch has nothing left to do
