@@ -12,6 +12,7 @@ mean +- std over seeds; samples each arm needs to reach the baseline's final mea
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
@@ -87,6 +88,14 @@ def finished(run: Path, epochs: int) -> bool:
     return log.is_file() and any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
 
 
+@functools.cache
+def toy_compose():
+    """The toy-compose reward, loaded once for every run the report re-scores."""
+    import rewards
+
+    return rewards.load_reward("toy-compose", device="cpu")
+
+
 def success_rates(run: Path, epochs: int) -> tuple[float, float] | None:
     """Share of held-out images the compositional reward calls a success (toy-compose > 0.5), at the
     first evaluation and at the last: the run's eval/initial and eval/epoch_<last> images, re-scored
@@ -100,17 +109,12 @@ def success_rates(run: Path, epochs: int) -> tuple[float, float] | None:
     import torch
     from torchvision.io import read_image
 
-    import rewards
-
-    global _TOY_COMPOSE
-    if "_TOY_COMPOSE" not in globals():
-        _TOY_COMPOSE = rewards.load_reward("toy-compose", device="cpu")
     rates = []
     for d in dirs:
         prompts = json.loads((d / "prompts.json").read_text())["prompts"]
         images = torch.stack([read_image(str(d / f"{i:03d}.png")).float() / 255 for i in range(len(prompts))])
         with torch.no_grad():
-            scores, _ = _TOY_COMPOSE(images[:, :3], prompts)
+            scores, _ = toy_compose()(images[:, :3], prompts)
         rates.append((scores > 0.5).float().mean().item())
     cache.write_text(json.dumps(rates))
     return tuple(rates)

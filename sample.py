@@ -58,11 +58,13 @@ def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, b
 
 def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     """The weights' dtype; 'auto' is bf16 on CUDA and fp32 on the CPU (where bf16 is ~10x slower), said once."""
-    if mixed_precision == "auto":  # as the trainers decide it (diffusion.resolve_mixed_precision)
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
-        mixed_precision = "bf16" if bf16 else "no"
+    from diffusion import resolve_mixed_precision
+
+    resolved, _ = resolve_mixed_precision(mixed_precision)  # the trainers' decision, so 'auto' means the same everywhere
+    if mixed_precision == "auto":
+        bf16 = resolved == "bf16"
         print(f"--mixed-precision auto: {'bf16 (CUDA)' if bf16 else 'fp32 (no CUDA device with bf16)' if device == 'cuda' else 'fp32 (no CUDA device)'}")
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision]
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[resolved]
 
 
 def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train_timesteps: int):

@@ -185,6 +185,35 @@ def test_toy_compose_gradient_reaches_the_pixels_at_any_size():
         assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
 
 
+def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
+    """The success column re-scores a run's first and last evaluation images (PNG + prompts.json, as
+    evaluate_held_out writes them) with toy-compose: renders captioned with a missing shape at the
+    first evaluation fail, the same renders with their own captions at the last succeed."""
+    import json
+
+    from torchvision.utils import save_image
+
+    import bench_toy
+
+    pairs = [(("red", "circle"), "left of", ("green", "square")), (("blue", "triangle"), "above", ("orange", "diamond")),
+             (("yellow", "circle"), "left of", ("purple", "square")), (("green", "diamond"), "above", ("blue", "square"))]  # fmt: skip
+    images, captions = toy.render(len(pairs), torch.Generator().manual_seed(7), pairs=pairs)
+    run = tmp_path / "alignprop" / "baseline" / "seed0"
+    for name, prompts in [("initial", [_wrong_captions(p)["missing shape"] for p in pairs]), ("epoch_0000", captions)]:
+        (run / "eval" / name).mkdir(parents=True)
+        for i, image in enumerate(images):
+            save_image(image, run / "eval" / name / f"{i:03d}.png")
+        (run / "eval" / name / "prompts.json").write_text(json.dumps({"prompts": prompts}))
+    rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": 1.0}, {"epoch": 0, "samples": 16, "eval_reward_mean": 2.0}]
+    (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert bench_toy.success_rates(run, epochs=1) == (0.0, 1.0)
+    assert json.loads((run / "success.json").read_text()) == [0.0, 1.0]  # cached for the next report
+    bench_toy.report(bench_toy.Args(methods=("alignprop",), arms=("baseline",), seeds=(0,), epochs=1, eval_num=4, output_dir=str(tmp_path)))
+    row = (tmp_path / "bench.md").read_text().splitlines()[2]
+    assert row.endswith("| 0.0% → 100.0% (1 × 4 images) |"), row
+    assert bench_toy.success_rates(tmp_path / "alignprop" / "baseline" / "seed1", epochs=1) is None  # no evaluations: no rate
+
+
 def test_toy_compose_refuses_prompts_outside_the_toy_grammar():
     import pytest
 
