@@ -47,7 +47,9 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
             return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # hub errors (offline, 404, bad id) are OSError/ValueError subclasses
         if os.path.isdir(name):
-            raise CheckpointError(f"{what}: '{name}' is not a complete checkpoint directory ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"{what}: '{name}' is not a complete checkpoint directory ({str(e).splitlines()[0]})"
+            ) from None
         offline = hub_offline()
         raise CheckpointError(
             f"{what}: cannot load '{name}': it is not in the local Hugging Face cache"
@@ -81,7 +83,10 @@ def _quiet_hub_fallback():
 
 def hub_offline() -> bool:
     """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set, or check_checkpoints switched to offline mode."""
-    env = any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    env = any(
+        os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
+        for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
     constants = sys.modules.get("huggingface_hub.constants")
     return env or bool(constants is not None and constants.HF_HUB_OFFLINE)
 
@@ -135,9 +140,13 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
         name = os.path.expanduser(str(ALIASES.get(str(name), name)))
         if os.path.exists(name) or _looks_like_path(name):
             if not os.path.exists(name):
-                raise CheckpointError(f"{flag}: local directory '{name}' does not exist (pass an existing directory or a hub id)")
+                raise CheckpointError(
+                    f"{flag}: local directory '{name}' does not exist (pass an existing directory or a hub id)"
+                )
             if files and os.path.isdir(name) and not any(os.path.isfile(os.path.join(name, f)) for f in files):
-                raise CheckpointError(f"{flag}: '{name}' is not a complete checkpoint directory (no {' or '.join(files)} in it)")
+                raise CheckpointError(
+                    f"{flag}: '{name}' is not a complete checkpoint directory (no {' or '.join(files)} in it)"
+                )
             continue
         if any(_in_hf_cache(name, f) for f in files or ("config.json", "model_index.json")):
             if not hub_offline() and reachable is None:
@@ -145,15 +154,21 @@ def check_checkpoints(needed: list[tuple[str, str, tuple[str, ...]]]) -> list[st
                 reachable = status is not None
                 if not reachable:
                     _go_offline()
-                    notes.append(f"note: the Hugging Face hub cannot be reached ({reason}): loading from the local cache only (set HF_HUB_OFFLINE=1 to skip this check)")
+                    notes.append(
+                        f"note: the Hugging Face hub cannot be reached ({reason}): loading from the local cache only (set HF_HUB_OFFLINE=1 to skip this check)"
+                    )
             continue
         fix = f"download it on a machine with internet (`hf download {name}`) and pass its local directory with {flag} DIR"
         if hub_offline():
-            raise CheckpointError(f"{flag}: '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE to download it here")
+            raise CheckpointError(
+                f"{flag}: '{name}' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: {fix}, or unset HF_HUB_OFFLINE to download it here"
+            )
         status, reason = _hub_probe(f"{constants.ENDPOINT}/{name}/resolve/main/{(files or ('config.json',))[0]}")
         if status is None:
             _go_offline()
-            raise CheckpointError(f"{flag}: '{name}' is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}")
+            raise CheckpointError(
+                f"{flag}: '{name}' is not in the local Hugging Face cache and the hub cannot be reached ({reason}): {fix}"
+            )
         if status in (401, 403, 404):
             what = "needs a login (run `hf auth login`) or " if status != 404 else ""
             raise CheckpointError(
@@ -197,7 +212,9 @@ def inspect_pipeline(pretrained: str) -> str:
         if _looks_like_path(name) or os.path.isdir(name):
             if not os.path.exists(name):
                 raise CheckpointError(f"--pretrained: local directory '{name}' does not exist")
-            raise CheckpointError(f"--pretrained: '{name}' is not a complete checkpoint directory (no model_index.json; pass a diffusers pipeline directory)")
+            raise CheckpointError(
+                f"--pretrained: '{name}' is not a complete checkpoint directory (no model_index.json; pass a diffusers pipeline directory)"
+            )
         from huggingface_hub import hf_hub_download
 
         try:  # cached, or else (online) the one small file that says which pipeline it is
@@ -214,7 +231,10 @@ def inspect_pipeline(pretrained: str) -> str:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--pretrained: cannot read '{index}' ({e})") from None
     cls = config.get("_class_name", "")
-    missing_text_encoder = config.get("text_encoder") in (None, [None, None]) or config.get("tokenizer") in (None, [None, None])
+    missing_text_encoder = config.get("text_encoder") in (None, [None, None]) or config.get("tokenizer") in (
+        None,
+        [None, None],
+    )
     if config.get("requires_aesthetics_score") or (cls.startswith("StableDiffusionXL") and missing_text_encoder):
         raise CheckpointError(
             f"--pretrained: '{pretrained}' is an SDXL refiner or lacks text_encoder/tokenizer; pass an SDXL *base* "
@@ -224,7 +244,9 @@ def inspect_pipeline(pretrained: str) -> str:
         return "sdxl"
     if cls.startswith("StableDiffusion") and not missing_text_encoder:
         return "sd"
-    raise CheckpointError(f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x and SDXL base models")
+    raise CheckpointError(
+        f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x and SDXL base models"
+    )
 
 
 def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torch.float32, vae: str | None = None):
@@ -253,7 +275,10 @@ def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torc
     defaulted = [k for k in ("clip_sample", "set_alpha_to_one") if k not in scheduler_config]
     if defaulted:
         pipe.scheduler = DDIMScheduler.from_config({**scheduler_config, **{k: False for k in defaulted}})
-        print(f"note: the scheduler config of '{pretrained}' lacks {', '.join(defaulted)}; using False (the SD/SDXL value)", file=sys.stderr)
+        print(
+            f"note: the scheduler config of '{pretrained}' lacks {', '.join(defaulted)}; using False (the SD/SDXL value)",
+            file=sys.stderr,
+        )
     modules = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
     for module in filter(None, modules):
         module.requires_grad_(False).eval()
@@ -278,23 +303,23 @@ class Conditioning:
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
 
-    def _map(self, fn) -> "Conditioning":
+    def _map(self, fn) -> Conditioning:
         return Conditioning(*(None if v is None else fn(v) for v in (self.embeds, self.pooled, self.time_ids)))
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
 
-    def __getitem__(self, idx) -> "Conditioning":
+    def __getitem__(self, idx) -> Conditioning:
         return self._map(lambda v: v[idx])
 
-    def expand(self, n: int) -> "Conditioning":
+    def expand(self, n: int) -> Conditioning:
         return self._map(lambda v: v.expand(n, *v.shape[1:]))
 
-    def to(self, *args, **kwargs) -> "Conditioning":
+    def to(self, *args, **kwargs) -> Conditioning:
         return self._map(lambda v: v.to(*args, **kwargs))
 
     @staticmethod
-    def cat(items: list["Conditioning"]) -> "Conditioning":
+    def cat(items: list[Conditioning]) -> Conditioning:
         fields = [[getattr(c, f) for c in items] for f in ("embeds", "pooled", "time_ids")]
         return Conditioning(*(None if vs[0] is None else torch.cat(vs) for vs in fields))
 
@@ -318,7 +343,9 @@ class TextConditioner:
 
     def __init__(self, pipe, resolution: int | None = None):
         self.pipe = pipe
-        self.tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if getattr(pipe, "text_encoder_2", None) is not None else [])
+        self.tokenizers = [pipe.tokenizer] + (
+            [pipe.tokenizer_2] if getattr(pipe, "text_encoder_2", None) is not None else []
+        )
         self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(self.tokenizers) == 2 else [])
         self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.empty = self.encode([""])
@@ -337,11 +364,23 @@ class TextConditioner:
     def encode(self, prompts: list[str]) -> Conditioning:
         device = self.text_encoders[0].device
         if len(self.text_encoders) == 1:  # SD 1.x / 2.x
-            tok = self.tokenizers[0](prompts, padding="max_length", max_length=self.tokenizers[0].model_max_length, truncation=True, return_tensors="pt")
+            tok = self.tokenizers[0](
+                prompts,
+                padding="max_length",
+                max_length=self.tokenizers[0].model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             return Conditioning(self.text_encoders[0](tok.input_ids.to(device))[0])
         states, pooled = [], None
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
             out = encoder(ids.to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
             pooled = out[0]  # the last encoder's projected text embedding
@@ -354,11 +393,15 @@ class TextConditioner:
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """Token states [B, 77, D] of `prompts` (padded/truncated to the tokenizer's max length); on SDXL
     the concatenation of both encoders' (use TextConditioner for the pooled embedding and time ids)."""
-    return TextConditioner(pipe).encode(prompts).embeds if hasattr(pipe, "text_encoder_2") else _encode_sd(pipe, prompts)
+    return (
+        TextConditioner(pipe).encode(prompts).embeds if hasattr(pipe, "text_encoder_2") else _encode_sd(pipe, prompts)
+    )
 
 
 def _encode_sd(pipe, prompts):
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt")
+    tok = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 
@@ -397,9 +440,13 @@ def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=No
     pos_u = {i: k for k, i in enumerate(rows_u)}
     pos_c = {i: len(rows_u) + k for k, i in enumerate(rows_c)}
     take = _device_index(rows_u + [B + i for i in rows_c], x.device)
-    put = _device_index([pos_u.get(i, pos_c.get(i)) for i in range(B)] + [pos_c.get(i, pos_u.get(i)) for i in range(B)], x.device)
+    put = _device_index(
+        [pos_u.get(i, pos_c.get(i)) for i in range(B)] + [pos_c.get(i, pos_u.get(i)) for i in range(B)], x.device
+    )
     inputs = Conditioning.cat([negative, cond])._map(lambda v: v.index_select(0, take.to(v.device)))
-    out = unet(torch.cat([x, x]).index_select(0, take), torch.cat([t, t]).index_select(0, take), **inputs.unet_kwargs()).sample
+    out = unet(
+        torch.cat([x, x]).index_select(0, take), torch.cat([t, t]).index_select(0, take), **inputs.unet_kwargs()
+    ).sample
     return out.index_select(0, put).chunk(2)
 
 
@@ -413,8 +460,10 @@ def compile_problem() -> str | None:
         get_cpp_compiler()
     except Exception as e:  # noqa: BLE001 - whatever inductor raises, the fix is the same
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        return (f"--compile: torch.compile's inductor backend needs a C++ compiler and found none ({reason}); "
-                f"install one (e.g. apt install g++, or set CXX) or run without --compile")
+        return (
+            f"--compile: torch.compile's inductor backend needs a C++ compiler and found none ({reason}); "
+            f"install one (e.g. apt install g++, or set CXX) or run without --compile"
+        )
     return None
 
 
@@ -523,7 +572,11 @@ def _load_table(path: Path, column: str | None, filters, flag: str, spec: str) -
 
     text = _read_utf8(path, flag)
     tsv = path.suffix.lower() == ".tsv"  # TSV has no quoting: a prompt may start with '"' (PartiPrompts does)
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",", quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+    reader = csv.reader(
+        io.StringIO(text, newline=""),
+        delimiter="\t" if tsv else ",",
+        quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL,
+    )
     try:
         rows = [row for row in reader if any(cell.strip() for cell in row)]
     except csv.Error as e:
@@ -534,7 +587,9 @@ def _load_table(path: Path, column: str | None, filters, flag: str, spec: str) -
 
     def index(name: str) -> int:
         if name not in header:
-            raise ValueError(f"{flag} '{spec}': file '{path}' has no column {name!r}; its columns: {', '.join(map(repr, header))}")
+            raise ValueError(
+                f"{flag} '{spec}': file '{path}' has no column {name!r}; its columns: {', '.join(map(repr, header))}"
+            )
         return header.index(name)
 
     if column is None:  # no ':COLUMN': the one column named prompt/prompts, in any case
@@ -646,7 +701,9 @@ def seeded(*keys: int) -> torch.Generator:
 
 
 @torch.no_grad()
-def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None) -> dict:
+def evaluate_held_out(
+    pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None
+) -> dict:
     """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
     time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
     `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
@@ -662,7 +719,9 @@ def evaluate_held_out(pipe, reward_fn, prompts, out_dir, num_steps, w_high, gene
     for i, image in enumerate(images):
         save_image(image, out_dir / f"{i:03d}.png")
     (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
-    return {"eval_reward_mean": scores.float().mean().item()} | {f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()}
+    return {"eval_reward_mean": scores.float().mean().item()} | {
+        f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()
+    }
 
 
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
@@ -685,7 +744,11 @@ def add_lora(unet, rank: int, alpha: float):
     """LoRA adapters on the UNet's attention projections; returns the trainable parameters (fp32)."""
     from peft import LoraConfig
 
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    unet.add_adapter(
+        LoraConfig(
+            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
+        )
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # train the adapters in fp32 even when the frozen weights are half
@@ -741,7 +804,9 @@ def _canonical_safetensors_header(path: Path):
     tensors = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
     canonical = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(tensors)
     text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, the header padded with spaces (as safetensors does)
+    text += b" " * (
+        -len(text) % 8
+    )  # the data starts 8-byte aligned, the header padded with spaces (as safetensors does)
     path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
 
 
@@ -785,7 +850,9 @@ def load_checkpoint(ckpt: Path, unet) -> dict:
     peft_weights = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in weights.items()})
     incompatible = set_peft_model_state_dict(unet, peft_weights)
     if getattr(incompatible, "unexpected_keys", None):
-        raise CheckpointError(f"--resume: checkpoint '{ckpt}' does not match this model's LoRA layout (check --lora-rank and --pretrained)")
+        raise CheckpointError(
+            f"--resume: checkpoint '{ckpt}' does not match this model's LoRA layout (check --lora-rank and --pretrained)"
+        )
     return state
 
 
@@ -797,7 +864,15 @@ class RunLog:
     """A run's files: args.json (the run's current arguments), args.jsonl (every invocation's arguments,
     appended: the history of the run), log.jsonl (one JSON line per epoch); Weights & Biases with --track."""
 
-    def __init__(self, output_dir: str | Path, args, track: bool = False, project: str = "diffexp", enabled: bool = True, invocation: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        args,
+        track: bool = False,
+        project: str = "diffexp",
+        enabled: bool = True,
+        invocation: dict | None = None,
+    ):
         self.dir, self.enabled, self.wandb = Path(output_dir), enabled, None
         if not enabled:
             return
@@ -823,7 +898,9 @@ class RunLog:
             import wandb
 
             extra = {k: wandb.Image(str(v)) for k, v in (images or {}).items()}
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))} | extra, step=record.get("samples"))
+            self.wandb.log(
+                {k: v for k, v in record.items() if isinstance(v, (int, float))} | extra, step=record.get("samples")
+            )
 
     def truncate_after(self, epoch: int):
         """On resume, drop what epochs after the checkpoint wrote (log lines, eval/ and images/ of those
@@ -853,10 +930,23 @@ ARGS_FILES = ("args.json", "args.jsonl")
 # Arguments that can change on --resume without changing what the run is (when it evaluates, saves,
 # logs, how it computes the same numbers). Every other argument differing from the run's is refused,
 # except --num-epochs when DiffExp's exploration window stays where it was (see _same_exploration).
-HARMLESS_ARGS = frozenset({
-    "output_dir", "resume", "overwrite", "allow_changed_args", "config", "eval_every", "save_every", "keep_checkpoints",
-    "track", "wandb_project", "kernels", "gradient_checkpointing", "compile",
-})
+HARMLESS_ARGS = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "overwrite",
+        "allow_changed_args",
+        "config",
+        "eval_every",
+        "save_every",
+        "keep_checkpoints",
+        "track",
+        "wandb_project",
+        "kernels",
+        "gradient_checkpointing",
+        "compile",
+    }
+)
 
 
 @dataclass
@@ -874,7 +964,9 @@ class RunPlan:
     finished: bool = False
 
     def record(self) -> dict:
-        return {"mode": self.mode, "from_checkpoint": self.checkpoint.name if self.checkpoint else None} | ({"changed": self.changed} if self.changed else {})
+        return {"mode": self.mode, "from_checkpoint": self.checkpoint.name if self.checkpoint else None} | (
+            {"changed": self.changed} if self.changed else {}
+        )
 
 
 def _flag_value(v) -> str:
@@ -887,9 +979,15 @@ def check_run_dir(args) -> RunPlan:
     --resume has nothing to resume, or when --resume's arguments differ from the run's (args.json) in
     anything but HARMLESS_ARGS."""
     out = Path(args.output_dir)
-    resume, overwrite, allow = args.resume, getattr(args, "overwrite", False), getattr(args, "allow_changed_args", False)
+    resume, overwrite, allow = (
+        args.resume,
+        getattr(args, "overwrite", False),
+        getattr(args, "allow_changed_args", False),
+    )
     if resume and overwrite:
-        raise ValueError("--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite deletes it; pass one")
+        raise ValueError(
+            "--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite deletes it; pass one"
+        )
     found = tuple(n + ("/" if (out / n).is_dir() else "") for n in RUN_OUTPUTS if (out / n).exists())
     if found == ("checkpoints/",) and not any((out / "checkpoints").iterdir()):
         found = ()  # an empty checkpoints/ (a run stopped while writing its first checkpoint leaves .tmp_*)
@@ -910,7 +1008,9 @@ def check_run_dir(args) -> RunPlan:
         return RunPlan("new")
     if ckpt is None:
         if not found:
-            raise ValueError(f"--resume: --output-dir {out} holds no run to resume (no checkpoints/, log.jsonl, eval/ or images/); drop --resume to start one there")
+            raise ValueError(
+                f"--resume: --output-dir {out} holds no run to resume (no checkpoints/, log.jsonl, eval/ or images/); drop --resume to start one there"
+            )
         return RunPlan("restart", found=found)
     changed = {}
     recorded = out / "args.json"
@@ -918,13 +1018,17 @@ def check_run_dir(args) -> RunPlan:
         try:
             old = json.loads(recorded.read_text())
         except ValueError:
-            raise ValueError(f"--resume: {recorded} is not valid JSON; restore it, or pass --overwrite to start the run again") from None
+            raise ValueError(
+                f"--resume: {recorded} is not valid JSON; restore it, or pass --overwrite to start the run again"
+            ) from None
         new = _jsonable(vars(args))
         changed = {k: [old[k], v] for k, v in new.items() if k not in HARMLESS_ARGS and k in old and old[k] != v}
         if "num_epochs" in changed and _same_exploration(old, new):
             del changed["num_epochs"]  # only the run's length changes: extending or shortening it is harmless
     if changed and not allow:
-        listed = ", ".join(f"--{k.replace('_', '-')} {_flag_value(a)} -> {_flag_value(b)}" for k, (a, b) in changed.items())
+        listed = ", ".join(
+            f"--{k.replace('_', '-')} {_flag_value(a)} -> {_flag_value(b)}" for k, (a, b) in changed.items()
+        )
         raise ValueError(
             f"--resume: these arguments differ from the run's ({recorded}): {listed}; rerun with the run's values, "
             f"or pass --allow-changed-args to continue it with the new ones"
@@ -950,7 +1054,9 @@ def prepare_run_dir(output_dir: str | Path, plan: RunPlan) -> list[str]:
     import shutil
 
     out = Path(output_dir)
-    names = RUN_OUTPUTS + (ARGS_FILES if plan.mode == "overwrite" else ()) if plan.mode in ("overwrite", "restart") else ()
+    names = (
+        RUN_OUTPUTS + (ARGS_FILES if plan.mode == "overwrite" else ()) if plan.mode in ("overwrite", "restart") else ()
+    )
     deleted = []
     for name in names:
         path = out / name
@@ -968,11 +1074,16 @@ def run_dir_notes(output_dir: str | Path, plan: RunPlan, deleted: list[str]) -> 
     """The lines a trainer prints about what it did to --output-dir (restart, overwrite, accepted changes)."""
     notes = []
     if plan.mode == "restart":
-        notes.append(f"note: --resume: {output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})")
+        notes.append(
+            f"note: --resume: {output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})"
+        )
     elif plan.mode == "overwrite" and deleted:
         notes.append(f"note: --overwrite: deleted the previous run's files in {output_dir} ({', '.join(deleted)})")
     if plan.changed:
-        notes.append("note: --allow-changed-args: continuing with " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items()))
+        notes.append(
+            "note: --allow-changed-args: continuing with "
+            + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items())
+        )
     return notes
 
 
@@ -998,7 +1109,9 @@ def parse_args_with_presets(cls, presets: dict[str, dict], args: list[str] | Non
     # (--reward-models.KEY VALUE), so the preset's entries are merged in after parsing instead: the
     # flag's KEY VALUE pairs override them key by key.
     dicts = {k: v for k, v in preset.items() if isinstance(v, dict)}
-    default = dataclasses.replace(cls(), config=name, **{k: v for k, v in preset.items() if k not in dicts}) if name else None
+    default = (
+        dataclasses.replace(cls(), config=name, **{k: v for k, v in preset.items() if k not in dicts}) if name else None
+    )
     args = tyro.cli(cls, args=argv, default=default)
     for k, v in dicts.items():
         setattr(args, k, {**v, **getattr(args, k)})
@@ -1012,10 +1125,14 @@ def cfg_switch_warning(timesteps, num_train_timesteps: int, t_sw: float) -> str:
     shown = ", ".join(map(str, ts[:6])) + (", ..." if len(ts) > 6 else "")
     threshold = f"t_sw*T = {t_sw * num_train_timesteps:g}"
     if all(t < t_sw * num_train_timesteps for t in ts):
-        return (f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
-                f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)")
-    return (f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
-            f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)")
+        return (
+            f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
+            f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
+        )
+    return (
+        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
+        f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
+    )
 
 
 def resolve_mixed_precision(value: str) -> tuple[str, str]:
@@ -1025,10 +1142,19 @@ def resolve_mixed_precision(value: str) -> tuple[str, str]:
         return value, f"mixed precision: {value}"
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16", "mixed precision: bf16 (--mixed-precision auto: CUDA)"
-    return "no", "mixed precision: no, float32 (--mixed-precision auto: no CUDA device with bf16; pass --mixed-precision bf16 to force it)"
+    return (
+        "no",
+        "mixed precision: no, float32 (--mixed-precision auto: no CUDA device with bf16; pass --mixed-precision bf16 to force it)",
+    )
 
 
-def save_sample_grid(images: torch.Tensor, prompts: list[str], path: str | Path, columns: int | None = None, tile: tuple[int, int] = (128, 256)):
+def save_sample_grid(
+    images: torch.Tensor,
+    prompts: list[str],
+    path: str | Path,
+    columns: int | None = None,
+    tile: tuple[int, int] = (128, 256),
+):
     """A PNG grid of `images` (N x 3 x H x W, uint8 or floats in [0, 1]) with each prompt written under
     its image. Tiles are scaled to between tile[0] and tile[1] pixels (small images by a whole factor,
     nearest neighbour, so pixels stay sharp)."""

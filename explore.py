@@ -60,7 +60,7 @@ class DiffExpConfig:
     weight_pooled: bool = False
     """SDXL: also blend the pooled text embedding with the sample's weight (off: token states only)."""
 
-    def validate(self) -> "DiffExpConfig":
+    def validate(self) -> DiffExpConfig:
         """Raise ValueError naming the command-line flag and the fix for any bad value."""
         if not 0.0 <= self.t_sw <= 1.0:
             raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {self.t_sw}")
@@ -221,5 +221,7 @@ def diffexp_conditioning(
         cond = replace(cond, embeds=embeds, pooled=pooled)
     else:
         weights = [PromptWeight(p, None, -1) for p in prompts]
-    guidance = cfg_scales(timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule)
+    guidance = cfg_scales(
+        timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule
+    )
     return cond, guidance, weights

@@ -46,7 +46,9 @@ DEFAULT_MODELS = dict(
     hps_arch="ViT-H-14",  # open_clip architecture: a model name or 'local-dir:DIR' (open_clip_config.json)
     imagereward_model="THUDM/ImageReward",  # repo (or dir) with ImageReward.pt and med_config.json
     imagereward_tokenizer="google-bert/bert-base-uncased",  # BLIP's text tokenizer
-    toy_detector=str(Path(__file__).resolve().parent / "models" / "toy-detector"),  # toy-compose: toy.py's detector (config.json + model.safetensors)
+    toy_detector=str(
+        Path(__file__).resolve().parent / "models" / "toy-detector"
+    ),  # toy-compose: toy.py's detector (config.json + model.safetensors)
 )
 AESTHETIC_FILE = "aesthetic-model.pth"  # the LAION predictor sac+logos+ava1-l14-linearMSE.pth, renamed
 HPS_FILES = {"hps": "HPS_v2.1_compressed.pt", "hpsv2": "HPS_v2_compressed.pt"}
@@ -76,7 +78,9 @@ def parse_reward_spec(spec: str, flag: str = "--reward") -> list[tuple[str, floa
     for part in spec.split(","):
         part = part.strip()
         if not part:
-            raise ValueError(f"{flag} '{spec}' has an empty component: write 'name:weight,name:weight' without stray commas")
+            raise ValueError(
+                f"{flag} '{spec}' has an empty component: write 'name:weight,name:weight' without stray commas"
+            )
         head, sep, tail = part.rpartition(":")
         weight = 1.0
         name = part
@@ -87,15 +91,19 @@ def parse_reward_spec(spec: str, flag: str = "--reward") -> list[tuple[str, floa
             except ValueError:
                 # "custom:DIR" has a colon but no weight; anything else after a colon must be a number.
                 if head in NAMES or head.startswith("custom:"):
-                    raise ValueError(f"{flag} '{spec}': weight '{tail}' of '{head}' is not a number (write e.g. '{head}:0.5')") from None
+                    raise ValueError(
+                        f"{flag} '{spec}': weight '{tail}' of '{head}' is not a number (write e.g. '{head}:0.5')"
+                    ) from None
         if not math.isfinite(weight):
             raise ValueError(f"{flag} '{spec}': weight of '{name}' must be a finite number, got {tail}")
         if name.startswith("custom:"):
-            path = name[len("custom:"):]
+            path = name[len("custom:") :]
             if not path:
                 raise ValueError(f"{flag} '{spec}': custom needs a directory, e.g. custom:runs/reward-snow")
             if not (Path(path).expanduser() / "config.json").is_file():
-                raise ValueError(f"{flag} '{spec}': '{path}' is not a reward model directory (no config.json); make one with train_reward.py")
+                raise ValueError(
+                    f"{flag} '{spec}': '{path}' is not a reward model directory (no config.json); make one with train_reward.py"
+                )
         elif name not in NAMES:
             raise ValueError(f"{flag} '{spec}': unknown reward '{name}'; known: {', '.join(NAMES)}, custom:DIR")
         if name in [n for n, _ in parts]:
@@ -109,7 +117,9 @@ def require_differentiable(spec: str, flag: str = "--reward") -> list[tuple[str,
     parts = parse_reward_spec(spec, flag)
     for name, _ in parts:
         if name in NOT_DIFFERENTIABLE:
-            raise ValueError(f"{flag}: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}")
+            raise ValueError(
+                f"{flag}: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}"
+            )
     return parts
 
 
@@ -173,7 +183,9 @@ def load_state_dict_file(path: str) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError (non-tensor objects inside), RuntimeError (not a torch file)
-        raise CheckpointError(f"cannot read '{path}' as a weights-only torch checkpoint ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(
+            f"cannot read '{path}' as a weights-only torch checkpoint ({str(e).splitlines()[0]})"
+        ) from None
 
 
 def _load_strict(module: nn.Module, state_dict: dict, what: str, path: str):
@@ -251,7 +263,9 @@ class PickScoreReward(nn.Module):
 
     def forward(self, images, prompts):
         pixels = clip_preprocess(images, self.size, self.mean, self.std)
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(images.device)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(
+            images.device
+        )
         img = self.model.get_image_features(pixel_values=pixels).pooler_output
         txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output
         img = img / img.norm(dim=-1, keepdim=True)
@@ -302,7 +316,9 @@ class HPSReward(nn.Module):
             self.model = open_clip.create_model(arch, pretrained=None, load_weights=False)
             self.tokenizer = open_clip.get_tokenizer(arch)
         except (RuntimeError, FileNotFoundError, ValueError) as e:
-            raise CheckpointError(f"--reward-models hps_arch: cannot build open_clip model '{arch}' ({str(e).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"--reward-models hps_arch: cannot build open_clip model '{arch}' ({str(e).splitlines()[0]})"
+            ) from None
         ckpt = load_state_dict_file(path)
         state = ckpt["state_dict"] if "state_dict" in ckpt else ckpt  # the HPS release wraps it in 'state_dict'
         state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -336,7 +352,7 @@ def _blip_vit_to_transformers(state: dict) -> dict:
             .replace(".norm1", ".layer_norm1")
             .replace(".norm2", ".layer_norm2")
         )
-        out["post_layernorm" + k2[len("norm"):] if k2.startswith("norm.") else k2] = v
+        out["post_layernorm" + k2[len("norm") :] if k2.startswith("norm.") else k2] = v
     return out
 
 
@@ -354,20 +370,28 @@ class ImageRewardReward(nn.Module):
         super().__init__()
         from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
-        ckpt_path = from_pretrained(HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[0])
+        ckpt_path = from_pretrained(
+            HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[0]
+        )
         if os.path.isfile(model_name):  # a bare ImageReward.pt: its med_config.json must lie beside it
             cfg_path = os.path.join(os.path.dirname(ckpt_path), IMAGEREWARD_FILES[1])
         else:
-            cfg_path = from_pretrained(HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[1])
+            cfg_path = from_pretrained(
+                HubFile, model_name, "--reward-models imagereward_model", filename=IMAGEREWARD_FILES[1]
+            )
         if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"--reward-models imagereward_model: '{cfg_path}' is missing; it comes with ImageReward.pt in THUDM/ImageReward")
+            raise CheckpointError(
+                f"--reward-models imagereward_model: '{cfg_path}' is missing; it comes with ImageReward.pt in THUDM/ImageReward"
+            )
         med = json.loads(Path(cfg_path).read_text())
         state = load_state_dict_file(ckpt_path)
-        vit = {k[len("blip.visual_encoder."):]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
-        text = {k[len("blip.text_encoder."):]: v for k, v in state.items() if k.startswith("blip.text_encoder.")}
-        mlp = {k[len("mlp."):]: v for k, v in state.items() if k.startswith("mlp.")}
+        vit = {k[len("blip.visual_encoder.") :]: v for k, v in state.items() if k.startswith("blip.visual_encoder.")}
+        text = {k[len("blip.text_encoder.") :]: v for k, v in state.items() if k.startswith("blip.text_encoder.")}
+        mlp = {k[len("mlp.") :]: v for k, v in state.items() if k.startswith("mlp.")}
         if not vit or not text or not mlp:
-            raise CheckpointError(f"--reward-models imagereward_model: '{ckpt_path}' has no blip.visual_encoder/blip.text_encoder/mlp weights")
+            raise CheckpointError(
+                f"--reward-models imagereward_model: '{ckpt_path}' has no blip.visual_encoder/blip.text_encoder/mlp weights"
+            )
         text.pop("embeddings.position_ids", None)  # a buffer older torch saved; not a weight
 
         width = vit["cls_token"].shape[-1]
@@ -413,7 +437,9 @@ class ImageRewardReward(nn.Module):
 
     def forward(self, images, prompts):
         pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-        tok = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt").to(images.device)
+        tok = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+        ).to(images.device)
         image_tokens = self.vision(pixel_values=pixels).last_hidden_state
         image_mask = torch.ones(image_tokens.shape[:2], dtype=torch.long, device=images.device)
         hidden = self.text(
@@ -463,7 +489,11 @@ class ToyDetectorNet(nn.Module):
         super().__init__()
         layers = []
         for c_in, c_out, stride, dilation in channels:
-            layers += [nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation), nn.BatchNorm2d(c_out), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, stride, padding=dilation, dilation=dilation),
+                nn.BatchNorm2d(c_out),
+                nn.SiLU(),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Conv2d(channels[-1][1], 2 * num_objects, 1)
         self.num_objects = num_objects
@@ -535,14 +565,20 @@ class ToyComposeReward(nn.Module):
         if a is None or b is None:
             raise ValueError(f"toy-compose: prompt {prompt!r} names an object the detector does not know")
         if rel is not None and a == b:
-            raise ValueError(f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.grammar})")
+            raise ValueError(
+                f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.grammar})"
+            )
         return a, 0 if rel is None else 1 + self.relations.index(rel), b
 
     def factors(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """P(A present), P(B present), P(relation holds), each [N]; 1 for B and the relation when alone."""
-        parsed = torch.tensor([self.parse(p) for p in prompts], device=images.device).view(-1, 3)  # fail before any work
+        parsed = torch.tensor([self.parse(p) for p in prompts], device=images.device).view(
+            -1, 3
+        )  # fail before any work
         if images.shape[-2:] != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+            images = F.interpolate(
+                images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
         logits, xy = self.net(images)
         prob = logits.sigmoid()
         rows = torch.arange(len(images), device=images.device)
@@ -575,7 +611,13 @@ class SmallCNN(nn.Module):
         for c_in, c_out in zip(chans[:-1], chans[1:]):
             # BatchNorm, not GroupNorm: a per-image norm divides out the amount of fine detail, which is
             # exactly what pixelate/blur/jpeg change (measured: GroupNorm did not beat predicting the mean).
-            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1, stride=2), nn.SiLU()]
+            layers += [
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.SiLU(),
+                nn.Conv2d(c_out, c_out, 3, padding=1, stride=2),
+                nn.SiLU(),
+            ]
         self.features = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.Linear(2 * chans[-1], width * 2), nn.SiLU(), nn.Linear(width * 2, num_outputs))
 
@@ -638,7 +680,9 @@ def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, t
         # The network predicts standardised labels; undo that to get the label's own units.
         pred = outputs.squeeze(-1) * config.get("label_std", 1.0) + config.get("label_mean", 0.0)
         if mode == "class_prob":
-            raise ValueError("custom reward: reward mode 'class_prob' needs a classifier; a regression model gives 'prediction' or 'target'")
+            raise ValueError(
+                "custom reward: reward mode 'class_prob' needs a classifier; a regression model gives 'prediction' or 'target'"
+            )
     else:
         probs = outputs.float().softmax(-1)
         if mode == "class_prob":
@@ -683,7 +727,12 @@ class CustomReward(nn.Module):
         super().__init__()
         self.net, self.config = load_custom_model(directory, device, dtype)
         self.mode, self.target = mode, target
-        custom_value(torch.zeros(1, 1 if self.config["task"] == "regression" else len(self.config["classes"])), self.config, mode, target)  # fail now on a bad mode/target
+        custom_value(
+            torch.zeros(1, 1 if self.config["task"] == "regression" else len(self.config["classes"])),
+            self.config,
+            mode,
+            target,
+        )  # fail now on a bad mode/target
 
     def forward(self, images, prompts):
         return custom_value(self.net(custom_preprocess(images, self.config)), self.config, self.mode, self.target)
@@ -704,15 +753,23 @@ class Reward:
     def __call__(self, images: torch.Tensor, prompts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3 or not images.is_floating_point():
-            raise ValueError(f"reward {self.name}: images must be an N x 3 x H x W float tensor in [0, 1], got {getattr(images, 'shape', type(images))}")
+            raise ValueError(
+                f"reward {self.name}: images must be an N x 3 x H x W float tensor in [0, 1], got {getattr(images, 'shape', type(images))}"
+            )
         if len(prompts) != len(images):
-            raise ValueError(f"reward {self.name}: {len(images)} images but {len(prompts)} prompts; give one prompt per image")
+            raise ValueError(
+                f"reward {self.name}: {len(images)} images but {len(prompts)} prompts; give one prompt per image"
+            )
         lo, hi = images.detach().aminmax()
         if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"reward {self.name}: images must be in [0, 1], got [{lo:.3f}, {hi:.3f}] (decoded SD images are in [-1, 1]: use (x / 2 + 0.5).clamp(0, 1))")
+            raise ValueError(
+                f"reward {self.name}: images must be in [0, 1], got [{lo:.3f}, {hi:.3f}] (decoded SD images are in [-1, 1]: use (x / 2 + 0.5).clamp(0, 1))"
+            )
         if not self.differentiable and images.requires_grad and torch.is_grad_enabled():
             bad = [n for n, _, m in self.parts if not m.differentiable]
-            raise ValueError(f"reward {self.name}: {', '.join(bad)} is not differentiable and cannot give gradients: use it with train_ddpo.py, or score under torch.no_grad()")
+            raise ValueError(
+                f"reward {self.name}: {', '.join(bad)} is not differentiable and cannot give gradients: use it with train_ddpo.py, or score under torch.no_grad()"
+            )
         total, components = 0.0, {}
         for name, weight, module in self.parts:
             p = next(module.parameters(), None)
@@ -734,7 +791,9 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
     custom_target = model_overrides.pop("custom_target", None)
     unknown = set(model_overrides) - set(DEFAULT_MODELS)
     if unknown:
-        raise ValueError(f"load_reward: unknown model override(s) {sorted(unknown)}; known: {', '.join(DEFAULT_MODELS)}")
+        raise ValueError(
+            f"load_reward: unknown model override(s) {sorted(unknown)}; known: {', '.join(DEFAULT_MODELS)}"
+        )
     m = {**DEFAULT_MODELS, **{k: v for k, v in model_overrides.items() if v is not None}}
     loaded = []
     for name, weight in parts:
@@ -751,7 +810,7 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
         elif name in NOT_DIFFERENTIABLE:
             module = JpegReward(-1.0 if name == "jpeg" else 1.0)
         else:
-            module = CustomReward(name[len("custom:"):], device, dtype, custom_mode, custom_target)
+            module = CustomReward(name[len("custom:") :], device, dtype, custom_mode, custom_target)
         loaded.append((name, weight, _freeze(module, device, dtype)))
     return Reward(loaded)
 
@@ -763,8 +822,14 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
     m = {**DEFAULT_MODELS, **{k: v for k, v in model_overrides.items() if k in DEFAULT_MODELS and v is not None}}
     needs = {
         "aesthetic": [("aesthetic_clip", ("config.json",)), ("aesthetic_model", (AESTHETIC_FILE,))],
-        "pickscore": [("pickscore_model", ("config.json",)), ("pickscore_processor", ("preprocessor_config.json", "processor_config.json"))],
-        "imagereward": [(k, (f,)) for k, f in (("imagereward_model", IMAGEREWARD_FILES[0]), ("imagereward_model", IMAGEREWARD_FILES[1]))]
+        "pickscore": [
+            ("pickscore_model", ("config.json",)),
+            ("pickscore_processor", ("preprocessor_config.json", "processor_config.json")),
+        ],
+        "imagereward": [
+            (k, (f,))
+            for k, f in (("imagereward_model", IMAGEREWARD_FILES[0]), ("imagereward_model", IMAGEREWARD_FILES[1]))
+        ]
         + [("imagereward_tokenizer", ("tokenizer_config.json", "vocab.txt"))],
         "toy-compose": [("toy_detector", (TOY_DETECTOR_FILES[0],)), ("toy_detector", (TOY_DETECTOR_FILES[1],))],
     }
@@ -776,5 +841,5 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
                 files = ()  # a single file passed directly
             out.append((f"--reward-models {key}", m[key], files))
         if name in HPS_FILES and str(m["hps_arch"]).startswith("local-dir:"):
-            out.append(("--reward-models hps_arch", str(m["hps_arch"])[len("local-dir:"):], ()))
+            out.append(("--reward-models hps_arch", str(m["hps_arch"])[len("local-dir:") :], ()))
     return out

@@ -35,7 +35,17 @@ def fail(msg: str):
     sys.exit(2)
 
 
-def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, batch_size: int, num_steps: int, eta: float, resolution: int | None, seed: int, min_per_prompt: int = 1):
+def check_sampling_args(
+    pretrained: str,
+    vae: str | None,
+    num_per_prompt: int,
+    batch_size: int,
+    num_steps: int,
+    eta: float,
+    resolution: int | None,
+    seed: int,
+    min_per_prompt: int = 1,
+):
     """One `error:` line (exit 2) for any count or value generate/explore cannot use, before loading."""
     if num_per_prompt < min_per_prompt:
         why = " (diversity and per-prompt statistics compare images of the same prompt)" if min_per_prompt > 1 else ""
@@ -53,17 +63,23 @@ def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, b
 
         factor = vae_downsampling(pretrained, vae)[0]
         if resolution <= 0 or resolution % factor:
-            fail(f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; leave it out for the model's native size")
+            fail(
+                f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; leave it out for the model's native size"
+            )
 
 
 def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     """The weights' dtype; 'auto' is bf16 on CUDA and fp32 on the CPU (where bf16 is ~10x slower), said once."""
     from diffusion import resolve_mixed_precision
 
-    resolved, _ = resolve_mixed_precision(mixed_precision)  # the trainers' decision, so 'auto' means the same everywhere
+    resolved, _ = resolve_mixed_precision(
+        mixed_precision
+    )  # the trainers' decision, so 'auto' means the same everywhere
     if mixed_precision == "auto":
         bf16 = resolved == "bf16"
-        print(f"--mixed-precision auto: {'bf16 (CUDA)' if bf16 else 'fp32 (no CUDA device with bf16)' if device == 'cuda' else 'fp32 (no CUDA device)'}")
+        print(
+            f"--mixed-precision auto: {'bf16 (CUDA)' if bf16 else 'fp32 (no CUDA device with bf16)' if device == 'cuda' else 'fp32 (no CUDA device)'}"
+        )
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[resolved]
 
 
@@ -77,7 +93,14 @@ def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train
         )
 
 
-def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names: list[str], reward_models: dict | None, mixed_precision: str):
+def load_models(
+    pretrained: str,
+    vae: str | None,
+    lora: str | None,
+    reward_names: list[str],
+    reward_models: dict | None,
+    mixed_precision: str,
+):
     """(pipe, {reward name: scorer}, device) for generate and explore: every checkpoint (pipeline,
     --vae, each reward) is checked before any is loaded, as in the trainers; one error line on failure."""
     import rewards
@@ -88,7 +111,9 @@ def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(mixed_precision, device)
     try:
-        needed = [("--pretrained", pretrained, ("model_index.json",))] + ([("--vae", vae, ("config.json",))] if vae else [])
+        needed = [("--pretrained", pretrained, ("model_index.json",))] + (
+            [("--vae", vae, ("config.json",))] if vae else []
+        )
         for name in reward_names:
             needed += rewards.checkpoints_needed(name, **(reward_models or {}))
         for note in check_checkpoints(needed):
@@ -96,7 +121,10 @@ def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
             pipe.load_lora_weights(lora)
-        scorers = {name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {})) for name in reward_names}
+        scorers = {
+            name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {}))
+            for name in reward_names
+        }
     except (CheckpointError, ValueError) as e:
         fail(str(e))
     return pipe, scorers, device
@@ -154,7 +182,8 @@ def generate(
         output_dir: where images, grid.png and scores.csv go.
     """
     import rewards
-    from diffusion import TextConditioner, generate as generate_images, load_prompts
+    from diffusion import TextConditioner, load_prompts
+    from diffusion import generate as generate_images
     from explore import DiffExpConfig, diffexp_conditioning
 
     diffexp = DiffExpConfig(cfg_schedule, prompt_weighting, t_sw, w_low, w_high, tuple(prompt_weight_range))
@@ -190,9 +219,19 @@ def generate(
         for p, s in batch:  # one generator per image: the same seed gives the same image at any batch size
             g = torch.Generator().manual_seed(s)  # x_T and the step noise
             choices = seeded(s, 1)  # DiffExp's word and weight: drawn apart, so they never shift the noise
-            cond, guidance, weights = diffexp_conditioning(diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, choices)
+            cond, guidance, weights = diffexp_conditioning(
+                diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, choices
+            )
             images.append(generate_images(pipe, cond, guidance, num_steps, g, eta, resolution, negative=text.negative))
-            rows.append({"index": len(rows), "prompt": p, "seed": s, "word": weights[0].word or "", "weight": round(weights[0].weight, 3)})
+            rows.append(
+                {
+                    "index": len(rows),
+                    "prompt": p,
+                    "seed": s,
+                    "word": weights[0].word or "",
+                    "weight": round(weights[0].weight, 3),
+                }
+            )
         images = torch.cat(images)
         for name, scorer in scorers.items():
             with torch.no_grad():
@@ -227,7 +266,9 @@ SETTING_SYNTAX = (
 )
 
 
-def parse_setting(text: str, t_sw: float, w_low: float, w_high: float, weight_range: tuple[float, float], flag: str = "--settings"):
+def parse_setting(
+    text: str, t_sw: float, w_low: float, w_high: float, weight_range: tuple[float, float], flag: str = "--settings"
+):
     """'cfg:w_low=0' -> (label, DiffExpConfig); unset keys take the given base values (--t-sw, ...).
 
     Raises a one-line ValueError naming `flag` and the setting for an unknown base or key, a value that
@@ -256,14 +297,20 @@ def parse_setting(text: str, t_sw: float, w_low: float, w_high: float, weight_ra
         key = key.strip().replace("-", "_")
         key = "range" if key in ("weight_range", "prompt_weight_range") else key
         if not eq or key not in SETTING_KEYS:
-            raise ValueError(f"{flag} '{label}': '{item}' is not KEY=VALUE with KEY one of t_sw, w_low, w_high, range; {SETTING_SYNTAX}")
+            raise ValueError(
+                f"{flag} '{label}': '{item}' is not KEY=VALUE with KEY one of t_sw, w_low, w_high, range; {SETTING_SYNTAX}"
+            )
         if key in seen:
             raise ValueError(f"{flag} '{label}': {key} is given twice")
         seen.add(key)
         part = SETTING_KEYS[key]
         if (part == "cfg" and not cfg_on) or (part == "pw" and not pw_on):
-            what, use = ("the CFG schedule", "cfg or diffexp") if part == "cfg" else ("prompt weighting", "pw or diffexp")
-            raise ValueError(f"{flag} '{label}': {key} does nothing without {what}, which {base} leaves off; use {use}, e.g. '{use.split()[0]}:{item}'")
+            what, use = (
+                ("the CFG schedule", "cfg or diffexp") if part == "cfg" else ("prompt weighting", "pw or diffexp")
+            )
+            raise ValueError(
+                f"{flag} '{label}': {key} does nothing without {what}, which {base} leaves off; use {use}, e.g. '{use.split()[0]}:{item}'"
+            )
         try:
             if key == "range":
                 lo, sep, hi = value.partition(":")
@@ -282,7 +329,12 @@ def parse_setting(text: str, t_sw: float, w_low: float, w_high: float, weight_ra
     try:
         cfg.validate()
     except ValueError as e:
-        msg = str(e).replace("--t-sw", "t_sw").replace("--w-low and --w-high", "w_low and w_high").replace("--prompt-weight-range", "range")
+        msg = (
+            str(e)
+            .replace("--t-sw", "t_sw")
+            .replace("--w-low and --w-high", "w_low and w_high")
+            .replace("--prompt-weight-range", "range")
+        )
         raise ValueError(f"{flag} '{label}': {msg}") from None
     return label, cfg
 
@@ -312,23 +364,39 @@ def image_tower(scorers: dict):
     def feats(out):
         return out if torch.is_tensor(out) else out.pooler_output
 
-    for name, reward in scorers.items():
+    for reward in scorers.values():
         for part, _, module in reward.parts:
             embed = None
             if isinstance(module, rewards.AestheticReward):
-                embed = lambda x, m=module: feats(m.clip.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)))  # noqa: E731
+                embed = lambda x, m=module: feats(
+                    m.clip.get_image_features(
+                        pixel_values=rewards.clip_preprocess(
+                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD
+                        )
+                    )
+                )  # noqa: E731
                 what = "its CLIP image embedding"
             elif isinstance(module, rewards.PickScoreReward):
-                embed = lambda x, m=module: feats(m.model.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, m.mean, m.std)))  # noqa: E731
+                embed = lambda x, m=module: feats(
+                    m.model.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, m.mean, m.std))
+                )  # noqa: E731
                 what = "its CLIP image embedding"
             elif isinstance(module, rewards.HPSReward):
                 embed = lambda x, m=module: m.model.encode_image(rewards.hps_preprocess(x, m.size, m.mean, m.std))  # noqa: E731
                 what = "its open_clip image embedding"
             elif isinstance(module, rewards.ImageRewardReward):
-                embed = lambda x, m=module: m.vision(pixel_values=rewards.clip_preprocess(x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)).pooler_output  # noqa: E731
+                embed = lambda x, m=module: (
+                    m.vision(
+                        pixel_values=rewards.clip_preprocess(
+                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD
+                        )
+                    ).pooler_output
+                )  # noqa: E731
                 what = "its BLIP ViT pooled output"
             elif isinstance(module, rewards.CustomReward) and isinstance(module.net, rewards.ClipHead):
-                embed = lambda x, m=module: feats(m.net.clip.get_image_features(pixel_values=rewards.custom_preprocess(x, m.config)))  # noqa: E731
+                embed = lambda x, m=module: feats(
+                    m.net.clip.get_image_features(pixel_values=rewards.custom_preprocess(x, m.config))
+                )  # noqa: E731
                 what = "its CLIP backbone's image embedding"
             if embed is not None:
 
@@ -394,7 +462,9 @@ def explore_stats(
     for label in labels:
         s = scores[label].double()
         if s.shape != (P, N):
-            raise ValueError(f"explore_stats: setting {label} has scores of shape {tuple(s.shape)}, the reference {ref} {(P, N)}")
+            raise ValueError(
+                f"explore_stats: setting {label} has scores of shape {tuple(s.shape)}, the reference {ref} {(P, N)}"
+            )
         d = (s - ref_scores).flatten()
         row = {
             "n": s.numel(),
@@ -410,7 +480,11 @@ def explore_stats(
             row["diversity"] = mean_pairwise_cosine_distance(embeddings[label])
         if success_threshold is not None:
             per_prompt = (s >= success_threshold).double().mean(dim=1)
-            row |= {"success": per_prompt.mean().item(), "solved": (per_prompt > 0).double().mean().item(), "success_per_prompt": per_prompt.tolist()}
+            row |= {
+                "success": per_prompt.mean().item(),
+                "solved": (per_prompt > 0).double().mean().item(),
+                "success_per_prompt": per_prompt.tolist(),
+            }
         out[label] = row
     return {"reference": ref, "thresholds": tau.squeeze(1).tolist(), "top_k": k, "settings": out}
 
@@ -560,13 +634,16 @@ def explore(
         output_dir: where the outputs go.
     """
     import rewards as rewards_lib
-    from diffusion import Conditioning, TextConditioner, generate as generate_images, load_prompts, seeded
+    from diffusion import Conditioning, TextConditioner, load_prompts, seeded
+    from diffusion import generate as generate_images
     from explore import DiffExpConfig, diffexp_conditioning
 
     # Everything is checked before any model loads.
     check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed, min_per_prompt=2)
     if not 0.0 < top_frac <= 1.0:
-        fail(f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}")
+        fail(
+            f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}"
+        )
     if not 0.0 <= threshold_quantile <= 1.0:
         fail(f"--threshold-quantile must be in [0, 1], got {threshold_quantile}")
     for flag, value in (("--threshold", threshold), ("--success-threshold", success_threshold)):
@@ -576,7 +653,9 @@ def explore(
         fail(f"--grid-prompts must be >= 0 and --grid-images >= 1, got {grid_prompts} and {grid_images}")
     reward_names = [r.strip() for r in rewards.split(",") if r.strip()]
     if not reward_names:
-        fail(f"--rewards: give at least one reward, e.g. --rewards pickscore,aesthetic ({', '.join(rewards_lib.NAMES)}, custom:DIR)")
+        fail(
+            f"--rewards: give at least one reward, e.g. --rewards pickscore,aesthetic ({', '.join(rewards_lib.NAMES)}, custom:DIR)"
+        )
     try:
         DiffExpConfig(True, True, t_sw, w_low, w_high, tuple(prompt_weight_range)).validate()
         specs = [(s, "--settings") for s in settings]
@@ -590,7 +669,10 @@ def explore(
             label, cfg = parse_setting(text, t_sw, w_low, w_high, tuple(prompt_weight_range), flag)
             key = _setting_key(cfg)
             if key in keys:
-                print(f"note: setting '{label}' samples as '{keys[key]}' does: measured once, as '{keys[key]}'", file=sys.stderr)
+                print(
+                    f"note: setting '{label}' samples as '{keys[key]}' does: measured once, as '{keys[key]}'",
+                    file=sys.stderr,
+                )
                 continue
             keys[key] = label
             chosen.append((label, cfg))
@@ -603,6 +685,7 @@ def explore(
 
     from torchvision.utils import make_grid, save_image
     from tqdm import tqdm
+
     embed, embed_what = image_tower(scorers)
 
     T = pipe.scheduler.config.num_train_timesteps
@@ -621,7 +704,9 @@ def explore(
     choices: dict[str, dict] = {label: {} for label, _ in chosen}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"explore: {P} prompts x {N} images x {S} settings = {P * N * S} images, {num_steps} steps, batches of {batch_size}, on {device}")
+    print(
+        f"explore: {P} prompts x {N} images x {S} settings = {P * N * S} images, {num_steps} steps, batches of {batch_size}, on {device}"
+    )
     bar = tqdm(total=len(batches) * S, desc="explore", unit="batch")
     for b, batch in enumerate(batches):
         batch_prompts = [prompt_list[p] for p, _ in batch]
@@ -630,11 +715,15 @@ def explore(
             exploring = cfg.cfg_schedule or cfg.prompt_weighting
             conds, guidance = [], None
             for k, (p, n) in enumerate(batch):  # DiffExp's draws: their own generator per (prompt, index)
-                c, guidance, w = diffexp_conditioning(cfg, exploring, [prompt_list[p]], cond[k : k + 1], text, timesteps, T, seeded(seed, 1, p, n))
+                c, guidance, w = diffexp_conditioning(
+                    cfg, exploring, [prompt_list[p]], cond[k : k + 1], text, timesteps, T, seeded(seed, 1, p, n)
+                )
                 conds.append(c)
                 choices[label][(p, n)] = w[0]
             noise = seeded(seed, 0, b)  # x_T and step noise: the batch's own generator, the same in every setting
-            images = generate_images(pipe, Conditioning.cat(conds), guidance, num_steps, noise, eta, resolution, negative=text.negative)
+            images = generate_images(
+                pipe, Conditioning.cat(conds), guidance, num_steps, noise, eta, resolution, negative=text.negative
+            )
             with torch.no_grad():
                 for name, scorer in scorers.items():
                     values, _ = scorer(images, batch_prompts)
@@ -693,9 +782,14 @@ def explore(
         (out / "grids").mkdir(exist_ok=True)
         for s_idx, label in enumerate(labels):
             cells = [img for row in grids[label] for img in row]
-            save_image(make_grid(torch.stack(cells).float() / 255, nrow=C, padding=2, pad_value=1.0), out / "grids" / f"{s_idx:02d}_{_slug(label)}.png")
+            save_image(
+                make_grid(torch.stack(cells).float() / 255, nrow=C, padding=2, pad_value=1.0),
+                out / "grids" / f"{s_idx:02d}_{_slug(label)}.png",
+            )
         for p in range(G):
-            _labelled_rows([torch.stack(grids[label][p]) for label in labels], labels, out / "grids" / f"compare_p{p:03d}.png")
+            _labelled_rows(
+                [torch.stack(grids[label][p]) for label in labels], labels, out / "grids" / f"compare_p{p:03d}.png"
+            )
     print("## " + (out / "explore.md").read_text().split("\n## ")[2].strip())  # the first reward's table
     print(f"wrote explore.md, explore.csv, explore.json, explore.png and grids/ to {out}")
     return {"settings": labels, "scores": scores, "embeddings": embeddings, "stats": stats, "embedding": embed_what,
@@ -755,7 +849,15 @@ def _explore_markdown(meta: dict, settings_info: list[dict], stats: dict, prompt
                 + success_text,
                 "",
             ]
-        header = ["setting", "mean", "std", "std within prompt", f"top {top_pct} per prompt", thr, f"mean − {ref} (same noise, ± s.e.)"]
+        header = [
+            "setting",
+            "mean",
+            "std",
+            "std within prompt",
+            f"top {top_pct} per prompt",
+            thr,
+            f"mean − {ref} (same noise, ± s.e.)",
+        ]
         if i == 0:
             header.append("diversity")
             if meta["success_threshold"] is not None:
@@ -775,7 +877,11 @@ def _explore_markdown(meta: dict, settings_info: list[dict], stats: dict, prompt
         lines += ["", f"## Success rate per prompt ({first} ≥ {meta['success_threshold']:g})", "",
                   "| prompt | " + " | ".join(labels) + " |", "|" + "---|" * (len(labels) + 1)]  # fmt: skip
         for p, text in enumerate(prompt_list):
-            lines.append(f"| {text.replace('|', '/')} | " + " | ".join(f"{st[label]['success_per_prompt'][p] * 100:.1f}%" for label in labels) + " |")
+            lines.append(
+                f"| {text.replace('|', '/')} | "
+                + " | ".join(f"{st[label]['success_per_prompt'][p] * 100:.1f}%" for label in labels)
+                + " |"
+            )
     lines += [
         "",
         "How to read it: a setting explores usefully when it finds good samples more often than the reference "
@@ -849,7 +955,9 @@ def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
     return common / f"{name}.png"
 
 
-def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str = "reward_mean"):
+def plot(
+    runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str = "reward_mean"
+):
     """Reward against cumulative samples for one or several runs on one plot (e.g. DiffExp vs baseline).
 
     Args:
@@ -860,7 +968,9 @@ def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: s
         key: the logged quantity on the y axis (reward_mean, eval_reward_mean, reward/NAME, ...).
     """
     if not runs:
-        fail("plot: give one or more training run directories, e.g. `sample.py plot runs/alignprop runs/baseline --labels DiffExp AlignProp`")
+        fail(
+            "plot: give one or more training run directories, e.g. `sample.py plot runs/alignprop runs/baseline --labels DiffExp AlignProp`"
+        )
     labels = labels or [Path(r).name for r in runs]
     if len(labels) != len(runs):
         fail(f"--labels: {len(labels)} labels for {len(runs)} runs")
@@ -869,7 +979,9 @@ def plot(runs: Positional[list[str]], labels: list[str] | None = None, output: s
         records = _read_log(Path(run))
         points = [(r["samples"], r[key]) for r in records if key in r and "samples" in r]
         if not points:
-            known = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+            known = sorted(
+                {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            )
             fail(f"--key {key}: the log of {run} has no '{key}' entries; it has {', '.join(known) or 'no numbers'}")
         curves.append(points)
 
@@ -921,7 +1033,10 @@ def gallery(run: Positional[str], output: str | None = None):
     blocks = []
     for i, prompt in enumerate(prompts):
         frames = [data_uri(e / f"{i:03d}.png") for e in epochs]
-        captions = [f"{'before training' if number(e) is None else f'epoch {number(e)}'}: reward {m['reward'][i]:.4f}" for e, m in zip(epochs, meta)]
+        captions = [
+            f"{'before training' if number(e) is None else f'epoch {number(e)}'}: reward {m['reward'][i]:.4f}"
+            for e, m in zip(epochs, meta)
+        ]
         blocks.append(
             f'<div class="p"><h3>{html.escape(prompt)}</h3><img id="img{i}" src="{frames[-1]}">'
             f'<input type="range" min="0" max="{len(frames) - 1}" value="{len(frames) - 1}" oninput="show({i}, this.value)">'
@@ -932,7 +1047,7 @@ def gallery(run: Positional[str], output: str | None = None):
 <style>body{{font-family:sans-serif}} .p{{display:inline-block;margin:8px;text-align:center}} img{{width:256px;image-rendering:pixelated;display:block}} input{{width:256px}}</style>
 <script>const frames = {{}}, captions = {{}};
 function show(i, k) {{ document.getElementById('img' + i).src = frames[i][k]; document.getElementById('cap' + i).textContent = captions[i][k]; }}</script>
-</head><body><h2>{html.escape(run_dir.name)}: held-out prompts, fixed seeds, across training</h2>{''.join(blocks)}</body></html>"""
+</head><body><h2>{html.escape(run_dir.name)}: held-out prompts, fixed seeds, across training</h2>{"".join(blocks)}</body></html>"""
     output = Path(output) if output else run_dir / "gallery.html"
     output.write_text(page)
     print(f"wrote {output} ({len(prompts)} prompts x {len(epochs)} epochs)")
@@ -940,7 +1055,9 @@ function show(i, k) {{ document.getElementById('img' + i).src = frames[i][k]; do
 
 def main(argv: list[str] | None = None):
     """The command line (`argv`: the arguments after the script name; default sys.argv)."""
-    return tyro.extras.subcommand_cli_from_dict({"generate": generate, "explore": explore, "plot": plot, "gallery": gallery}, args=argv)
+    return tyro.extras.subcommand_cli_from_dict(
+        {"generate": generate, "explore": explore, "plot": plot, "gallery": gallery}, args=argv
+    )
 
 
 if __name__ == "__main__":

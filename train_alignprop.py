@@ -25,7 +25,6 @@ import tyro
 
 from rewards import DEFAULT_MODELS, NAMES
 
-
 REWARD_HELP = (
     f"reward to maximise: one of {', '.join(NAMES)}, custom:DIR (a train_reward.py model), or a weighted sum "
     f"such as 'hps:1,aesthetic:0.5'; differentiable rewards only (jpeg: use train_ddpo.py)"
@@ -40,9 +39,20 @@ PRESETS = {
     # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
     # reward, two-shape training prompts, unseen shape-colour combinations held out; ~2-5 min on a CPU.
     "toy": dict(
-        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
-        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
-        samples_per_epoch=16, batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16, output_dir="runs/toy-alignprop",
+        pretrained="toy",
+        reward="pickscore",
+        reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
+        prompts="toy_two_shapes",
+        eval_prompts="toy_unseen",
+        num_steps=10,
+        mixed_precision="no",
+        num_epochs=30,
+        samples_per_epoch=16,
+        batch_size=8,
+        gradient_accumulation_steps=2,
+        eval_every=5,
+        eval_num=16,
+        output_dir="runs/toy-alignprop",
     ),
 }
 
@@ -169,17 +179,32 @@ def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
     from diffusion import (
-        CheckpointError, check_checkpoints, check_run_dir, compile_problem, load_prompts, resolve_mixed_precision, vae_downsampling,
+        CheckpointError,
+        check_checkpoints,
+        check_run_dir,
+        compile_problem,
+        load_prompts,
+        resolve_mixed_precision,
+        vae_downsampling,
     )
     from explore import DiffExpConfig
 
     for ok, msg in [
         (args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"),
-        (args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (images per epoch; paper: 64), got {args.samples_per_epoch}"),
+        (
+            args.samples_per_epoch >= 1,
+            f"--samples-per-epoch must be >= 1 (images per epoch; paper: 64), got {args.samples_per_epoch}",
+        ),
         (args.batch_size >= 1, f"--batch-size must be >= 1 (images per forward/backward pass), got {args.batch_size}"),
-        (args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"),
+        (
+            args.gradient_accumulation_steps >= 1,
+            f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}",
+        ),
         (args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"),
-        (1 <= args.backprop_steps <= args.num_steps, f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}"),
+        (
+            1 <= args.backprop_steps <= args.num_steps,
+            f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}",
+        ),
         (args.eta >= 0, f"--eta must be >= 0, got {args.eta}"),
         (math.isfinite(args.lr) and args.lr >= 0, f"--lr must be a number >= 0 (paper: 1e-3), got {args.lr}"),
         (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}"),
@@ -188,18 +213,37 @@ def main(args: Args):
         (args.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {args.adam_epsilon}"),
         (args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}"),
         (args.lora_rank >= 1, f"--lora-rank must be >= 1, got {args.lora_rank}"),
-        (args.lora_alpha > 0, f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}"),
-        (args.resolution is None or args.resolution > 0, f"--resolution must be a positive number of pixels, got {args.resolution}"),
-        (args.save_every >= 1, f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}"),
+        (
+            args.lora_alpha > 0,
+            f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}",
+        ),
+        (
+            args.resolution is None or args.resolution > 0,
+            f"--resolution must be a positive number of pixels, got {args.resolution}",
+        ),
+        (
+            args.save_every >= 1,
+            f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}",
+        ),
         (args.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}"),
         (args.eval_every >= 0, f"--eval-every must be >= 0 (0 turns evaluation off), got {args.eval_every}"),
-        (args.eval_num >= 1, f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}"),
+        (
+            args.eval_num >= 1,
+            f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}",
+        ),
     ]:
         if not ok:
             fail(msg)
     diffexp = DiffExpConfig(
-        args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
-        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
+        args.cfg_schedule,
+        args.prompt_weighting,
+        args.t_sw,
+        args.w_low,
+        args.w_high,
+        tuple(args.prompt_weight_range),
+        args.exclude_stopwords,
+        args.explore_frac,
+        args.prompt_weight_pooled,
     )
     notes = []
     try:
@@ -208,32 +252,44 @@ def main(args: Args):
         prompts = load_prompts(args.prompts, "--prompts")
         eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_every > 0 else []
         if len(eval_prompts) < args.eval_num and eval_prompts:
-            notes.append(f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}")
+            notes.append(
+                f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}"
+            )
         eval_prompts = eval_prompts[: args.eval_num]
         unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
         if unknown:
-            raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
+            raise ValueError(
+                f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}"
+            )
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 
     def check_batches(world: int):
         """The batch size and the accumulation divide an epoch's images for `world` processes."""
         if args.samples_per_epoch % (args.batch_size * world):
-            fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes")
+            fail(
+                f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes"
+            )
         if (args.samples_per_epoch // (args.batch_size * world)) % args.gradient_accumulation_steps:
             fail(
                 f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {args.samples_per_epoch // (args.batch_size * world)} "
                 f"batches per process per epoch (--samples-per-epoch / (--batch-size x processes))"
             )
 
-    check_batches(int(os.environ.get("WORLD_SIZE", "1")))  # what accelerate will find (torchrun / accelerate launch set it)
+    check_batches(
+        int(os.environ.get("WORLD_SIZE", "1"))
+    )  # what accelerate will find (torchrun / accelerate launch set it)
     args.mixed_precision, precision_note = resolve_mixed_precision(args.mixed_precision)
     try:
         plan = check_run_dir(args)  # one run per --output-dir: refuse to mix two, or to lose one
         factor, source = vae_downsampling(args.pretrained, args.vae)
         if args.resolution is not None and args.resolution % factor:
-            raise ValueError(f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}")
-        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + ([("--vae", args.vae, ("config.json",))] if args.vae else [])
+            raise ValueError(
+                f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}"
+            )
+        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + (
+            [("--vae", args.vae, ("config.json",))] if args.vae else []
+        )
         notes += check_checkpoints(needed + rewards.checkpoints_needed(args.reward, **args.reward_models))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
@@ -245,8 +301,10 @@ def main(args: Args):
         except ImportError:
             fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
     if plan.finished:
-        print(f"nothing to do: the run in {args.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of --num-epochs "
-              f"{args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that moves DiffExp's exploration window)")
+        print(
+            f"nothing to do: the run in {args.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of --num-epochs "
+            f"{args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that moves DiffExp's exploration window)"
+        )
         return
 
     from accelerate import Accelerator
@@ -272,8 +330,19 @@ def main(args: Args):
     from tqdm import tqdm
 
     from diffusion import (
-        RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, compile_unet, decode, evaluate_held_out, load_checkpoint, load_pipeline,
-        save_checkpoint, save_sample_grid, seeded,
+        RunLog,
+        TextConditioner,
+        add_lora,
+        cfg_switch_warning,
+        cfg_unet,
+        compile_unet,
+        decode,
+        evaluate_held_out,
+        load_checkpoint,
+        load_pipeline,
+        save_checkpoint,
+        save_sample_grid,
+        seeded,
     )
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step
@@ -291,7 +360,11 @@ def main(args: Args):
     if args.compile:
         compile_unet(unet)  # in place, after the adapters exist, so they are compiled too
     optimizer = torch.optim.AdamW(
-        params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+        params,
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; the UNet itself is not wrapped (see below)
 
@@ -299,9 +372,16 @@ def main(args: Args):
     timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0: noise to image; the guidance schedule is built on the host
     timesteps = timesteps_host.to(device)
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
-    step_coeffs = [schedule.coefficients(t.expand(args.batch_size), args.eta) for t in timesteps]  # computed once, on device
+    step_coeffs = [
+        schedule.coefficients(t.expand(args.batch_size), args.eta) for t in timesteps
+    ]  # computed once, on device
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    latent_shape = (args.batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    latent_shape = (
+        args.batch_size,
+        unet.config.in_channels,
+        resolution // pipe.vae_scale_factor,
+        resolution // pipe.vae_scale_factor,
+    )
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()  # steps at w_low while exploring
     if diffexp.cfg_schedule and args.explore_frac > 0 and args.w_low != args.w_high and w_low_share in (0.0, 1.0):
         accelerator.print(cfg_switch_warning(timesteps_host, T, args.t_sw), file=sys.stderr)
@@ -309,7 +389,14 @@ def main(args: Args):
     if args.gradient_checkpointing == "blocks":  # diffusers checkpoints per block whenever grad is on, frozen or not
         unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
-    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process, invocation=plan.record())
+    log = RunLog(
+        args.output_dir,
+        args,
+        args.track,
+        args.wandb_project,
+        enabled=accelerator.is_main_process,
+        invocation=plan.record(),
+    )
 
     start_epoch, samples_seen = 0, 0
     if plan.mode == "resume":
@@ -338,15 +425,24 @@ def main(args: Args):
             return {}
         with accelerator.autocast():
             return evaluate_held_out(
-                pipe, reward_fn, eval_prompts, log.dir / "eval" / name, args.num_steps, args.w_high,
-                seeded(args.seed, 10**6), resolution, args.kernels,
+                pipe,
+                reward_fn,
+                eval_prompts,
+                log.dir / "eval" / name,
+                args.num_steps,
+                args.w_high,
+                seeded(args.seed, 10**6),
+                resolution,
+                args.kernels,
             )
 
     if start_epoch == 0:
         log.log({"epoch": -1, "samples": 0} | evaluate("initial"))
 
     # --- training loop -------------------------------------------------------------------------------
-    for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
+    for epoch in tqdm(
+        range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process
+    ):
         t0 = time.time()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -361,7 +457,11 @@ def main(args: Args):
                 diffexp, exploring, batch_prompts, text.encode(batch_prompts), text, timesteps_host, T, g
             )
             guidance = guidance_host.to(device)
-            K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g)) if args.backprop_steps_random else args.backprop_steps
+            K = (
+                int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g))
+                if args.backprop_steps_random
+                else args.backprop_steps
+            )
             x = torch.randn(latent_shape, generator=g).to(device)
             noise = [torch.randn(latent_shape, generator=g).to(device) if args.eta > 0 else None for _ in timesteps]
 
@@ -389,7 +489,9 @@ def main(args: Args):
                 if world > 1:
                     flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
                     torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
-                grad_norms.append(accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                grad_norms.append(
+                    accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf"))
+                )
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
@@ -420,11 +522,18 @@ def main(args: Args):
             "prompt_weights": records[:8],
             "seconds": elapsed,
             "sec_per_sample": elapsed / len(scores),
-            "peak_mem_mb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "peak_mem_mb": (
+                torch.cuda.max_memory_allocated()
+                if torch.cuda.is_available()
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            / 2**20,
         }
         if world > 1:  # processes must hold identical LoRA weights; log how far apart they are (0 when in sync)
             flat = torch.cat([p.detach().flatten() for p in params])
-            record["lora_sync_error"] = (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()  # max - min
+            record["lora_sync_error"] = (
+                (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()
+            )  # max - min
         images_logged = {}
         if accelerator.is_main_process:
             grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
@@ -443,7 +552,12 @@ def main(args: Args):
 
         if (epoch + 1) % args.save_every == 0 or last:
             if accelerator.is_main_process:
-                state = {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch, "samples_seen": samples_seen}
+                state = {
+                    "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "samples_seen": samples_seen,
+                }
                 save_checkpoint(args.output_dir, epoch, unet, state, args.keep_checkpoints)
             accelerator.wait_for_everyone()
 

@@ -29,7 +29,6 @@ import tyro
 
 from rewards import DEFAULT_MODELS, NAMES
 
-
 REWARD_HELP = (
     f"reward to maximise: one of {', '.join(NAMES)}, custom:DIR (a train_reward.py model), or a weighted sum "
     f"such as 'hps:1,aesthetic:0.5' (non-differentiable rewards such as jpeg work here)"
@@ -44,9 +43,20 @@ PRESETS = {
     # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
     # reward, two-shape training prompts, unseen shape-colour combinations held out; ~3-6 min on a CPU.
     "toy": dict(
-        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
-        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
-        samples_per_epoch=16, sample_batch_size=8, train_batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16,
+        pretrained="toy",
+        reward="pickscore",
+        reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
+        prompts="toy_two_shapes",
+        eval_prompts="toy_unseen",
+        num_steps=10,
+        mixed_precision="no",
+        num_epochs=30,
+        samples_per_epoch=16,
+        sample_batch_size=8,
+        train_batch_size=8,
+        gradient_accumulation_steps=2,
+        eval_every=5,
+        eval_num=16,
         output_dir="runs/toy-ddpo",
     ),
 }
@@ -209,27 +219,59 @@ def main(args: Args):
     # --- check everything that can be checked before any model is loaded --------------------------
     import rewards
     from diffusion import (
-        CheckpointError, check_checkpoints, check_run_dir, compile_problem, load_prompts, resolve_mixed_precision, vae_downsampling,
+        CheckpointError,
+        check_checkpoints,
+        check_run_dir,
+        compile_problem,
+        load_prompts,
+        resolve_mixed_precision,
+        vae_downsampling,
     )
     from explore import DiffExpConfig
 
     for ok, msg in [
         (args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"),
-        (args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (trajectories per epoch; paper: 64), got {args.samples_per_epoch}"),
-        (args.sample_batch_size >= 1, f"--sample-batch-size must be >= 1 (trajectories sampled at once), got {args.sample_batch_size}"),
-        (args.train_batch_size >= 1, f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}"),
-        (args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"),
+        (
+            args.samples_per_epoch >= 1,
+            f"--samples-per-epoch must be >= 1 (trajectories per epoch; paper: 64), got {args.samples_per_epoch}",
+        ),
+        (
+            args.sample_batch_size >= 1,
+            f"--sample-batch-size must be >= 1 (trajectories sampled at once), got {args.sample_batch_size}",
+        ),
+        (
+            args.train_batch_size >= 1,
+            f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}",
+        ),
+        (
+            args.gradient_accumulation_steps >= 1,
+            f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}",
+        ),
         (args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"),
-        (args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0"),
-        (args.inner_epochs >= 1, f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}"),
+        (
+            args.eta > 0,
+            f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0",
+        ),
+        (
+            args.inner_epochs >= 1,
+            f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}",
+        ),
         (0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}"),
         (args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)"),
-        (args.adv_clip_max > 0, f"--adv-clip-max must be > 0 (advantages are clipped to [-max, max]), got {args.adv_clip_max}"),
-        (args.stat_buffer_size >= 1, f"--stat-buffer-size must be >= 1 (rewards kept per prompt), got {args.stat_buffer_size}"),
+        (
+            args.adv_clip_max > 0,
+            f"--adv-clip-max must be > 0 (advantages are clipped to [-max, max]), got {args.adv_clip_max}",
+        ),
+        (
+            args.stat_buffer_size >= 1,
+            f"--stat-buffer-size must be >= 1 (rewards kept per prompt), got {args.stat_buffer_size}",
+        ),
         (args.stat_min_count >= 1, f"--stat-min-count must be >= 1, got {args.stat_min_count}"),
-        (not args.per_prompt_stat_tracking or args.stat_min_count <= args.stat_buffer_size,
-         f"--stat-min-count {args.stat_min_count} is more than --stat-buffer-size {args.stat_buffer_size} holds, so per-prompt statistics "
-         f"would never be used: lower --stat-min-count or raise --stat-buffer-size"),
+        (
+            not args.per_prompt_stat_tracking or args.stat_min_count <= args.stat_buffer_size,
+            f"--stat-min-count {args.stat_min_count} is more than --stat-buffer-size {args.stat_buffer_size} holds, so per-prompt statistics "
+            f"would never be used: lower --stat-min-count or raise --stat-buffer-size",
+        ),
         (math.isfinite(args.lr) and args.lr >= 0, f"--lr must be a number >= 0 (paper: 3e-4), got {args.lr}"),
         (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1), got {args.adam_beta1}"),
         (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1), got {args.adam_beta2}"),
@@ -237,18 +279,37 @@ def main(args: Args):
         (args.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {args.adam_epsilon}"),
         (args.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {args.max_grad_norm}"),
         (args.lora_rank >= 1, f"--lora-rank must be >= 1, got {args.lora_rank}"),
-        (args.lora_alpha > 0, f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}"),
-        (args.resolution is None or args.resolution > 0, f"--resolution must be a positive number of pixels, got {args.resolution}"),
-        (args.save_every >= 1, f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}"),
+        (
+            args.lora_alpha > 0,
+            f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {args.lora_alpha}",
+        ),
+        (
+            args.resolution is None or args.resolution > 0,
+            f"--resolution must be a positive number of pixels, got {args.resolution}",
+        ),
+        (
+            args.save_every >= 1,
+            f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {args.save_every}",
+        ),
         (args.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps all), got {args.keep_checkpoints}"),
         (args.eval_every >= 0, f"--eval-every must be >= 0 (0 turns evaluation off), got {args.eval_every}"),
-        (args.eval_num >= 1, f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}"),
+        (
+            args.eval_num >= 1,
+            f"--eval-num must be >= 1 (to turn evaluation off pass --eval-every 0), got {args.eval_num}",
+        ),
     ]:
         if not ok:
             fail(msg)
     diffexp = DiffExpConfig(
-        args.cfg_schedule, args.prompt_weighting, args.t_sw, args.w_low, args.w_high,
-        tuple(args.prompt_weight_range), args.exclude_stopwords, args.explore_frac, args.prompt_weight_pooled,
+        args.cfg_schedule,
+        args.prompt_weighting,
+        args.t_sw,
+        args.w_low,
+        args.w_high,
+        tuple(args.prompt_weight_range),
+        args.exclude_stopwords,
+        args.explore_frac,
+        args.prompt_weight_pooled,
     )
     notes = []
     try:
@@ -257,32 +318,48 @@ def main(args: Args):
         prompts = load_prompts(args.prompts, "--prompts")
         eval_prompts = load_prompts(args.eval_prompts, "--eval-prompts") if args.eval_every > 0 else []
         if len(eval_prompts) < args.eval_num and eval_prompts:
-            notes.append(f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}")
+            notes.append(
+                f"note: --eval-num {args.eval_num} is more than the {len(eval_prompts)} prompts of --eval-prompts {args.eval_prompts}: evaluating all {len(eval_prompts)}"
+            )
         eval_prompts = eval_prompts[: args.eval_num]
         unknown = set(args.reward_models) - set(rewards.DEFAULT_MODELS) - {"custom_mode", "custom_target"}
         if unknown:
-            raise ValueError(f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}")
+            raise ValueError(
+                f"--reward-models: unknown key(s) {sorted(unknown)}; known: {', '.join(rewards.DEFAULT_MODELS)}"
+            )
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 
     def check_batches(world: int):
         """The batch sizes divide an epoch's trajectories for `world` processes."""
         if args.samples_per_epoch % (args.sample_batch_size * world):
-            fail(f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes")
+            fail(
+                f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes"
+            )
         if (args.samples_per_epoch // world) % args.train_batch_size:
-            fail(f"--train-batch-size {args.train_batch_size} must divide the {args.samples_per_epoch // world} trajectories per process per epoch")
+            fail(
+                f"--train-batch-size {args.train_batch_size} must divide the {args.samples_per_epoch // world} trajectories per process per epoch"
+            )
         if (args.samples_per_epoch // world // args.train_batch_size) % args.gradient_accumulation_steps:
-            fail(f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
-                 f"{args.samples_per_epoch // world // args.train_batch_size} training batches per epoch")
+            fail(
+                f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the "
+                f"{args.samples_per_epoch // world // args.train_batch_size} training batches per epoch"
+            )
 
-    check_batches(int(os.environ.get("WORLD_SIZE", "1")))  # what accelerate will find (torchrun / accelerate launch set it)
+    check_batches(
+        int(os.environ.get("WORLD_SIZE", "1"))
+    )  # what accelerate will find (torchrun / accelerate launch set it)
     args.mixed_precision, precision_note = resolve_mixed_precision(args.mixed_precision)
     try:
         plan = check_run_dir(args)  # one run per --output-dir: refuse to mix two, or to lose one
         factor, source = vae_downsampling(args.pretrained, args.vae)
         if args.resolution is not None and args.resolution % factor:
-            raise ValueError(f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}")
-        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + ([("--vae", args.vae, ("config.json",))] if args.vae else [])
+            raise ValueError(
+                f"--resolution {args.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): try {max(factor, args.resolution // factor * factor)}"
+            )
+        needed = [("--pretrained", args.pretrained, ("model_index.json",))] + (
+            [("--vae", args.vae, ("config.json",))] if args.vae else []
+        )
         notes += check_checkpoints(needed + rewards.checkpoints_needed(args.reward, **args.reward_models))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
@@ -294,8 +371,10 @@ def main(args: Args):
         except ImportError:
             fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
     if plan.finished:
-        print(f"nothing to do: the run in {args.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of --num-epochs "
-              f"{args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that moves DiffExp's exploration window)")
+        print(
+            f"nothing to do: the run in {args.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of --num-epochs "
+            f"{args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that moves DiffExp's exploration window)"
+        )
         return
 
     from accelerate import Accelerator
@@ -322,8 +401,20 @@ def main(args: Args):
     from tqdm import tqdm
 
     from diffusion import (
-        Conditioning, RunLog, TextConditioner, add_lora, cfg_switch_warning, cfg_unet, compile_unet, decode, evaluate_held_out, load_checkpoint,
-        load_pipeline, save_checkpoint, save_sample_grid, seeded,
+        Conditioning,
+        RunLog,
+        TextConditioner,
+        add_lora,
+        cfg_switch_warning,
+        cfg_unet,
+        compile_unet,
+        decode,
+        evaluate_held_out,
+        load_checkpoint,
+        load_pipeline,
+        save_checkpoint,
+        save_sample_grid,
+        seeded,
     )
     from explore import diffexp_conditioning, is_exploring
     from kernels import DDIMSchedule, cfg_ddim_step, ddpo_clip_loss
@@ -341,7 +432,11 @@ def main(args: Args):
     if args.compile:
         compile_unet(unet)  # in place, after the adapters exist, so they are compiled too
     optimizer = torch.optim.AdamW(
-        params, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon
+        params,
+        lr=args.lr,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     optimizer = accelerator.prepare(optimizer)  # loss scaling for fp16; gradients are averaged by hand below
 
@@ -351,20 +446,34 @@ def main(args: Args):
     schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
     sample_coeffs = [schedule.coefficients(t.expand(args.sample_batch_size), args.eta) for t in timesteps]
     resolution = args.resolution or unet.config.sample_size * pipe.vae_scale_factor
-    latent_shape = (args.sample_batch_size, unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+    latent_shape = (
+        args.sample_batch_size,
+        unet.config.in_channels,
+        resolution // pipe.vae_scale_factor,
+        resolution // pipe.vae_scale_factor,
+    )
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
     w_low_share = (pipe.scheduler.timesteps >= args.t_sw * T).float().mean().item()
     if diffexp.cfg_schedule and args.explore_frac > 0 and args.w_low != args.w_high and w_low_share in (0.0, 1.0):
         accelerator.print(cfg_switch_warning(timesteps_host, T, args.t_sw), file=sys.stderr)
     text = TextConditioner(pipe, resolution)  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    log = RunLog(args.output_dir, args, args.track, args.wandb_project, enabled=accelerator.is_main_process, invocation=plan.record())
+    log = RunLog(
+        args.output_dir,
+        args,
+        args.track,
+        args.wandb_project,
+        enabled=accelerator.is_main_process,
+        invocation=plan.record(),
+    )
     # A reward that works on the host (JPEG encoding) is scored in a thread while the next batch samples.
     # That thread gets one intra-op thread: its first torch op would otherwise start a second full
     # OpenMP team, and two teams on the same cores slow the UNet far more than the overlap gains.
     # Rewards that run on the device gain little from a thread and run inline.
     host_reward = all(name.startswith("jpeg") for name, _ in rewards.parse_reward_spec(args.reward))
-    reward_worker = ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if host_reward else None
+    reward_worker = (
+        ThreadPoolExecutor(max_workers=1, initializer=torch.set_num_threads, initargs=(1,)) if host_reward else None
+    )
 
     start_epoch, samples_seen = 0, 0
     if plan.mode == "resume":
@@ -400,26 +509,42 @@ def main(args: Args):
             return {}
         with accelerator.autocast():
             return evaluate_held_out(
-                pipe, reward_fn, eval_prompts, log.dir / "eval" / name, args.num_steps, args.w_high,
-                seeded(args.seed, 10**6), resolution, args.kernels,
+                pipe,
+                reward_fn,
+                eval_prompts,
+                log.dir / "eval" / name,
+                args.num_steps,
+                args.w_high,
+                seeded(args.seed, 10**6),
+                resolution,
+                args.kernels,
             )
 
     if start_epoch == 0:
         log.log({"epoch": -1, "samples": 0} | evaluate("initial"))
 
     # --- training loop -------------------------------------------------------------------------------
-    for epoch in tqdm(range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process):
+    for epoch in tqdm(
+        range(start_epoch, args.num_epochs), desc="epochs", disable=not accelerator.is_local_main_process
+    ):
         t0 = time.time()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         exploring = is_exploring(epoch, args.num_epochs, args.explore_frac)
 
         # --- sampling: store everything the training pass must reproduce ----------------------------
-        trajectories, pending, records, grid_images = [], [], [], []  # grid: up to GRID_IMAGES samples, spread over the batches
+        trajectories, pending, records, grid_images = (
+            [],
+            [],
+            [],
+            [],
+        )  # grid: up to GRID_IMAGES samples, spread over the batches
         sample_batches = samples_per_process // args.sample_batch_size
         for batch in range(sample_batches):
             g = seeded(args.seed, epoch, rank, batch)
-            batch_prompts = [prompts[i] for i in torch.randint(len(prompts), (args.sample_batch_size,), generator=g).tolist()]
+            batch_prompts = [
+                prompts[i] for i in torch.randint(len(prompts), (args.sample_batch_size,), generator=g).tolist()
+            ]
             cond, guidance_host, weights = diffexp_conditioning(
                 diffexp, exploring, batch_prompts, text.encode(batch_prompts), text, timesteps_host, T, g
             )
@@ -435,27 +560,37 @@ def main(args: Args):
                     out_u, out_c = unet_eps(x, t, cond, float(guidance_host[i]))
                     z = noise[i + 1]
                     w = guidance[i].expand(args.sample_batch_size)
-                    x, log_prob = cfg_ddim_step(out_u, out_c, x, w, sample_coeffs[i], noise=z, return_log_prob=True, backend=args.kernels)
+                    x, log_prob = cfg_ddim_step(
+                        out_u, out_c, x, w, sample_coeffs[i], noise=z, return_log_prob=True, backend=args.kernels
+                    )
                     latents.append(x)
                     log_probs.append(log_prob)
                 images = decode(pipe, x.to(weight_dtype))
-            pending.append(reward_worker.submit(score, images, batch_prompts) if reward_worker else score(images, batch_prompts))
-            trajectories.append({
-                "latents": torch.stack(latents, 1),  # [B, N+1, C, H, W]: x_T ... x_0
-                "log_probs": torch.stack(log_probs, 1),  # [B, N]
-                "timesteps": timesteps.expand(args.sample_batch_size, -1),  # [B, N]
-                "guidance": guidance.expand(args.sample_batch_size, -1),  # [B, N]: the scale each step used
-                "guidance_host": guidance_host.expand(args.sample_batch_size, -1),  # the same, on the host (CPU)
-                "cond": cond,  # the (weighted) embeddings, and on SDXL the pooled embedding and time ids, as used
-            })
+            pending.append(
+                reward_worker.submit(score, images, batch_prompts) if reward_worker else score(images, batch_prompts)
+            )
+            trajectories.append(
+                {
+                    "latents": torch.stack(latents, 1),  # [B, N+1, C, H, W]: x_T ... x_0
+                    "log_probs": torch.stack(log_probs, 1),  # [B, N]
+                    "timesteps": timesteps.expand(args.sample_batch_size, -1),  # [B, N]
+                    "guidance": guidance.expand(args.sample_batch_size, -1),  # [B, N]: the scale each step used
+                    "guidance_host": guidance_host.expand(args.sample_batch_size, -1),  # the same, on the host (CPU)
+                    "cond": cond,  # the (weighted) embeddings, and on SDXL the pooled embedding and time ids, as used
+                }
+            )
             records += [r.record() for r in weights]
-            grid_images.append((images[: -(-GRID_IMAGES // sample_batches)].float().clamp(0, 1) * 255).round().to(torch.uint8))
+            grid_images.append(
+                (images[: -(-GRID_IMAGES // sample_batches)].float().clamp(0, 1) * 255).round().to(torch.uint8)
+            )
 
         local_prompts = [r["prompt"] for r in records]
         results = [f.result() if reward_worker else f for f in pending]
         local_rewards = torch.cat([r[0] for r in results])
         components = {k: accelerator.gather(torch.cat([r[1][k] for r in results])) for k in results[0][1]}
-        traj = {k: (Conditioning.cat if k == "cond" else torch.cat)([b[k] for b in trajectories]) for k in trajectories[0]}
+        traj = {
+            k: (Conditioning.cat if k == "cond" else torch.cat)([b[k] for b in trajectories]) for k in trajectories[0]
+        }
 
         # --- advantages from every process's rewards -------------------------------------------------
         all_rewards = accelerator.gather(local_rewards)
@@ -470,11 +605,21 @@ def main(args: Args):
         samples_seen += len(all_rewards)
 
         # --- PPO passes: recompute each selected step's log-prob under the sampling conditions -------
-        stats = {"approx_kl": [], "clipfrac": [], "ratio_min": [], "ratio_max": [], "ratio_mean": [], "loss": [], "grad_norm": []}
+        stats = {
+            "approx_kl": [],
+            "clipfrac": [],
+            "ratio_min": [],
+            "ratio_max": [],
+            "ratio_mean": [],
+            "loss": [],
+            "grad_norm": [],
+        }
         for inner in range(args.inner_epochs):
             g = seeded(args.seed, epoch, rank, 10**4 + inner)
             perm = torch.randperm(samples_per_process, generator=g)
-            step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in range(samples_per_process)])[:, :num_train_steps]
+            step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in range(samples_per_process)])[
+                :, :num_train_steps
+            ]
             perm_host, step_perm_host = perm, step_perm  # which guidance each row has is read on the host
             perm, step_perm = perm.to(device), step_perm.to(device)  # copied once per pass, not per step
             for tb in range(train_batches):
@@ -490,8 +635,16 @@ def main(args: Args):
                     coeffs = schedule.coefficients(t, args.eta)
                     out_u, out_c = unet_eps(x_t, t, b["cond"], b["guidance_host"][torch.arange(len(idx_host)), s_host])
                     loss, st = ddpo_clip_loss(
-                        out_u, out_c, x_t, x_prev, b["guidance"][rows, s], coeffs, b["log_probs"][rows, s],
-                        b["advantages"], args.clip_range, backend=args.kernels,
+                        out_u,
+                        out_c,
+                        x_t,
+                        x_prev,
+                        b["guidance"][rows, s],
+                        coeffs,
+                        b["log_probs"][rows, s],
+                        b["advantages"],
+                        args.clip_range,
+                        backend=args.kernels,
                     )
                     accelerator.backward(loss / (num_train_steps * args.gradient_accumulation_steps))
                     stats["loss"].append(loss.detach())
@@ -504,7 +657,11 @@ def main(args: Args):
                     if world > 1:  # average LoRA gradients across processes (the UNet is not DDP-wrapped)
                         flat = accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
                         torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
-                    stats["grad_norm"].append(accelerator.clip_grad_norm_(params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")))
+                    stats["grad_norm"].append(
+                        accelerator.clip_grad_norm_(
+                            params, args.max_grad_norm if args.max_grad_norm > 0 else float("inf")
+                        )
+                    )
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
 
@@ -532,16 +689,25 @@ def main(args: Args):
             "prompt_weights": records[:8],
             "seconds": elapsed,
             "sec_per_sample": elapsed / len(all_rewards),
-            "peak_mem_mb": (torch.cuda.max_memory_allocated() if torch.cuda.is_available() else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20,
+            "peak_mem_mb": (
+                torch.cuda.max_memory_allocated()
+                if torch.cuda.is_available()
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            )
+            / 2**20,
         }
         if world > 1:  # processes must hold identical LoRA weights; log how far apart they are (0 when in sync)
             flat = torch.cat([p.detach().flatten() for p in params])
-            record["lora_sync_error"] = (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()  # max - min
+            record["lora_sync_error"] = (
+                (accelerator.reduce(flat, "max") + accelerator.reduce(-flat, "max")).max().item()
+            )  # max - min
         images_logged = {}
         if accelerator.is_main_process:
             grid = log.dir / "images" / f"epoch_{epoch:04d}.png"
             per_batch = -(-GRID_IMAGES // sample_batches)
-            grid_prompts = [p for k in range(sample_batches) for p in local_prompts[k * args.sample_batch_size :][:per_batch]]
+            grid_prompts = [
+                p for k in range(sample_batches) for p in local_prompts[k * args.sample_batch_size :][:per_batch]
+            ]
             save_sample_grid(torch.cat(grid_images)[:GRID_IMAGES], grid_prompts[:GRID_IMAGES], grid)
             images_logged["samples"] = grid
         last = epoch == args.num_epochs - 1
@@ -558,8 +724,11 @@ def main(args: Args):
         if (epoch + 1) % args.save_every == 0 or last:
             if accelerator.is_main_process:
                 state = {
-                    "optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch,
-                    "samples_seen": samples_seen, "stat_tracker": tracker.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "torch_rng": torch.get_rng_state(),
+                    "epoch": epoch,
+                    "samples_seen": samples_seen,
+                    "stat_tracker": tracker.state_dict(),
                 }
                 save_checkpoint(args.output_dir, epoch, unet, state, args.keep_checkpoints)
             accelerator.wait_for_everyone()

@@ -150,11 +150,17 @@ def validate(args: Args) -> torch.device:
         if value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.num_source < 0 or args.num_source == 1:
-        raise ValueError(f"--num-source must be 0 (all) or >= 2 (validation holds out whole source images), got {args.num_source}")
+        raise ValueError(
+            f"--num-source must be 0 (all) or >= 2 (validation holds out whole source images), got {args.num_source}"
+        )
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
-        raise ValueError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+        raise ValueError(
+            f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}"
+        )
     if not (math.isfinite(args.guidance) and args.guidance >= 0):
-        raise ValueError(f"--guidance must be a number >= 0 (<= 1 turns classifier-free guidance off), got {args.guidance}")
+        raise ValueError(
+            f"--guidance must be a number >= 0 (<= 1 turns classifier-free guidance off), got {args.guidance}"
+        )
     if not (math.isfinite(args.lr) and args.lr > 0):
         raise ValueError(f"--lr must be a number > 0, got {args.lr}")
     if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
@@ -168,13 +174,19 @@ def validate(args: Args) -> torch.device:
     if args.classes is not None:
         names = [c.strip() for c in args.classes.split(",")]
         if "" in names or len(set(names)) < len(names) or len(names) < 2:
-            raise ValueError(f"--classes must name at least two distinct classes, comma-separated, got '{args.classes}'")
+            raise ValueError(
+                f"--classes must name at least two distinct classes, comma-separated, got '{args.classes}'"
+            )
         if args.task == "regression":
             raise ValueError("--classes orders the classes of a classifier: drop it, or pass --task classification")
     if args.reward_mode in ("target", "class_prob") and args.target is None:
-        raise ValueError(f"--reward-mode {args.reward_mode} needs --target (a strength for 'target', a class name for 'class_prob')")
+        raise ValueError(
+            f"--reward-mode {args.reward_mode} needs --target (a strength for 'target', a class name for 'class_prob')"
+        )
     if args.reward_mode == "prediction" and args.target is not None:
-        raise ValueError(f"--target '{args.target}' is used only by --reward-mode target or class_prob: add one of them, or drop --target")
+        raise ValueError(
+            f"--target '{args.target}' is used only by --reward-mode target or class_prob: add one of them, or drop --target"
+        )
     if args.reward_mode == "target":
         try:
             if not math.isfinite(float(args.target)):
@@ -190,7 +202,9 @@ def validate(args: Args) -> torch.device:
     if device is None or device.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or mps, got '{args.device}'")
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise ValueError(f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible): use --device cpu or auto")
+        raise ValueError(
+            f"--device {args.device}: no such CUDA device here ({torch.cuda.device_count()} visible): use --device cpu or auto"
+        )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("--device mps: MPS is not available here: use --device cpu or auto")
     return device
@@ -210,10 +224,14 @@ def check_out(args: Args):
         raise ValueError(f"--out '{out}' holds a fine-tuning run ({other[0]}): choose another --out")
     ours = [n for n in OUTPUTS if (out / n).exists()]
     if ours and not args.overwrite and not args.only_make_data:  # --only-make-data writes only OUT/data
-        raise ValueError(f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out")
+        raise ValueError(
+            f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out"
+        )
     existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise ValueError(f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out")
+        raise ValueError(
+            f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"--out '{out}': cannot write in '{existing}' (permission denied): choose another --out")
 
@@ -222,7 +240,9 @@ def read_json(path: Path, flag: str) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:  # ValueError: bad JSON or bad UTF-8
-        raise ValueError(f"{flag}: cannot read '{path}' ({type(e).__name__}): delete it or point {flag} elsewhere") from None
+        raise ValueError(
+            f"{flag}: cannot read '{path}' ({type(e).__name__}): delete it or point {flag} elsewhere"
+        ) from None
 
 
 def generation_settings(args: Args) -> dict:
@@ -242,32 +262,46 @@ def check_generated(args: Args, root: Path) -> bool:
         if old == meta and (root / "labels.csv").is_file():
             return True
         if old == meta:
-            raise ValueError(f"--data '{root}' has meta.json but no labels.csv: delete '{root}' to generate the data again")
+            raise ValueError(
+                f"--data '{root}' has meta.json but no labels.csv: delete '{root}' to generate the data again"
+            )
         diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        raise ValueError(f"--data '{root}' holds data made with other settings {diff}: pass another --data or delete it")
+        raise ValueError(
+            f"--data '{root}' holds data made with other settings {diff}: pass another --data or delete it"
+        )
     # An interrupted generation leaves only images/ (labels.csv and meta.json come last); anything else
     # is somebody's data that generating would write into.
     foreign = sorted(p.name for p in root.iterdir() if p.name not in ("images", "labels.csv")) if root.is_dir() else []
     if foreign:
-        raise ValueError(f"--data '{root}' holds other files ({foreign[0]}) and no generated dataset: with --attribute, pass a new or empty --data")
+        raise ValueError(
+            f"--data '{root}' holds other files ({foreign[0]}) and no generated dataset: with --attribute, pass a new or empty --data"
+        )
     if Path(args.source).is_dir():
         paths = list_images(Path(args.source))
         paths = paths[: args.num_source] if args.num_source else paths
         if len(paths) < 2:
-            raise ValueError(f"--source '{args.source}' has {len(paths)} image(s) ({', '.join(IMAGE_EXTS)}); it needs at least 2: add images or name a prompt set")
+            raise ValueError(
+                f"--source '{args.source}' has {len(paths)} image(s) ({', '.join(IMAGE_EXTS)}); it needs at least 2: add images or name a prompt set"
+            )
         for p in paths:
             check_image(p, "--source")
         return False
     try:
         prompts = load_prompts(args.source, "--source")
     except UnicodeDecodeError as e:
-        raise ValueError(f"--source '{args.source}' is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
+        raise ValueError(
+            f"--source '{args.source}' is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8"
+        ) from None
     except FileNotFoundError as e:
         raise ValueError(str(e)) from None
     except OSError as e:
-        raise ValueError(f"--source: cannot read '{args.source}' ({type(e).__name__}): check the path and its permissions") from None
+        raise ValueError(
+            f"--source: cannot read '{args.source}' ({type(e).__name__}): check the path and its permissions"
+        ) from None
     if (args.num_source or len(prompts)) < 2:
-        raise ValueError(f"--source '{args.source}' has 1 prompt: validation holds out whole source images, so pass --num-source >= 2 (prompts are cycled)")
+        raise ValueError(
+            f"--source '{args.source}' has 1 prompt: validation holds out whole source images, so pass --num-source >= 2 (prompts are cycled)"
+        )
     return False
 
 
@@ -277,17 +311,23 @@ def generated_task(args: Args) -> dict:
     if task == "regression":
         return dict(task="regression")
     if args.levels < 2:
-        raise ValueError("--task classification on generated data needs --levels >= 2 (the strength levels are the classes)")
+        raise ValueError(
+            "--task classification on generated data needs --levels >= 2 (the strength levels are the classes)"
+        )
     classes = [f"{k / (args.levels - 1):g}" for k in range(args.levels)]
     order = [c.strip() for c in args.classes.split(",")] if args.classes else classes
     if sorted(order) != sorted(classes):
-        raise ValueError(f"--classes must be the {args.levels} strength levels {','.join(classes)} (in any order), got '{args.classes}'")
+        raise ValueError(
+            f"--classes must be the {args.levels} strength levels {','.join(classes)} (in any order), got '{args.classes}'"
+        )
     return dict(task="classification", classes=order)
 
 
 def check_reward_mode(args: Args, task: dict):
     if task["task"] == "regression" and args.reward_mode == "class_prob":
-        raise ValueError("--reward-mode class_prob needs a classification task; use prediction or target for regression")
+        raise ValueError(
+            "--reward-mode class_prob needs a classification task; use prediction or target for regression"
+        )
     if task["task"] == "classification" and args.reward_mode == "class_prob" and args.target not in task["classes"]:
         raise ValueError(f"--target '{args.target}' is not a class; classes: {', '.join(task['classes'])}")
 
@@ -319,7 +359,9 @@ def apply_attribute(img: np.ndarray, attribute: str, s: float, seed: int) -> np.
     # The weather effects at a fixed full strength, blended in with opacity s: continuous, monotone,
     # and the identity at s = 0 (albumentations' own intensity knobs are neither).
     effect = {
-        "snow": lambda: A.RandomSnow(snow_point_range=(0.3, 0.3), brightness_coeff=2.5, method="bleach", p=1.0),  # "texture" leaves black blotches
+        "snow": lambda: A.RandomSnow(
+            snow_point_range=(0.3, 0.3), brightness_coeff=2.5, method="bleach", p=1.0
+        ),  # "texture" leaves black blotches
         "rain": lambda: A.RandomRain(rain_type="heavy", brightness_coefficient=0.8, p=1.0),
         "fog": lambda: A.RandomFog(fog_coef_range=(0.8, 0.8), alpha_coef=0.1, p=1.0),
     }[attribute]()
@@ -364,7 +406,9 @@ def source_images(args: Args, device) -> list[np.ndarray]:
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()
     try:
-        pipe = load_pipeline(args.pretrained, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+        pipe = load_pipeline(
+            args.pretrained, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32
+        )
     finally:
         diffusers_logging.set_verbosity(verbosity)
     out = []
@@ -393,7 +437,9 @@ def make_data(args: Args, device, root: Path):
             rows.append((name, f"{s:.6g}", str(i)))
     with open(root / "labels.csv", "w", newline="") as f:
         csv.writer(f).writerows([("path", "score", "group"), *rows])
-    (root / "meta.json").write_text(json.dumps(generation_settings(args), indent=2))  # written last: marks the cache complete
+    (root / "meta.json").write_text(
+        json.dumps(generation_settings(args), indent=2)
+    )  # written last: marks the cache complete
     print(f"wrote {len(rows)} images of {args.attribute} to {root}")
 
 
@@ -402,7 +448,9 @@ def make_data(args: Args, device, root: Path):
 
 
 def image_error(path: Path, where: str, e: Exception) -> ValueError:
-    return ValueError(f"{where}: cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): replace or remove it")
+    return ValueError(
+        f"{where}: cannot read image '{path}' ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): replace or remove it"
+    )
 
 
 def check_image(path: Path, where: str):
@@ -429,10 +477,14 @@ def load_folder(root: Path, class_order: list[str] | None):
     """root/<class>/*.png -> (paths, class indices, groups, classes)."""
     stray = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if stray:
-        raise ValueError(f"--data '{root}': image '{stray[0]}' lies outside a class folder; arrange images as {root}/<class>/*.png")
+        raise ValueError(
+            f"--data '{root}': image '{stray[0]}' lies outside a class folder; arrange images as {root}/<class>/*.png"
+        )
     dirs = sorted(p.name for p in root.iterdir() if p.is_dir())
     if len(dirs) < 2:
-        raise ValueError(f"--data '{root}': a folder dataset needs at least two class folders ({root}/<class>/*.png), found {dirs}")
+        raise ValueError(
+            f"--data '{root}': a folder dataset needs at least two class folders ({root}/<class>/*.png), found {dirs}"
+        )
     classes = class_order or dirs
     unknown = sorted(set(dirs) - set(classes))
     if unknown:
@@ -463,17 +515,23 @@ def load_csv(csv_path: Path, label_range):
     except csv.Error as e:
         raise ValueError(f"--data {csv_path}: not a CSV ({e}): give a CSV with columns path,score") from None
     except OSError as e:
-        raise ValueError(f"--data: cannot read '{csv_path}' ({type(e).__name__}): check the path and its permissions") from None
+        raise ValueError(
+            f"--data: cannot read '{csv_path}' ({type(e).__name__}): check the path and its permissions"
+        ) from None
     header = [h.strip() for h in rows[0]] if rows else []
     if "path" not in header or "score" not in header:
-        raise ValueError(f"--data {csv_path} line 1: the header must name the columns 'path' and 'score', got {','.join(header) or 'an empty file'}")
+        raise ValueError(
+            f"--data {csv_path} line 1: the header must name the columns 'path' and 'score', got {','.join(header) or 'an empty file'}"
+        )
     ip, isc, ig = header.index("path"), header.index("score"), header.index("group") if "group" in header else None
     paths, scores, groups, origins = [], [], [], []
     for line, row in enumerate(rows[1:], start=2):
         if not row or not "".join(row).strip():
             continue
         if len(row) < len(header):
-            raise ValueError(f"--data {csv_path} line {line}: expected {len(header)} columns ({','.join(header)}), got {len(row)}")
+            raise ValueError(
+                f"--data {csv_path} line {line}: expected {len(header)} columns ({','.join(header)}), got {len(row)}"
+            )
         try:
             score = float(row[isc])
         except ValueError:
@@ -481,11 +539,15 @@ def load_csv(csv_path: Path, label_range):
         if not math.isfinite(score):
             raise ValueError(f"--data {csv_path} line {line}: score '{row[isc]}' is not finite")
         if label_range is not None and not label_range[0] <= score <= label_range[1]:
-            raise ValueError(f"--data {csv_path} line {line}: score {score:g} is outside --label-range [{label_range[0]:g}, {label_range[1]:g}]")
+            raise ValueError(
+                f"--data {csv_path} line {line}: score {score:g} is outside --label-range [{label_range[0]:g}, {label_range[1]:g}]"
+            )
         path = Path(row[ip].strip())
         path = path if path.is_absolute() else csv_path.parent / path
         if not path.is_file():
-            raise ValueError(f"--data {csv_path} line {line}: image '{path}' does not exist (relative paths start at the CSV's folder): fix the path or drop the line")
+            raise ValueError(
+                f"--data {csv_path} line {line}: image '{path}' does not exist (relative paths start at the CSV's folder): fix the path or drop the line"
+            )
         check_image(path, f"--data {csv_path} line {line}")
         paths.append(path)
         scores.append(score)
@@ -512,12 +574,23 @@ def load_dataset(args: Args, data: Path):
             raise ValueError(f"--data {csv_path}: score {missing[0]} is not one of --classes {classes}")
         extra = [c for c in classes if c not in {f"{s:g}" for s in scores}]
         if extra:
-            raise ValueError(f"--classes: '{extra[0]}' is not a score in {csv_path}; the classes of a CSV are its distinct scores")
+            raise ValueError(
+                f"--classes: '{extra[0]}' is not a score in {csv_path}; the classes of a CSV are its distinct scores"
+            )
         labels = [classes.index(f"{s:g}") for s in scores]
         values = [float(c) for c in classes]
-        return paths, labels, groups, origins, dict(task="classification", classes=classes, class_values=values), str(csv_path)
+        return (
+            paths,
+            labels,
+            groups,
+            origins,
+            dict(task="classification", classes=classes, class_values=values),
+            str(csv_path),
+        )
     if not data.is_dir():
-        raise ValueError(f"--data '{data}' does not exist: give a folder root/<class>/*.png, a CSV path,score or a directory holding labels.csv")
+        raise ValueError(
+            f"--data '{data}' does not exist: give a folder root/<class>/*.png, a CSV path,score or a directory holding labels.csv"
+        )
     if args.task == "regression":
         raise ValueError(f"--task regression needs a CSV 'path,score'; '{data}' is a folder dataset (classification)")
     paths, labels, groups, classes = load_folder(data, order)
@@ -536,10 +609,14 @@ def prepare(args: Args, data: Path):
     if len(set(targets)) < 2:
         raise ValueError(f"--data {source}: every label is {targets[0]:g}: a reward model needs labels that differ")
     if len(set(groups)) < 2:
-        raise ValueError(f"--data {source}: all images share one group: validation holds out whole groups, so give at least two")
+        raise ValueError(
+            f"--data {source}: all images share one group: validation holds out whole groups, so give at least two"
+        )
     train_idx, val_idx = split(groups, args.val_frac, args.seed)
     if task["task"] == "classification" and len({targets[i] for i in train_idx}) < 2:
-        raise ValueError(f"--data {source}: the training split has a single class: add images of the other classes or lower --val-frac")
+        raise ValueError(
+            f"--data {source}: the training split has a single class: add images of the other classes or lower --val-frac"
+        )
     return paths, targets, origins, task, source, train_idx, val_idx
 
 
@@ -685,7 +762,9 @@ def main(args: Args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     history, best, best_state, bad_epochs = [], float("inf"), None, 0
-    print(f"{task['task']} on {len(train_idx)} train / {len(val_idx)} val images, backbone {args.backbone}, device {device}")
+    print(
+        f"{task['task']} on {len(train_idx)} train / {len(val_idx)} val images, backbone {args.backbone}, device {device}"
+    )
     bar = tqdm(range(1, args.epochs + 1), desc="epochs")
     for epoch in bar:
         model.train()
@@ -711,7 +790,9 @@ def main(args: Args) -> dict:
             h["val_acc"] = (out_va.argmax(-1) == yva).float().mean().item()
         history.append(h)
         metric = f"val MSE {h['val_mse']:.4f}" if "val_mse" in h else f"val acc {h['val_acc']:.3f}"
-        tqdm.write(f"epoch {epoch:3d}  train loss {h['train_loss']:.4f}  val loss {val_loss:.4f}  {metric}  ({h['seconds']:.1f}s)")
+        tqdm.write(
+            f"epoch {epoch:3d}  train loss {h['train_loss']:.4f}  val loss {val_loss:.4f}  {metric}  ({h['seconds']:.1f}s)"
+        )
         bar.set_postfix(val_loss=f"{val_loss:.4f}")
         if val_loss < best - 1e-6:
             best, best_state, bad_epochs = val_loss, copy.deepcopy(model.state_dict()), 0
@@ -733,8 +814,10 @@ def main(args: Args) -> dict:
         train_mean = float(np.mean([targets[i] for i in train_idx]))
         metrics = dict(val_mse=float(np.mean((pred - labels) ** 2)), baseline_mse=float(np.mean((train_mean - labels) ** 2)),
                        val_spearman=spearman(pred, labels))  # fmt: skip
-        print(f"validation MSE {metrics['val_mse']:.4f} vs {metrics['baseline_mse']:.4f} predicting the training mean; Spearman {metrics['val_spearman']:.3f}")
-        rows = [(p, f"{l:g}", f"{q:.4f}") for p, l, q in zip(val_paths, labels, pred)]
+        print(
+            f"validation MSE {metrics['val_mse']:.4f} vs {metrics['baseline_mse']:.4f} predicting the training mean; Spearman {metrics['val_spearman']:.3f}"
+        )
+        rows = [(p, f"{lab:g}", f"{q:.4f}") for p, lab, q in zip(val_paths, labels, pred)]
         header = ("path", "label", "prediction")
     else:
         labels = np.array([targets[i] for i in val_idx])
@@ -743,8 +826,13 @@ def main(args: Args) -> dict:
         counts = np.bincount([targets[i] for i in train_idx], minlength=len(task["classes"]))
         metrics = dict(val_acc=float((pred == labels).mean()), majority_acc=float((labels == counts.argmax()).mean()),
                        chance_acc=1.0 / len(task["classes"]))  # fmt: skip
-        print(f"validation accuracy {metrics['val_acc']:.3f} (majority class {metrics['majority_acc']:.3f}, chance {metrics['chance_acc']:.3f})")
-        rows = [(p, task["classes"][l], task["classes"][q], *(f"{x:.4f}" for x in pr)) for p, l, q, pr in zip(val_paths, labels, pred, probs)]
+        print(
+            f"validation accuracy {metrics['val_acc']:.3f} (majority class {metrics['majority_acc']:.3f}, chance {metrics['chance_acc']:.3f})"
+        )
+        rows = [
+            (p, task["classes"][lab], task["classes"][q], *(f"{x:.4f}" for x in pr))
+            for p, lab, q, pr in zip(val_paths, labels, pred, probs)
+        ]
         header = ("path", "label", "prediction", *(f"p_{c}" for c in task["classes"]))
     metrics.update(best_epoch=int(min(history, key=lambda h: h["val_loss"])["epoch"]), epochs_run=len(history),
                    n_train=len(train_idx), n_val=len(val_idx))  # fmt: skip

@@ -68,7 +68,9 @@ def _guidance_tensor(guidance, like: torch.Tensor) -> torch.Tensor:
     as a one-element tensor made there by a fill kernel."""
     if torch.is_tensor(guidance):
         return guidance
-    return torch.full((1,), float(guidance), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device)
+    return torch.full(
+        (1,), float(guidance), dtype=torch.float64 if like.dtype == torch.float64 else torch.float32, device=like.device
+    )
 
 
 def _check_shapes(x_t, **tensors):
@@ -83,7 +85,9 @@ def _check_log_prob_request(coeffs: DDIMCoefficients, noise):
         raise ValueError("a log-prob needs the step's noise z: pass noise")
 
 
-def cfg_ddim_step(out_u, out_c, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None):
+def cfg_ddim_step(
+    out_u, out_c, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None
+):
     """CFG + DDIM step (README, The method): x_prev, or (x_prev, log_prob [B]) when return_log_prob.
 
     out_u, out_c: the UNet's unconditional / conditional outputs (epsilon or v, as the schedule says);
@@ -96,10 +100,14 @@ def cfg_ddim_step(out_u, out_c, x_t, guidance, coeffs: DDIMCoefficients, noise=N
     w = _guidance_tensor(guidance, x_t)
     if resolve_backend(backend, x_t) == "eager":
         return cfg_ddim_step_reference(out_u, out_c, x_t, w, coeffs, noise, return_log_prob)
-    return CfgDdimStepFunction.apply(out_u, out_c, x_t, noise, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, return_log_prob)
+    return CfgDdimStepFunction.apply(
+        out_u, out_c, x_t, noise, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, return_log_prob
+    )
 
 
-def cfg_ddim_step_stacked(model_out, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None):
+def cfg_ddim_step_stacked(
+    model_out, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None
+):
     """cfg_ddim_step on the stacked [2B, ...] UNet output (unconditional half first), read in place;
     its gradient comes back as one [2B, ...] tensor."""
     if model_out.shape[0] != 2 * x_t.shape[0] or model_out.shape[1:] != x_t.shape[1:]:
@@ -111,7 +119,9 @@ def cfg_ddim_step_stacked(model_out, x_t, guidance, coeffs: DDIMCoefficients, no
     if resolve_backend(backend, x_t) == "eager":
         out_u, out_c = model_out.chunk(2)
         return cfg_ddim_step_reference(out_u, out_c, x_t, w, coeffs, noise, return_log_prob)
-    return CfgDdimStepFunction.apply(model_out, None, x_t, noise, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, return_log_prob)
+    return CfgDdimStepFunction.apply(
+        model_out, None, x_t, noise, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, return_log_prob
+    )
 
 
 def _stats(log_prob, ratio, approx_kl, clipfrac):
@@ -119,7 +129,16 @@ def _stats(log_prob, ratio, approx_kl, clipfrac):
 
 
 def ddpo_clip_loss(
-    out_u, out_c, x_t, x_prev, guidance, coeffs: DDIMCoefficients, old_log_prob, advantages, clip_range: float, backend=None
+    out_u,
+    out_c,
+    x_t,
+    x_prev,
+    guidance,
+    coeffs: DDIMCoefficients,
+    old_log_prob,
+    advantages,
+    clip_range: float,
+    backend=None,
 ):
     """DDPO's clipped PPO loss for one timestep of a minibatch (README, The method), log-prob recomputed from the
     stored x_t -> x_prev step. Returns (loss, stats) with detached 'log_prob' [B], 'ratio' [B],
@@ -136,7 +155,15 @@ def ddpo_clip_loss(
 
 
 def ddpo_clip_loss_stacked(
-    model_out, x_t, x_prev, guidance, coeffs: DDIMCoefficients, old_log_prob, advantages, clip_range: float, backend=None
+    model_out,
+    x_t,
+    x_prev,
+    guidance,
+    coeffs: DDIMCoefficients,
+    old_log_prob,
+    advantages,
+    clip_range: float,
+    backend=None,
 ):
     """ddpo_clip_loss on the stacked [2B, ...] UNet output (unconditional half first), read in place."""
     if model_out.shape[0] != 2 * x_t.shape[0] or model_out.shape[1:] != x_t.shape[1:]:

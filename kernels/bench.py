@@ -100,7 +100,6 @@ def copy_bandwidth_gbs(timer: Timer, device) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     ms = timer(lambda: dst.copy_(src))
-    del src, dst
     return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
@@ -127,7 +126,9 @@ def make_inputs(batch, latent, dtype, device):
         return torch.randn(*s, generator=g).to(device, dtype)
 
     co = sd_schedule(device).coefficients((1 + 20 * torch.randint(0, 50, (batch,), generator=g)).to(device), 1.0)
-    inp = dict(u=rnd(*shape), c=rnd(*shape), x=rnd(*shape), z=rnd(*shape), co=co, w=torch.full((batch,), 7.5, device=device))
+    inp = dict(
+        u=rnd(*shape), c=rnd(*shape), x=rnd(*shape), z=rnd(*shape), co=co, w=torch.full((batch,), 7.5, device=device)
+    )
     inp["xp"], lp = kernels.cfg_ddim_step(inp["u"], inp["c"], inp["x"], inp["w"], co, inp["z"], True, backend="eager")
     inp["old"] = (lp + 1e-4 * torch.randn(batch, generator=g).to(device)).float()
     inp["adv"] = torch.randn(batch, generator=g).to(device)
@@ -162,7 +163,9 @@ def triton_fns():
         return kernels.cfg_ddim_step(u, c, x, w, DDIMCoefficients(cx, ce, s, 1.0), z, True, backend="triton")
 
     def op2(u, c, x, xp, w, cx, ce, s, old, adv):
-        return kernels.ddpo_clip_loss(u, c, x, xp, w, DDIMCoefficients(cx, ce, s, 1.0), old, adv, 1e-4, backend="triton")
+        return kernels.ddpo_clip_loss(
+            u, c, x, xp, w, DDIMCoefficients(cx, ce, s, 1.0), old, adv, 1e-4, backend="triton"
+        )
 
     return op1, op1_lp, op2
 
@@ -217,7 +220,9 @@ def op_table(args, timer: Timer, device, copy_gbs: float):
     dtypes = [torch.float32, torch.bfloat16]
     if args.cpu_smoke:
         batches, latents, dtypes = [1, 3], [(4, 9, 13)], [torch.float32, torch.bfloat16]
-    header = "| op | batch | latent | dtype | eager ms | compile ms | Triton ms | vs eager | vs compile | GB/s | % copy BW |"
+    header = (
+        "| op | batch | latent | dtype | eager ms | compile ms | Triton ms | vs eager | vs compile | GB/s | % copy BW |"
+    )
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     results = {}
@@ -236,13 +241,17 @@ def op_table(args, timer: Timer, device, copy_gbs: float):
                         try:
                             compile_ms = timer(case(mode, compiled, inp))
                         except Exception as e:  # a compile failure must not cost the rest of the table
-                            print(f"<!-- torch.compile failed for {mode} {dtype}: {type(e).__name__}: {str(e)[:200]} -->")
+                            print(
+                                f"<!-- torch.compile failed for {mode} {dtype}: {type(e).__name__}: {str(e)[:200]} -->"
+                            )
                             compiled = None
                     triton_ms = timer(case(mode, triton_fns(), inp))
                     n = batch * latent[0] * latent[1] * latent[2]
                     gbs = BYTES_FP32[mode] * (torch.finfo(dtype).bits / 32) * n / (triton_ms * 1e-3) / 1e9
                     dt = "fp32" if dtype == torch.float32 else "bf16"
-                    results[(mode, batch, latent, dt)] = dict(eager=eager_ms, compile=compile_ms, triton=triton_ms, gbs=gbs)
+                    results[(mode, batch, latent, dt)] = dict(
+                        eager=eager_ms, compile=compile_ms, triton=triton_ms, gbs=gbs
+                    )
                     print(
                         f"| {mode} | {batch} | {'x'.join(map(str, latent))} | {dt} | {eager_ms:.4f} | {compile_ms:.4f} | "
                         f"{triton_ms:.4f} | {eager_ms / triton_ms:.1f}x | {compile_ms / triton_ms:.1f}x | {gbs:.0f} | "
@@ -303,7 +312,15 @@ def end_to_end(args, device, cuda: bool):
                 out = unet(torch.cat([x, x]).to(dtype), t.expand(2 * batch), embeds).sample
                 if backend is None:  # the UNet alone
                     continue
-                x, lp = kernels.cfg_ddim_step_stacked(out.float() if backend == "eager" else out, x, guidance[i], coeffs[i], noise[i], True, backend=backend)
+                x, lp = kernels.cfg_ddim_step_stacked(
+                    out.float() if backend == "eager" else out,
+                    x,
+                    guidance[i],
+                    coeffs[i],
+                    noise[i],
+                    True,
+                    backend=backend,
+                )
                 lps.append(lp)
         sync()
         return (time.perf_counter() - t0) / steps
@@ -318,7 +335,9 @@ def end_to_end(args, device, cuda: bool):
     x_t = torch.randn_like(x0)
     with torch.no_grad():
         out0 = unet(torch.cat([x_t, x_t]).to(dtype), torch.cat([t_train, t_train]), embeds).sample
-        x_prev, old = kernels.cfg_ddim_step_stacked(out0.float(), x_t, w_train, co_train, torch.randn_like(x_t), True, backend="eager")
+        x_prev, old = kernels.cfg_ddim_step_stacked(
+            out0.float(), x_t, w_train, co_train, torch.randn_like(x_t), True, backend="eager"
+        )
     adv = torch.randn(batch, device=device)
     grad_out = torch.randn_like(out0)
 
@@ -330,7 +349,17 @@ def end_to_end(args, device, cuda: bool):
             if backend is None:  # the UNet alone, with a stand-in gradient
                 out.backward(grad_out)
             else:
-                loss, _ = kernels.ddpo_clip_loss_stacked(out.float() if backend == "eager" else out, x_t, x_prev, w_train, co_train, old, adv, 1e-4, backend=backend)
+                loss, _ = kernels.ddpo_clip_loss_stacked(
+                    out.float() if backend == "eager" else out,
+                    x_t,
+                    x_prev,
+                    w_train,
+                    co_train,
+                    old,
+                    adv,
+                    1e-4,
+                    backend=backend,
+                )
                 loss.backward()
             unet.zero_grad(set_to_none=True)
         sync()
@@ -344,14 +373,20 @@ def end_to_end(args, device, cuda: bool):
         "sampling step": (sample("eager"), sample(fused), sample(None)),
         "DDPO train step": (train("eager", reps), train(fused, reps), train(None, reps)),
     }
-    print(f"\nEnd to end: SD 1.5 UNet ({'tiny config' if smoke else 'full size'}, random weights, {dtype}), batch {batch}, "
-          f"latents 4x{size}x{size}, CFG on a stacked 2B call; ms per step (sampling: median of 3 loops of {steps} steps; training: mean of {reps} steps).")
+    print(
+        f"\nEnd to end: SD 1.5 UNet ({'tiny config' if smoke else 'full size'}, random weights, {dtype}), batch {batch}, "
+        f"latents 4x{size}x{size}, CFG on a stacked 2B call; ms per step (sampling: median of 3 loops of {steps} steps; training: mean of {reps} steps)."
+    )
     print("| loop | eager ms | fused ms | UNet-only ms | fused/eager | outside UNet, eager | outside UNet, fused |")
     print("|---|---|---|---|---|---|---|")
     for name, (e, f, u) in res.items():
-        print(f"| {name} | {1e3 * e:.2f} | {1e3 * f:.2f} | {1e3 * u:.2f} | {f / e:.3f} | {100 * max(e - u, 0) / e:.1f}% | {100 * max(f - u, 0) / f:.1f}% |")
-    print("(the eager loop also pays the bf16 -> fp32 copy of the UNet output that its reference needs; "
-          "the fused one reads bf16 directly)")
+        print(
+            f"| {name} | {1e3 * e:.2f} | {1e3 * f:.2f} | {1e3 * u:.2f} | {f / e:.3f} | {100 * max(e - u, 0) / e:.1f}% | {100 * max(f - u, 0) / f:.1f}% |"
+        )
+    print(
+        "(the eager loop also pays the bf16 -> fp32 copy of the UNet output that its reference needs; "
+        "the fused one reads bf16 directly)"
+    )
     return {k: v[:2] for k, v in res.items()}
 
 
@@ -374,14 +409,20 @@ def check_targets(results, e2e, copy_gbs):
             r = results.get((mode, 64, (4, 64, 64), dt))
             if r:
                 p = r["gbs"] / copy_gbs
-                line(p >= 0.7, f"{mode} >= 70% of copy bandwidth at batch 64, 4x64x64 {dt}: {100 * p:.0f}% ({r['gbs']:.0f} of {copy_gbs:.0f} GB/s)")
+                line(
+                    p >= 0.7,
+                    f"{mode} >= 70% of copy bandwidth at batch 64, 4x64x64 {dt}: {100 * p:.0f}% ({r['gbs']:.0f} of {copy_gbs:.0f} GB/s)",
+                )
         r = results.get(("op2 fwd+bwd", 8, (4, 64, 64), dt))
         if r:
             s = r["eager"] / r["triton"]
             line(s >= 5, f"op2 fwd+bwd >= 5x eager at batch 8, 4x64x64 {dt}: {s:.1f}x")
     if e2e:
         for name, (e, f) in e2e.items():
-            line(f <= 1.01 * e, f"end to end {name} no slower than eager (1% timing noise allowed): fused/eager = {f / e:.3f}")
+            line(
+                f <= 1.01 * e,
+                f"end to end {name} no slower than eager (1% timing noise allowed): fused/eager = {f / e:.3f}",
+            )
     else:
         print("  [not measured] end to end (diffusers missing or --no-e2e)")
 
@@ -392,13 +433,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end section")
     ap.add_argument("--e2e-batch", type=int, default=8)
-    ap.add_argument("--cpu-smoke", action="store_true", help="run the script's code on CPU through TRITON_INTERPRET (tiny shapes; timings meaningless)")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="run the script's code on CPU through TRITON_INTERPRET (tiny shapes; timings meaningless)",
+    )
     args = ap.parse_args(argv)
 
     cuda = torch.cuda.is_available() and not args.cpu_smoke
     if not cuda and not args.cpu_smoke:
-        print("kernels/bench.py: no CUDA device on this machine, so there is nothing to measure; run it on a GPU. "
-              "(The correctness tests run on CPU: python -m pytest tests/test_kernels.py)")
+        print(
+            "kernels/bench.py: no CUDA device on this machine, so there is nothing to measure; run it on a GPU. "
+            "(The correctness tests run on CPU: python -m pytest tests/test_kernels.py)"
+        )
         return 0
     if args.cpu_smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before `kernels` (and so triton.jit) is imported
@@ -413,8 +460,10 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     timer = Timer(cuda)
     name = torch.cuda.get_device_name() if cuda else "CPU (smoke run: Triton interpreter, timings meaningless)"
-    print(f"# DiffExp kernels benchmark: {name}, {datetime.date.today().isoformat()}, "
-          f"torch {torch.__version__}, triton {triton.__version__}")
+    print(
+        f"# DiffExp kernels benchmark: {name}, {datetime.date.today().isoformat()}, "
+        f"torch {torch.__version__}, triton {triton.__version__}"
+    )
     copy_gbs = copy_bandwidth_gbs(timer, device)
     print(f"device copy bandwidth (read + write, 1 GiB fp32 copy_): {copy_gbs:.0f} GB/s\n")
     results = op_table(args, timer, device, copy_gbs)

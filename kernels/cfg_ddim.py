@@ -34,7 +34,9 @@ class DDIMCoefficients:
 
     def require_stochastic(self):
         if not self.eta > 0:
-            raise ValueError(f"a DDPO log-prob needs eta > 0 (sigma = 0 makes it undefined), got eta={self.eta}: pass --eta 1.0")
+            raise ValueError(
+                f"a DDPO log-prob needs eta > 0 (sigma = 0 makes it undefined), got eta={self.eta}: pass --eta 1.0"
+            )
 
 
 @dataclass
@@ -48,12 +50,14 @@ class DDIMSchedule:
     prediction_type: str = "epsilon"
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> "DDIMSchedule":
+    def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> DDIMSchedule:
         cfg = scheduler.config
         if cfg.prediction_type not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {cfg.prediction_type!r} is not supported (epsilon or v_prediction)")
         if getattr(cfg, "clip_sample", False) or getattr(cfg, "thresholding", False):
-            raise ValueError("DDIM with clip_sample or thresholding is not affine; set both to False in the scheduler config")
+            raise ValueError(
+                "DDIM with clip_sample or thresholding is not affine; set both to False in the scheduler config"
+            )
         final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64).reshape(1)
         ab = torch.cat([scheduler.alphas_cumprod.to(torch.float64), final]).to(device)
         T = cfg.num_train_timesteps
@@ -227,12 +231,29 @@ if triton is not None:
 
     @triton.jit
     def _cfg_ddim_fwd_kernel(
-        u_ptr, c_ptr, x_ptr, z_ptr, out_ptr, part_ptr,
-        cx_ptr, ceps_ptr, sigma_ptr, w_ptr,
-        u_sb, c_sb, x_sb, z_sb,  # batch strides of the [B, N] row views, in elements
-        cx_sb, ceps_sb, sigma_sb, w_sb,  # strides of the per-sample scalars (0: one value for all)
+        u_ptr,
+        c_ptr,
+        x_ptr,
+        z_ptr,
+        out_ptr,
+        part_ptr,
+        cx_ptr,
+        ceps_ptr,
+        sigma_ptr,
+        w_ptr,
+        u_sb,
+        c_sb,
+        x_sb,
+        z_sb,  # batch strides of the [B, N] row views, in elements
+        cx_sb,
+        ceps_sb,
+        sigma_sb,
+        w_sb,  # strides of the per-sample scalars (0: one value for all)
         N,
-        HAS_NOISE: tl.constexpr, LOG_PROB: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+        HAS_NOISE: tl.constexpr,
+        LOG_PROB: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """x_prev = c_x x_t + c_eps (u + w (c - u)) + sigma z for one BLOCK of one sample's row, and,
         for the log-prob, this block's partial sum of (x_prev - mean)^2."""
@@ -267,8 +288,16 @@ if triton is not None:
 
     @triton.jit
     def _log_prob_finish_kernel(
-        part_ptr, sigma_ptr, sigma_sb, lp_ptr, B, NB, N,
-        COMPUTE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+        part_ptr,
+        sigma_ptr,
+        sigma_sb,
+        lp_ptr,
+        B,
+        NB,
+        N,
+        COMPUTE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
     ):
         """Second stage of the log-prob reduction: one program sums each sample's NB partials in a
         fixed order and applies the log-prob formula of the README's The method.
@@ -295,11 +324,24 @@ if triton is not None:
 
     @triton.jit
     def _cfg_ddim_bwd_kernel(
-        g_ptr, gu_ptr, gc_ptr, gx_ptr,
-        cx_ptr, ceps_ptr, w_ptr,
-        g_sb, gu_sb, gc_sb, cx_sb, ceps_sb, w_sb,
+        g_ptr,
+        gu_ptr,
+        gc_ptr,
+        gx_ptr,
+        cx_ptr,
+        ceps_ptr,
+        w_ptr,
+        g_sb,
+        gu_sb,
+        gc_sb,
+        cx_sb,
+        ceps_sb,
+        w_sb,
         N,
-        WRITE_UC: tl.constexpr, WRITE_X: tl.constexpr, COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+        WRITE_UC: tl.constexpr,
+        WRITE_X: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """The step is affine: with g = dL/dx_prev,
         dL/dx_t = c_x g,  dL/du = c_eps (1 - w) g,  dL/dc = c_eps w g.
@@ -357,12 +399,29 @@ def cfg_ddim_forward_triton(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigm
     x_prev = _empty(x_t.shape, out_dtype, dev)
     part = _empty((batch, nb), cdt, dev) if return_log_prob else x_prev  # placeholder when unused
     _cfg_ddim_fwd_kernel[(nb, batch)](
-        u, c, x, z, x_prev, part,
-        cx, ce, sg, w,
-        u.stride(0), c.stride(0), x.stride(0), z.stride(0),
-        cx_sb, ce_sb, sg_sb, w_sb,
+        u,
+        c,
+        x,
+        z,
+        x_prev,
+        part,
+        cx,
+        ce,
+        sg,
+        w,
+        u.stride(0),
+        c.stride(0),
+        x.stride(0),
+        z.stride(0),
+        cx_sb,
+        ce_sb,
+        sg_sb,
+        w_sb,
         n,
-        HAS_NOISE=noise is not None, LOG_PROB=return_log_prob, COMPUTE=_tl_dtype(cdt), BLOCK=block,
+        HAS_NOISE=noise is not None,
+        LOG_PROB=return_log_prob,
+        COMPUTE=_tl_dtype(cdt),
+        BLOCK=block,
         num_warps=warps,
     )
     if not return_log_prob:
@@ -396,11 +455,24 @@ def cfg_ddim_backward_triton(grad_x_prev, out_u, out_c, x_t, guidance, c_x, c_ep
         grad_x = _empty(x_t.shape, x_t.dtype, dev)
     block, warps = _launch_params(_cfg_ddim_bwd_kernel, n)
     _cfg_ddim_bwd_kernel[(triton.cdiv(n, block), batch)](
-        g, gu, gc, grad_x if need_x else g,
-        cx, ce, w,
-        g.stride(0), gu.stride(0), gc.stride(0), cx_sb, ce_sb, w_sb,
+        g,
+        gu,
+        gc,
+        grad_x if need_x else g,
+        cx,
+        ce,
+        w,
+        g.stride(0),
+        gu.stride(0),
+        gc.stride(0),
+        cx_sb,
+        ce_sb,
+        w_sb,
         n,
-        WRITE_UC=need_uc, WRITE_X=need_x, COMPUTE=_tl_dtype(cdt), BLOCK=block,
+        WRITE_UC=need_uc,
+        WRITE_X=need_x,
+        COMPUTE=_tl_dtype(cdt),
+        BLOCK=block,
         num_warps=warps,
     )
     return grad_u, grad_c, grad_x
@@ -428,7 +500,9 @@ class CfgDdimStepFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob):
-        x_prev, log_prob = cfg_ddim_forward_triton(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob)
+        x_prev, log_prob = cfg_ddim_forward_triton(
+            out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob
+        )
         ctx.set_materialize_grads(False)
         ctx.like = tuple(None if t is None else _Meta(t.shape, t.dtype) for t in (out_u, out_c, x_t))
         ctx.save_for_backward(guidance, c_x, c_eps)  # [B] (or one-element) tensors: nothing latent-sized
@@ -448,4 +522,3 @@ class CfgDdimStepFunction(torch.autograd.Function):
             grad_x_prev, like_u, like_c, like_x, guidance, c_x, c_eps, need_u or need_c, need_x
         )
         return (grad_u if need_u else None, grad_c if need_c else None, grad_x, None, None, None, None, None, None)
-

@@ -70,11 +70,24 @@ if triton is not None:
 
     @triton.jit
     def _ddpo_se_kernel(
-        u_ptr, c_ptr, x_ptr, xp_ptr, part_ptr,
-        cx_ptr, ceps_ptr, w_ptr,
-        u_sb, c_sb, x_sb, xp_sb, cx_sb, ceps_sb, w_sb,
+        u_ptr,
+        c_ptr,
+        x_ptr,
+        xp_ptr,
+        part_ptr,
+        cx_ptr,
+        ceps_ptr,
+        w_ptr,
+        u_sb,
+        c_sb,
+        x_sb,
+        xp_sb,
+        cx_sb,
+        ceps_sb,
+        w_sb,
         N,
-        COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """Stage 1: each program's partial sum of (x_prev - mean)^2 over one BLOCK of a sample's row.
         The mean is computed by the same expression as op 1's kernel, so that a stored step's log-prob
@@ -96,11 +109,26 @@ if triton is not None:
 
     @triton.jit
     def _ddpo_clip_finish_kernel(
-        part_ptr, sigma_ptr, old_ptr, adv_ptr,
-        lp_ptr, ratio_ptr, dlp_ptr, loss_ptr, kl_ptr, clipfrac_ptr,
-        sigma_sb, old_sb, adv_sb,
-        B, NB, N, clip_range,
-        COMPUTE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
+        part_ptr,
+        sigma_ptr,
+        old_ptr,
+        adv_ptr,
+        lp_ptr,
+        ratio_ptr,
+        dlp_ptr,
+        loss_ptr,
+        kl_ptr,
+        clipfrac_ptr,
+        sigma_sb,
+        old_sb,
+        adv_sb,
+        B,
+        NB,
+        N,
+        clip_range,
+        COMPUTE: tl.constexpr,
+        ROWS: tl.constexpr,
+        COLS: tl.constexpr,
     ):
         """Stage 2, one program: per-sample log-prob, ratio and dloss/dlp, and the batch means.
 
@@ -149,15 +177,36 @@ if triton is not None:
 
     @triton.jit
     def _ddpo_clip_bwd_kernel(
-        gloss_ptr, dlp_ptr,
-        u_ptr, c_ptr, x_ptr, xp_ptr,
-        gu_ptr, gc_ptr, gx_ptr, gxp_ptr,
-        cx_ptr, ceps_ptr, sigma_ptr, w_ptr,
-        u_sb, c_sb, x_sb, xp_sb, gu_sb, gc_sb,
-        cx_sb, ceps_sb, sigma_sb, w_sb,
+        gloss_ptr,
+        dlp_ptr,
+        u_ptr,
+        c_ptr,
+        x_ptr,
+        xp_ptr,
+        gu_ptr,
+        gc_ptr,
+        gx_ptr,
+        gxp_ptr,
+        cx_ptr,
+        ceps_ptr,
+        sigma_ptr,
+        w_ptr,
+        u_sb,
+        c_sb,
+        x_sb,
+        xp_sb,
+        gu_sb,
+        gc_sb,
+        cx_sb,
+        ceps_sb,
+        sigma_sb,
+        w_sb,
         N,
-        WRITE_UC: tl.constexpr, WRITE_X: tl.constexpr, WRITE_XP: tl.constexpr,
-        COMPUTE: tl.constexpr, BLOCK: tl.constexpr,
+        WRITE_UC: tl.constexpr,
+        WRITE_X: tl.constexpr,
+        WRITE_XP: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """With k_b = dL/dloss * dloss/dlp_b / (sigma^2 N) and d = x_prev - mean (recomputed, not saved):
         dL/dmean = k d;  dL/du = c_eps (1 - w) k d,  dL/dc = c_eps w k d,  dL/dx_t = c_x k d,
@@ -204,26 +253,57 @@ def ddpo_forward_triton(out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, 
     nb = triton.cdiv(n, block)
     part = _op1._empty((batch, nb), cdt, dev)
     _ddpo_se_kernel[(nb, batch)](
-        u, c, x, xp, part,
-        cx, ce, w,
-        u.stride(0), c.stride(0), x.stride(0), xp.stride(0), cx_sb, ce_sb, w_sb,
+        u,
+        c,
+        x,
+        xp,
+        part,
+        cx,
+        ce,
+        w,
+        u.stride(0),
+        c.stride(0),
+        x.stride(0),
+        xp.stride(0),
+        cx_sb,
+        ce_sb,
+        w_sb,
         n,
-        COMPUTE=_op1._tl_dtype(cdt), BLOCK=block, num_warps=warps,
+        COMPUTE=_op1._tl_dtype(cdt),
+        BLOCK=block,
+        num_warps=warps,
     )
     log_prob, ratio, dlp = (_op1._empty((batch,), cdt, dev) for _ in range(3))
     loss, approx_kl, clipfrac = (_op1._empty((), cdt, dev) for _ in range(3))
     rows, cols = _op1.finish_rows_cols(batch, nb)
     _ddpo_clip_finish_kernel[(1,)](
-        part, sg, old, adv,
-        log_prob, ratio, dlp, loss, approx_kl, clipfrac,
-        sg_sb, old_sb, adv_sb,
-        batch, nb, n, float(clip_range),
-        COMPUTE=_op1._tl_dtype(cdt), ROWS=rows, COLS=cols,
+        part,
+        sg,
+        old,
+        adv,
+        log_prob,
+        ratio,
+        dlp,
+        loss,
+        approx_kl,
+        clipfrac,
+        sg_sb,
+        old_sb,
+        adv_sb,
+        batch,
+        nb,
+        n,
+        float(clip_range),
+        COMPUTE=_op1._tl_dtype(cdt),
+        ROWS=rows,
+        COLS=cols,
     )
     return loss, log_prob, ratio, dlp, approx_kl, clipfrac
 
 
-def ddpo_backward_triton(grad_loss, dlp, out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, need_uc, need_x, need_xp):
+def ddpo_backward_triton(
+    grad_loss, dlp, out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, need_uc, need_x, need_xp
+):
     """(grad_u, grad_c, grad_x_t, grad_x_prev) of op 2; in the stacked case grad_u is [2B, ...], grad_c None."""
     batch = x_t.shape[0]
     u, c = _op1._split_stacked(out_u, out_c, batch)
@@ -250,15 +330,37 @@ def ddpo_backward_triton(grad_loss, dlp, out_u, out_c, x_t, x_prev, guidance, c_
         grad_xp = _op1._empty(x_prev.shape, x_prev.dtype, dev)
     block, warps = _op1._launch_params(_ddpo_clip_bwd_kernel, n)
     _ddpo_clip_bwd_kernel[(triton.cdiv(n, block), batch)](
-        grad_loss, dlp,
-        u, c, x, xp,
-        gu, gc, grad_x if need_x else x, grad_xp if need_xp else x,
-        cx, ce, sg, w,
-        u.stride(0), c.stride(0), x.stride(0), xp.stride(0), gu.stride(0), gc.stride(0),
-        cx_sb, ce_sb, sg_sb, w_sb,
+        grad_loss,
+        dlp,
+        u,
+        c,
+        x,
+        xp,
+        gu,
+        gc,
+        grad_x if need_x else x,
+        grad_xp if need_xp else x,
+        cx,
+        ce,
+        sg,
+        w,
+        u.stride(0),
+        c.stride(0),
+        x.stride(0),
+        xp.stride(0),
+        gu.stride(0),
+        gc.stride(0),
+        cx_sb,
+        ce_sb,
+        sg_sb,
+        w_sb,
         n,
-        WRITE_UC=need_uc, WRITE_X=need_x, WRITE_XP=need_xp,
-        COMPUTE=_op1._tl_dtype(cdt), BLOCK=block, num_warps=warps,
+        WRITE_UC=need_uc,
+        WRITE_X=need_x,
+        WRITE_XP=need_xp,
+        COMPUTE=_op1._tl_dtype(cdt),
+        BLOCK=block,
+        num_warps=warps,
     )
     return grad_u, grad_c, grad_x, grad_xp
 

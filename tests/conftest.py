@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny SD 1.x checkpoint in the hub layout (epsilon prediction)."""
-    from tiny import make_tiny_sd
+    from tools.tiny import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd"))
 
@@ -52,9 +52,18 @@ def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
     import subprocess
 
     cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
-    proc = subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        cmd,
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     if proc.returncode != 0:
-        raise AssertionError(f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

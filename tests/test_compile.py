@@ -52,10 +52,36 @@ def ddpo_argv(tiny_sd_dir, tiny_aesthetic, out, *extra):
     # training pass visits shuffled steps (mixed batches of 3), so the compiled UNet meets several batch
     # sizes in both grad modes
     return [
-        "--pretrained", tiny_sd_dir, "--num-steps", 4, "--samples-per-epoch", 4, "--sample-batch-size", 2,
-        "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no", "--eval-every", 0,
-        "--output-dir", out, "--explore-frac", 1.0, "--t-sw", 0.5, "--reward", "aesthetic", *tiny_aesthetic,
-        "--num-epochs", 1, "--lr", 1e-2, *extra,
+        "--pretrained",
+        tiny_sd_dir,
+        "--num-steps",
+        4,
+        "--samples-per-epoch",
+        4,
+        "--sample-batch-size",
+        2,
+        "--train-batch-size",
+        2,
+        "--gradient-accumulation-steps",
+        1,
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        0,
+        "--output-dir",
+        out,
+        "--explore-frac",
+        1.0,
+        "--t-sw",
+        0.5,
+        "--reward",
+        "aesthetic",
+        *tiny_aesthetic,
+        "--num-epochs",
+        1,
+        "--lr",
+        1e-2,
+        *extra,
     ]
 
 
@@ -64,7 +90,9 @@ def test_ddpo_compiled_trains_like_eager(monkeypatch, aot_eager, tiny_sd_dir, ti
     assert aot_eager == []
     run(monkeypatch, "train_ddpo", ddpo_argv(tiny_sd_dir, tiny_aesthetic, tmp_path / "compiled", "--compile"))
     assert len(aot_eager) == 1 and type(aot_eager[0]).__name__ == "UNet2DConditionModel"
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # the UNet really ran compiled (no_grad and grad)
+    assert (
+        torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2
+    )  # the UNet really ran compiled (no_grad and grad)
     eager, compiled = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
     for a, b in zip(eager, compiled):
         for key in ("reward_mean", "loss", "ratio_min", "ratio_max"):
@@ -78,10 +106,34 @@ def test_ddpo_compiled_trains_like_eager(monkeypatch, aot_eager, tiny_sd_dir, ti
 
 def alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, *extra):
     return [
-        "--pretrained", tiny_sd_dir, "--num-steps", 3, "--batch-size", 2, "--samples-per-epoch", 2,
-        "--gradient-accumulation-steps", 1, "--mixed-precision", "no", "--eval-every", 0, "--output-dir", out,
-        "--reward", "aesthetic", *tiny_aesthetic, "--num-epochs", 1, "--lr", 1e-2, "--backprop-steps", 2,
-        "--no-cfg-schedule", "--no-prompt-weighting", *extra,  # DDPO's test covers the shortcut's batch sizes
+        "--pretrained",
+        tiny_sd_dir,
+        "--num-steps",
+        3,
+        "--batch-size",
+        2,
+        "--samples-per-epoch",
+        2,
+        "--gradient-accumulation-steps",
+        1,
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        0,
+        "--output-dir",
+        out,
+        "--reward",
+        "aesthetic",
+        *tiny_aesthetic,
+        "--num-epochs",
+        1,
+        "--lr",
+        1e-2,
+        "--backprop-steps",
+        2,
+        "--no-cfg-schedule",
+        "--no-prompt-weighting",
+        *extra,  # DDPO's test covers the shortcut's batch sizes
     ]
 
 
@@ -108,13 +160,27 @@ def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
     loaded = []
     monkeypatch.setattr(diffusion, "load_pipeline", lambda *a, **k: loaded.append(1))
-    monkeypatch.setattr(sys, "argv", ["train_ddpo.py", "--pretrained", str(tiny_sd_dir), "--reward", "jpeg", "--compile",
-                                      "--output-dir", str(tmp_path / "out")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "train_ddpo.py",
+            "--pretrained",
+            str(tiny_sd_dir),
+            "--reward",
+            "jpeg",
+            "--compile",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+    )
     import tyro
 
     with pytest.raises(SystemExit) as e:
         train_ddpo.main(tyro.cli(train_ddpo.Args))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and loaded == []
-    assert err == ["error: --compile: torch.compile's inductor backend needs a C++ compiler and found none (Failed to find C++ compiler. "
-                   "Please specify via CXX environment variable.); install one (e.g. apt install g++, or set CXX) or run without --compile"]
+    assert err == [
+        "error: --compile: torch.compile's inductor backend needs a C++ compiler and found none (Failed to find C++ compiler. "
+        "Please specify via CXX environment variable.); install one (e.g. apt install g++, or set CXX) or run without --compile"
+    ]

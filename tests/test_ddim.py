@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from kernels.cfg_ddim import DDIMSchedule, cfg_ddim_step_reference, ddim_log_prob_reference
-from tiny import SD_SCHEDULER_CONFIG
+from tools.tiny import SD_SCHEDULER_CONFIG
 
 N_STEPS = 50
 
@@ -67,7 +67,11 @@ def test_log_prob_matches_independent_float64_density():
     # Independent float64 computation from alphas_cumprod, straight from README, The method.
     for b, t in enumerate(timesteps.tolist()):
         ab_t = sched.alphas_cumprod[t].double()
-        ab_prev = sched.alphas_cumprod[t - 20].double() if t - 20 >= 0 else torch.tensor(float(sched.final_alpha_cumprod)).double()
+        ab_prev = (
+            sched.alphas_cumprod[t - 20].double()
+            if t - 20 >= 0
+            else torch.tensor(float(sched.final_alpha_cumprod)).double()
+        )
         eps = out_u[b].double() + guidance[b].double() * (out_c[b].double() - out_u[b].double())
         x0 = (x_t[b].double() - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
         sigma = ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).sqrt()

@@ -5,7 +5,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from explore import DiffExpConfig, apply_prompt_weights, cfg_scales, choose_words, is_exploring, word_token_positions
-from tiny import SD_SCHEDULER_CONFIG
+from tools.tiny import SD_SCHEDULER_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,9 @@ def test_word_positions_match_full_tokenisation(tokenizer):
 
 def _embeds(tokenizer, prompts, D=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(len(prompts), tokenizer.model_max_length, D, generator=g), torch.randn(tokenizer.model_max_length, D, generator=g)
+    return torch.randn(len(prompts), tokenizer.model_max_length, D, generator=g), torch.randn(
+        tokenizer.model_max_length, D, generator=g
+    )
 
 
 def test_weight_one_is_identity(tokenizer):
@@ -115,7 +117,10 @@ def test_stopword_option(tokenizer):
     # Only stop words: nothing eligible when excluded -> unweighted, recorded as such.
     c = choose_words(["a the of"], tokenizer, torch.Generator().manual_seed(0))[0]
     assert c.word is None and c.positions == [] and c.weight == 1.0
-    picked = {choose_words(["a cat"], tokenizer, torch.Generator().manual_seed(s), exclude_stopwords=False)[0].word for s in range(20)}
+    picked = {
+        choose_words(["a cat"], tokenizer, torch.Generator().manual_seed(s), exclude_stopwords=False)[0].word
+        for s in range(20)
+    }
     assert picked == {"a", "cat"}
 
 

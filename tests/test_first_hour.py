@@ -85,15 +85,40 @@ ALIGNPROP_WRONG = [
     ("t_sw", ["--t-sw", "1.5"], "--t-sw must be in [0, 1]", None),
     ("jpeg", ["--reward", "jpeg"], "jpeg is not differentiable", None),
     ("unknown_reward", ["--reward", "nonsense"], "unknown reward 'nonsense'", None),
-    ("samples_not_divisible", ["--samples-per-epoch", "5"], "--samples-per-epoch 5 must be divisible by --batch-size 2", None),
-    ("accumulation_not_dividing", ["--gradient-accumulation-steps", "3"], "--gradient-accumulation-steps 3 must divide", None),
+    (
+        "samples_not_divisible",
+        ["--samples-per-epoch", "5"],
+        "--samples-per-epoch 5 must be divisible by --batch-size 2",
+        None,
+    ),
+    (
+        "accumulation_not_dividing",
+        ["--gradient-accumulation-steps", "3"],
+        "--gradient-accumulation-steps 3 must divide",
+        None,
+    ),
     ("unknown_reward_model_key", ["--reward-models", "foo", "bar"], "--reward-models: unknown key", None),
     ("resume_and_overwrite", ["--resume", "--overwrite"], "--resume and --overwrite", None),
     ("resume_nothing", ["--resume"], "--resume", None),
     ("unknown_preset", ["--config", "nope"], "--config: unknown preset 'nope'", None),
-    ("pretrained_not_cached", ["--pretrained", "someone/not-cached"], "--pretrained: 'someone/not-cached' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set", None),
-    ("pretrained_missing_dir", ["--pretrained", "/no/such/dir"], "--pretrained: local directory '/no/such/dir' does not exist", None),
-    ("reward_model_not_cached", ["--reward", "pickscore"], "--reward-models pickscore_model: 'yuvalkirstain/PickScore_v1' is not in the local", None),
+    (
+        "pretrained_not_cached",
+        ["--pretrained", "someone/not-cached"],
+        "--pretrained: 'someone/not-cached' is not in the local Hugging Face cache and HF_HUB_OFFLINE is set",
+        None,
+    ),
+    (
+        "pretrained_missing_dir",
+        ["--pretrained", "/no/such/dir"],
+        "--pretrained: local directory '/no/such/dir' does not exist",
+        None,
+    ),
+    (
+        "reward_model_not_cached",
+        ["--reward", "pickscore"],
+        "--reward-models pickscore_model: 'yuvalkirstain/PickScore_v1' is not in the local",
+        None,
+    ),
 ]
 
 DDPO_WRONG = [
@@ -103,7 +128,12 @@ DDPO_WRONG = [
     ("sample_batch_size_0", ["--sample-batch-size", "0"], "--sample-batch-size", None),
     ("train_batch_size_0", ["--train-batch-size", "0"], "--train-batch-size", None),
     ("stat_buffer_size_0", ["--stat-buffer-size", "0"], "--stat-buffer-size", None),
-    ("stat_min_count_above_buffer", ["--stat-min-count", "40"], "--stat-min-count 40 is more than --stat-buffer-size 32", None),
+    (
+        "stat_min_count_above_buffer",
+        ["--stat-min-count", "40"],
+        "--stat-min-count 40 is more than --stat-buffer-size 32",
+        None,
+    ),
     ("lr_negative", ["--lr", "-1"], "--lr", None),
     ("lora_rank_0", ["--lora-rank", "0"], "--lora-rank", None),
     ("num_epochs_0", ["--num-epochs", "0"], "--num-epochs", None),
@@ -115,17 +145,31 @@ DDPO_WRONG = [
     ("eta_0", ["--eta", "0"], "--eta must be > 0 for DDPO", None),
     ("clip_range_0", ["--clip-range", "0"], "--clip-range must be > 0", None),
     ("t_sw", ["--t-sw", "-0.1"], "--t-sw must be in [0, 1]", None),
-    ("samples_not_divisible", ["--samples-per-epoch", "6", "--sample-batch-size", "4"], "--samples-per-epoch 6 must be divisible by --sample-batch-size 4", None),
+    (
+        "samples_not_divisible",
+        ["--samples-per-epoch", "6", "--sample-batch-size", "4"],
+        "--samples-per-epoch 6 must be divisible by --sample-batch-size 4",
+        None,
+    ),
     ("train_batch_not_dividing", ["--train-batch-size", "3"], "--train-batch-size 3 must divide", None),
     ("reward_weight", ["--reward", "hps:abc"], "--reward", None),
-    ("reward_model_not_cached", ["--reward", "aesthetic"], "--reward-models aesthetic_clip: 'openai/clip-vit-large-patch14' is not in the local", None),
+    (
+        "reward_model_not_cached",
+        ["--reward", "aesthetic"],
+        "--reward-models aesthetic_clip: 'openai/clip-vit-large-patch14' is not in the local",
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize("case, extra, flag, not_blamed", ALIGNPROP_WRONG, ids=[c[0] for c in ALIGNPROP_WRONG])
-def test_alignprop_wrong_invocation(case, extra, flag, not_blamed, tiny_sd_dir, tiny_aesthetic, tmp_path, monkeypatch, capsys):
+def test_alignprop_wrong_invocation(
+    case, extra, flag, not_blamed, tiny_sd_dir, tiny_aesthetic, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
-    code, _, err = run_main(train_alignprop, alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, *extra), monkeypatch, capsys)
+    code, _, err = run_main(
+        train_alignprop, alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, *extra), monkeypatch, capsys
+    )
     assert_one_error_line(code, err, flag)
     assert not_blamed is None or not_blamed not in err, err
     assert not out.exists()  # nothing written
@@ -143,11 +187,25 @@ def test_ddpo_wrong_invocation(case, extra, flag, not_blamed, tiny_sd_dir, tmp_p
 def test_missing_reward_checkpoint_names_the_real_override(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     """Every checkpoint is checked before any is loaded; the fix names --reward-models KEY DIR (a flag
     that exists), and 'unset HF_HUB_OFFLINE' is said only when it is set."""
-    argv = ddpo_argv(tiny_sd_dir, tmp_path / "out", "--reward", "pickscore", "--reward-models", "pickscore_model", tmp_path / "no-such-dir")
+    argv = ddpo_argv(
+        tiny_sd_dir,
+        tmp_path / "out",
+        "--reward",
+        "pickscore",
+        "--reward-models",
+        "pickscore_model",
+        tmp_path / "no-such-dir",
+    )
     code, _, err = run_main(train_ddpo, argv, monkeypatch, capsys)
-    assert_one_error_line(code, err, f"--reward-models pickscore_model: local directory '{tmp_path / 'no-such-dir'}' does not exist")
-    code, _, err = run_main(train_ddpo, ddpo_argv(tiny_sd_dir, tmp_path / "out", "--reward", "pickscore"), monkeypatch, capsys)
-    assert_one_error_line(code, err, "pass its local directory with --reward-models pickscore_model DIR, or unset HF_HUB_OFFLINE")
+    assert_one_error_line(
+        code, err, f"--reward-models pickscore_model: local directory '{tmp_path / 'no-such-dir'}' does not exist"
+    )
+    code, _, err = run_main(
+        train_ddpo, ddpo_argv(tiny_sd_dir, tmp_path / "out", "--reward", "pickscore"), monkeypatch, capsys
+    )
+    assert_one_error_line(
+        code, err, "pass its local directory with --reward-models pickscore_model DIR, or unset HF_HUB_OFFLINE"
+    )
     assert "--pickscore-model" not in err
 
 
@@ -162,7 +220,11 @@ def test_offline_without_hf_hub_offline_fails_fast(tiny_sd_dir, tmp_path, monkey
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     t0 = time.time()
     code, _, err = run_main(train_ddpo, ddpo_argv("someone/not-cached", tmp_path / "out"), monkeypatch, capsys)
-    assert_one_error_line(code, err, "--pretrained: 'someone/not-cached' is not in the local Hugging Face cache and the hub cannot be reached")
+    assert_one_error_line(
+        code,
+        err,
+        "--pretrained: 'someone/not-cached' is not in the local Hugging Face cache and the hub cannot be reached",
+    )
     assert "HF_HUB_OFFLINE" not in err and time.time() - t0 < 10
 
 
@@ -213,7 +275,9 @@ def fake_run(out: Path, args: dict | None = None, checkpoints=(), partial=True):
         (out / "checkpoints" / name).mkdir(parents=True)
 
 
-def test_a_run_killed_before_its_first_checkpoint_is_not_mixed_with_a_new_one(tiny_sd_dir, tmp_path, monkeypatch, capsys):
+def test_a_run_killed_before_its_first_checkpoint_is_not_mixed_with_a_new_one(
+    tiny_sd_dir, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
     fake_run(out)
     code, _, err = run_main(train_ddpo, ddpo_argv(tiny_sd_dir, out), monkeypatch, capsys)
@@ -226,19 +290,42 @@ def test_a_run_with_checkpoints_is_refused(tiny_sd_dir, tiny_aesthetic, tmp_path
     out = tmp_path / "out"
     fake_run(out, checkpoints=["epoch_0000", "epoch_0001"])
     code, _, err = run_main(train_alignprop, alignprop_argv(tiny_sd_dir, tiny_aesthetic, out), monkeypatch, capsys)
-    assert_one_error_line(code, err, f"--output-dir {out} already holds a run (checkpoints up to epoch_0001): pass --resume")
+    assert_one_error_line(
+        code, err, f"--output-dir {out} already holds a run (checkpoints up to epoch_0001): pass --resume"
+    )
     assert "--overwrite" in err
 
 
-def test_resume_with_changed_arguments_is_refused_in_one_line(tiny_sd_dir, tiny_aesthetic, tmp_path, monkeypatch, capsys):
+def test_resume_with_changed_arguments_is_refused_in_one_line(
+    tiny_sd_dir, tiny_aesthetic, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "out"
-    first = train_alignprop.cli([str(a) for a in alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4)])
+    first = train_alignprop.cli(
+        [str(a) for a in alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4)]
+    )
     fake_run(out, vars(first), checkpoints=["epoch_0000"])
-    changed = ["--lr", "0.01", "--seed", "3", "--prompts", "animals_activities", "--num-epochs", "8", "--eval-every", "2", "--keep-checkpoints", "1"]
-    argv = alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4, "--resume", *changed)
+    changed = [
+        "--lr",
+        "0.01",
+        "--seed",
+        "3",
+        "--prompts",
+        "animals_activities",
+        "--num-epochs",
+        "8",
+        "--eval-every",
+        "2",
+        "--keep-checkpoints",
+        "1",
+    ]
+    argv = alignprop_argv(
+        tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4, "--resume", *changed
+    )
     code, _, err = run_main(train_alignprop, argv, monkeypatch, capsys)
     assert_one_error_line(code, err, "--resume: these arguments differ from the run's")
-    assert "--prompts simple_animals -> animals_activities, --num-epochs 4 -> 8, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
+    assert (
+        "--prompts simple_animals -> animals_activities, --num-epochs 4 -> 8, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
+    )
     assert "--eval-every" not in err and "--keep-checkpoints" not in err  # harmless ones
     assert "--allow-changed-args" in err
 
@@ -262,12 +349,16 @@ def test_check_run_dir_decisions(tmp_path):
     assert plan(resume=True, num_epochs=10).changed == {}
     assert plan(resume=True, num_epochs=2).finished  # ... and a run that holds its last epoch has nothing left to do
     # ... but not when it moves DiffExp's exploration window (explore_frac 0.75 of 4 vs 8 epochs)
-    diffusion.RunLog(tmp_path / "run", train_ddpo.Args(**{**vars(base), "explore_frac": 0.75}))  # args.json = the run's current args
+    diffusion.RunLog(
+        tmp_path / "run", train_ddpo.Args(**{**vars(base), "explore_frac": 0.75})
+    )  # args.json = the run's current args
     with pytest.raises(ValueError, match=r"--num-epochs 4 -> 8"):
         plan(resume=True, num_epochs=8, explore_frac=0.75)
     p = plan(resume=True, num_epochs=8, explore_frac=0.75, lr=1.0, allow_changed_args=True)
     assert p.changed == {"num_epochs": [4, 8], "lr": [3e-4, 1.0]}
-    assert len((tmp_path / "run" / "args.jsonl").read_text().splitlines()) == 1  # the history is appended, not overwritten
+    assert (
+        len((tmp_path / "run" / "args.jsonl").read_text().splitlines()) == 1
+    )  # the history is appended, not overwritten
 
 
 def test_overwrite_deletes_only_the_runs_files(tmp_path):
@@ -300,7 +391,13 @@ def test_checkpoints_are_sorted_by_epoch_and_keep_zero_keeps_all(tiny_sd_dir, tm
         diffusion.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
         diffusion.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
     (tmp_path / "all" / "checkpoints" / "epoch_10000").mkdir()  # past 9999 the names no longer sort as numbers
-    assert [p.name for p in diffusion.checkpoints(tmp_path / "all")] == ["epoch_0009", "epoch_0010", "epoch_0011", "epoch_0012", "epoch_10000"]
+    assert [p.name for p in diffusion.checkpoints(tmp_path / "all")] == [
+        "epoch_0009",
+        "epoch_0010",
+        "epoch_0011",
+        "epoch_0012",
+        "epoch_10000",
+    ]
     assert [p.name for p in diffusion.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
     mode = 0o666 & ~diffusion._umask()
     for f in (tmp_path / "two" / "checkpoints" / "epoch_0012").iterdir():
@@ -349,7 +446,10 @@ def test_help_documents_every_flag(trainer, monkeypatch, capsys):
         text = helps.get(flag)
         assert text is not None, f"{flag} is not in --help"
         # at least a phrase, not a section comment ("run", "PPO") picked up as help
-        assert len(text.split()) >= 3 and text not in ("run", "PPO", "model and reward", "sampling", "optimisation"), (flag, text)
+        assert len(text.split()) >= 3 and text not in ("run", "PPO", "model and reward", "sampling", "optimisation"), (
+            flag,
+            text,
+        )
     assert all(name in helps["--reward"] for name in rewards.NAMES), helps["--reward"]
     assert all(key in helps["--reward-models"] for key in rewards.DEFAULT_MODELS), helps["--reward-models"]
     assert "0 keeps all" in helps["--keep-checkpoints"] and "auto" in helps["--mixed-precision"]
@@ -462,7 +562,12 @@ def test_training_grid_shows_the_epochs_samples_large_with_prompts(ddpo_runs):
 
 def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = [str(a) for a in ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1, "--num-steps", 2, "--samples-per-epoch", 2, "--train-batch-size", 1)]
+    argv = [
+        str(a)
+        for a in ddpo_argv(
+            tiny_sd_dir, out, "--num-epochs", 1, "--num-steps", 2, "--samples-per-epoch", 2, "--train-batch-size", 1
+        )
+    ]
     fake_run(out, vars(train_ddpo.cli(argv)))
     (out / "images" / "epoch_0000.png").write_bytes(b"old")
     (out / "args.jsonl").write_text(json.dumps({"mode": "new"}) + "\n")

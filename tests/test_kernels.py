@@ -22,7 +22,6 @@ import pytest  # noqa: E402
 import kernels  # noqa: E402
 from kernels import DDIMCoefficients, DDIMSchedule  # noqa: E402
 from kernels import cfg_ddim as op1  # noqa: E402
-from kernels import ddpo_loss as op2  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -97,18 +96,26 @@ def coeffs64(co):
 def guidance_for(batch, gen, per_sample, dtype):
     if not per_sample:
         return 7.5
-    return (1.0 + 6.5 * torch.rand(batch, generator=gen, dtype=torch.float64)).to(DEVICE, torch.float64 if dtype == torch.float64 else torch.float32)
+    return (1.0 + 6.5 * torch.rand(batch, generator=gen, dtype=torch.float64)).to(
+        DEVICE, torch.float64 if dtype == torch.float64 else torch.float32
+    )
 
 
 def assert_close(actual, expected, tol, what):
     # Half-precision outputs whose values are subnormal (|x| < 6.1e-5 in fp16) carry an absolute
     # rounding error of up to half their fixed spacing, whatever the relative tolerance says.
-    floor = torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps if actual.dtype in (torch.float16, torch.bfloat16) else 0.0
+    floor = (
+        torch.finfo(actual.dtype).smallest_normal * torch.finfo(actual.dtype).eps
+        if actual.dtype in (torch.float16, torch.bfloat16)
+        else 0.0
+    )
     actual, expected = f64(actual).cpu(), f64(expected).cpu()
     assert not torch.isnan(actual).any(), f"{what}: NaN (an unwritten element?)"
     scale = expected.abs().max().item() + 1e-30
     err = (actual - expected).abs().max().item()
-    assert err <= tol * scale + floor, f"{what}: max abs error {err:.3g} > {tol:g} x max |expected| {scale:.3g} + {floor:.3g}"
+    assert err <= tol * scale + floor, (
+        f"{what}: max abs error {err:.3g} > {tol:g} x max |expected| {scale:.3g} + {floor:.3g}"
+    )
 
 
 def step_inputs(shape, gen, dtype, out_dtype=None):
@@ -135,7 +142,9 @@ def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4):
         # |log r| in (0.2, 0.8) or (1.2, 4) clip ranges: inside and outside, never so close to the
         # boundary that float32 rounding could flip a sample's branch (its gradient is discontinuous).
         inside = torch.rand(batch, generator=gen) < 0.5
-        mag = torch.where(inside, 0.2 + 0.6 * torch.rand(batch, generator=gen), 1.2 + 2.8 * torch.rand(batch, generator=gen))
+        mag = torch.where(
+            inside, 0.2 + 0.6 * torch.rand(batch, generator=gen), 1.2 + 2.8 * torch.rand(batch, generator=gen)
+        )
         sign = torch.where(torch.rand(batch, generator=gen) < 0.5, -1.0, 1.0)
         log_r = (clip_range * mag * sign).to(torch.float64)
     else:
@@ -214,7 +223,9 @@ def test_step_deterministic_and_eta0(gen):
     _, out_u, out_c, x_t, _ = step_inputs(shape, gen, torch.float32)
     x_t.requires_grad_()
     x_prev = kernels.cfg_ddim_step(out_u, out_c, x_t, 5.0, co, backend="triton")
-    ref = kernels.cfg_ddim_step_reference(f64(out_u), f64(out_c), f64(x_t).requires_grad_(), torch.tensor(5.0, dtype=torch.float64), coeffs64(co))
+    ref = kernels.cfg_ddim_step_reference(
+        f64(out_u), f64(out_c), f64(x_t).requires_grad_(), torch.tensor(5.0, dtype=torch.float64), coeffs64(co)
+    )
     assert_close(x_prev, ref, OUT_TOL[torch.float32], "deterministic x_prev")
     (gx,) = torch.autograd.grad(x_prev.sum(), x_t)  # an expanded (stride-0) incoming gradient
     assert_close(gx, co.c_x.reshape(-1, 1, 1, 1).expand(shape), 1e-6, "grad x_t of the mean")
@@ -225,13 +236,28 @@ def test_step_log_prob_refusals(gen):
     _, out_u, out_c, x_t, z = step_inputs(shape, gen, torch.float32)
     for backend in ("eager",) + (("triton",) if op1.triton is not None else ()):
         with pytest.raises(ValueError, match="eta"):
-            kernels.cfg_ddim_step(out_u, out_c, x_t, 5.0, make_coeffs(2, gen, torch.float32, eta=0.0), z, True, backend=backend)
+            kernels.cfg_ddim_step(
+                out_u, out_c, x_t, 5.0, make_coeffs(2, gen, torch.float32, eta=0.0), z, True, backend=backend
+            )
         with pytest.raises(ValueError, match="noise"):
-            kernels.cfg_ddim_step(out_u, out_c, x_t, 5.0, make_coeffs(2, gen, torch.float32), None, True, backend=backend)
+            kernels.cfg_ddim_step(
+                out_u, out_c, x_t, 5.0, make_coeffs(2, gen, torch.float32), None, True, backend=backend
+            )
         with pytest.raises(ValueError, match="shape"):
             kernels.cfg_ddim_step(out_u, out_c[:1], x_t, 5.0, make_coeffs(2, gen, torch.float32), backend=backend)
         with pytest.raises(ValueError, match="eta"):
-            kernels.ddpo_clip_loss(out_u, out_c, x_t, z, 5.0, make_coeffs(2, gen, torch.float32, eta=0.0), torch.zeros(2), torch.ones(2), 1e-4, backend=backend)
+            kernels.ddpo_clip_loss(
+                out_u,
+                out_c,
+                x_t,
+                z,
+                5.0,
+                make_coeffs(2, gen, torch.float32, eta=0.0),
+                torch.zeros(2),
+                torch.ones(2),
+                1e-4,
+                backend=backend,
+            )
 
 
 @requires_triton
@@ -242,9 +268,13 @@ def test_step_gradcheck_triton():
     w = guidance_for(2, gen, True, torch.float64)
     model_out, out_u, out_c, x_t, z = step_inputs((2, 2, 3, 5), gen, torch.float64)
     u, c, x = (t.detach().requires_grad_() for t in (out_u, out_c, x_t))
-    assert torch.autograd.gradcheck(lambda u, c, x: kernels.cfg_ddim_step(u, c, x, w, co, z, backend="triton"), (u, c, x))
+    assert torch.autograd.gradcheck(
+        lambda u, c, x: kernels.cfg_ddim_step(u, c, x, w, co, z, backend="triton"), (u, c, x)
+    )
     m = model_out.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda m, x: kernels.cfg_ddim_step_stacked(m, x, w, co, z, backend="triton"), (m, x))
+    assert torch.autograd.gradcheck(
+        lambda m, x: kernels.cfg_ddim_step_stacked(m, x, w, co, z, backend="triton"), (m, x)
+    )
 
 
 def test_step_gradcheck_eager():
@@ -253,7 +283,9 @@ def test_step_gradcheck_eager():
     w = guidance_for(2, gen, True, torch.float64)
     model_out, out_u, out_c, x_t, z = step_inputs((2, 2, 3, 5), gen, torch.float64)
     u, c, x = (t.detach().requires_grad_() for t in (out_u, out_c, x_t))
-    assert torch.autograd.gradcheck(lambda u, c, x: kernels.cfg_ddim_step(u, c, x, w, co, z, backend="eager"), (u, c, x))
+    assert torch.autograd.gradcheck(
+        lambda u, c, x: kernels.cfg_ddim_step(u, c, x, w, co, z, backend="eager"), (u, c, x)
+    )
 
 
 @requires_triton
@@ -262,8 +294,14 @@ def test_step_matches_diffusers(prediction_type, gen):
     """README, The method: x_prev equals DDIMScheduler.step(..., eta, variance_noise=z), first to last step."""
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
         timestep_spacing="leading",
     )
     sched.set_timesteps(50)
@@ -296,15 +334,44 @@ def _ref_loss(inp, clip_range, stacked, leaves):
     ref_leaves = [f64(t).requires_grad_() for t in leaves]
     ref_u, ref_c = ref_leaves[0].chunk(2) if stacked else ref_leaves[:2]
     loss, stats = kernels.ddpo_clip_loss_reference(
-        ref_u, ref_c, f64(inp["x_t"]), f64(inp["x_prev"]), f64(inp["w"]), coeffs64(inp["co"]), f64(inp["old"]), f64(inp["adv"]), clip_range
+        ref_u,
+        ref_c,
+        f64(inp["x_t"]),
+        f64(inp["x_prev"]),
+        f64(inp["w"]),
+        coeffs64(inp["co"]),
+        f64(inp["old"]),
+        f64(inp["adv"]),
+        clip_range,
     )
     return loss, stats, ref_leaves
 
 
 def _triton_loss(inp, clip_range, stacked, leaves):
     if stacked:
-        return kernels.ddpo_clip_loss_stacked(leaves[0], inp["x_t"], inp["x_prev"], inp["w"], inp["co"], inp["old"], inp["adv"], clip_range, backend="triton")
-    return kernels.ddpo_clip_loss(leaves[0], leaves[1], inp["x_t"], inp["x_prev"], inp["w"], inp["co"], inp["old"], inp["adv"], clip_range, backend="triton")
+        return kernels.ddpo_clip_loss_stacked(
+            leaves[0],
+            inp["x_t"],
+            inp["x_prev"],
+            inp["w"],
+            inp["co"],
+            inp["old"],
+            inp["adv"],
+            clip_range,
+            backend="triton",
+        )
+    return kernels.ddpo_clip_loss(
+        leaves[0],
+        leaves[1],
+        inp["x_t"],
+        inp["x_prev"],
+        inp["w"],
+        inp["co"],
+        inp["old"],
+        inp["adv"],
+        clip_range,
+        backend="triton",
+    )
 
 
 @requires_triton
@@ -316,7 +383,9 @@ def test_loss_values_and_grads(dtype, shape, gen, request):
     clip_range = 1e-4
     for stacked in (False, True):
         inp = loss_inputs(shape, gen, dtype, clip_range=clip_range)
-        leaves = [t.detach().requires_grad_() for t in ((inp["model_out"],) if stacked else (inp["out_u"], inp["out_c"]))]
+        leaves = [
+            t.detach().requires_grad_() for t in ((inp["model_out"],) if stacked else (inp["out_u"], inp["out_c"]))
+        ]
         loss, stats = _triton_loss(inp, clip_range, stacked, leaves)
         ref_loss, ref_stats, ref_leaves = _ref_loss(inp, clip_range, stacked, leaves)
         assert loss.shape == () and loss.requires_grad
@@ -382,7 +451,9 @@ HAND_KL = 0.5 * (2 * math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2 + math.log(1.1)
 
 def test_clipped_objective_by_hand():
     lp = torch.log(torch.tensor(HAND_R, dtype=torch.float64)).requires_grad_()
-    loss, stats = kernels.ppo_clip_loss_reference(lp, torch.zeros(6, dtype=torch.float64), torch.tensor(HAND_A, dtype=torch.float64), 0.2)
+    loss, stats = kernels.ppo_clip_loss_reference(
+        lp, torch.zeros(6, dtype=torch.float64), torch.tensor(HAND_A, dtype=torch.float64), 0.2
+    )
     assert loss.item() == pytest.approx(HAND_LOSS, abs=1e-12)
     assert stats["clipfrac"].item() == pytest.approx(HAND_CLIPFRAC, abs=1e-12)
     assert stats["approx_kl"].item() == pytest.approx(HAND_KL, abs=1e-12)
@@ -410,7 +481,9 @@ def test_clipped_objective_by_hand_triton(dtype):
     zeros = torch.zeros(shape, dtype=dtype, device=DEVICE)
     u, c = zeros.clone().requires_grad_(), zeros.clone().requires_grad_()
     w = 3.0
-    loss, stats = kernels.ddpo_clip_loss(u, c, zeros, x_prev, w, co, old, torch.tensor(HAND_A, device=DEVICE, dtype=dtype), 0.2, backend="triton")
+    loss, stats = kernels.ddpo_clip_loss(
+        u, c, zeros, x_prev, w, co, old, torch.tensor(HAND_A, device=DEVICE, dtype=dtype), 0.2, backend="triton"
+    )
     tol = 1e-6 if dtype == torch.float32 else 1e-12
     assert loss.item() == pytest.approx(HAND_LOSS, abs=tol)
     assert stats["clipfrac"].item() == pytest.approx(HAND_CLIPFRAC, abs=tol)
@@ -450,7 +523,9 @@ def test_loss_gradcheck_eager():
     inp = loss_inputs((4, 2, 3, 5), gen, torch.float64, ratios=[0.8, 0.98, 1.03, 1.3], clip_range=0.1)
 
     def f(u, c):
-        return kernels.ddpo_clip_loss(u, c, inp["x_t"], inp["x_prev"], inp["w"], inp["co"], inp["old"], inp["adv"], 0.1, backend="eager")[0]
+        return kernels.ddpo_clip_loss(
+            u, c, inp["x_t"], inp["x_prev"], inp["w"], inp["co"], inp["old"], inp["adv"], 0.1, backend="eager"
+        )[0]
 
     assert torch.autograd.gradcheck(f, (inp["out_u"].detach().requires_grad_(), inp["out_c"].detach().requires_grad_()))
 
@@ -527,7 +602,9 @@ def test_no_host_sync_in_loop():
         for i in range(5):
             co = schedule.coefficients(t_all[i].expand(4), 1.0)
             w = torch.where(t_all[i] >= 800, 1.0, 7.5).expand(4)  # DiffExp's dynamic CFG, on the device
-            x_next, lp = kernels.cfg_ddim_step_stacked(model_out.detach(), x, w, co, torch.randn_like(x), True, backend="triton")
+            x_next, lp = kernels.cfg_ddim_step_stacked(
+                model_out.detach(), x, w, co, torch.randn_like(x), True, backend="triton"
+            )
             loss, stats = kernels.ddpo_clip_loss_stacked(model_out, x, x_next, w, co, lp, adv, 1e-4, backend="triton")
             loss.backward()
             x_step = kernels.cfg_ddim_step_stacked(model_out, x, w, co, torch.randn_like(x), backend="triton")

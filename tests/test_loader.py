@@ -20,7 +20,11 @@ def test_tiny_pipeline_round_trip_generates_offline(tiny_sd_dir):
     assert pipe.scheduler.config.steps_offset == 1 and not pipe.scheduler.config.set_alpha_to_one
     assert not any(p.requires_grad for p in pipe.unet.parameters())
     images = pipe(
-        ["a red circle", "a blue square"], num_inference_steps=3, height=32, width=32, output_type="pt",
+        ["a red circle", "a blue square"],
+        num_inference_steps=3,
+        height=32,
+        width=32,
+        output_type="pt",
         generator=torch.Generator().manual_seed(0),
     ).images
     assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()

@@ -62,14 +62,20 @@ def test_parti_is_the_150_imagination_prompts():
 
 
 def test_parti_ships_with_licence_and_source():
-    assert hashlib.sha256(PARTI.read_bytes()).hexdigest() == "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb"
+    assert (
+        hashlib.sha256(PARTI.read_bytes()).hexdigest()
+        == "fab29e41bb512a169b56acab4cf2a41dcb675e285df2efcde6640c7dd3c440eb"
+    )
     assert "Apache License" in (PROMPTS_DIR / "PartiPrompts.LICENSE").read_text()
     note = (PROMPTS_DIR / "PartiPrompts.README.md").read_text()
     assert "google-research/parti" in note and "PartiPrompts.LICENSE" in note and "../shared" not in note
 
 
 def test_builtin_names_list_parti():
-    with pytest.raises(FileNotFoundError, match=r"--prompts 'no_such_set' is neither a built-in prompt set \(.*\bparti\b.*\) nor a file"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"--prompts 'no_such_set' is neither a built-in prompt set \(.*\bparti\b.*\) nor a file",
+    ):
         load_prompts("no_such_set")
 
 
@@ -79,7 +85,10 @@ def test_txt_sets_unchanged(tmp_path):
     for name in names:  # the same as reading the file by hand: stripped lines, blank ones skipped
         lines = (PROMPTS_DIR / f"{name}.txt").read_text(encoding="utf-8").splitlines()
         assert load_prompts(name) == [line.strip() for line in lines if line.strip()], name
-    assert [len(load_prompts(n)) for n in ("simple_animals", "animals_activities", "unseen_animals", "unseen_animals_activities")] == [45, 135, 6, 18]
+    assert [
+        len(load_prompts(n))
+        for n in ("simple_animals", "animals_activities", "unseen_animals", "unseen_animals_activities")
+    ] == [45, 135, 6, 18]
     f = tmp_path / "p.txt"
     f.write_text("a café\n\n  a dog  \n", encoding="utf-8")
     assert load_prompts(str(f)) == ["a café", "a dog"]
@@ -110,7 +119,9 @@ def test_filters_multiple_values_and_columns():
     got = load_prompts("PartiPrompts.tsv:Prompt?Category=Food & Beverage;Challenge=Basic|Complex")
     want = [r[0] for r in rows if r[1] == "Food & Beverage" and r[2] in ("Basic", "Complex")]
     assert got == want and 0 < len(want) < len([r for r in rows if r[1] == "Food & Beverage"])
-    assert load_prompts("PartiPrompts.tsv?Challenge=Writing & Symbols|Quantity") == [r[0] for r in rows if r[2] in ("Writing & Symbols", "Quantity")]
+    assert load_prompts("PartiPrompts.tsv?Challenge=Writing & Symbols|Quantity") == [
+        r[0] for r in rows if r[2] in ("Writing & Symbols", "Quantity")
+    ]
 
 
 def test_drawbench_challenging(drawbench):
@@ -118,10 +129,15 @@ def test_drawbench_challenging(drawbench):
     assert load_prompts(spec) == CHALLENGING and len(CHALLENGING) == 8
     # the filter value may carry the trailing space too; the column may be left to default
     assert load_prompts(f"{drawbench}?Category=Conflicting|Gary Marcus et al. |Reddit") == CHALLENGING
-    assert load_prompts(f"{drawbench}:Prompts?Category=Gary Marcus et al.") == [p for p, c in DRAWBENCH if c.startswith("Gary")]
+    assert load_prompts(f"{drawbench}:Prompts?Category=Gary Marcus et al.") == [
+        p for p, c in DRAWBENCH if c.startswith("Gary")
+    ]
     assert load_prompts(f"{drawbench}:Category?Category=Colors") == ["Colors", "Colors"]
     assert load_prompts(str(drawbench))[-1] == 'A sign that says "Deep Learning".'  # CSV quoting undone
-    with pytest.raises(ValueError, match=r"no row .* has Category in \['Gary Marcus'\]; the values of Category: .*'Gary Marcus et al\.'"):
+    with pytest.raises(
+        ValueError,
+        match=r"no row .* has Category in \['Gary Marcus'\]; the values of Category: .*'Gary Marcus et al\.'",
+    ):
         load_prompts(f"{drawbench}?Category=Gary Marcus")  # exact match, no prefixes
 
 
@@ -136,21 +152,36 @@ def one_line_error(exc, spec, flag, match):
 
 def test_errors(tmp_path, drawbench):
     flag = "--eval-prompts"
-    msg = one_line_error(ValueError, f"{drawbench}:Prompt", flag, r"has no column 'Prompt'; its columns: 'Prompts', 'Category'")
+    msg = one_line_error(
+        ValueError, f"{drawbench}:Prompt", flag, r"has no column 'Prompt'; its columns: 'Prompts', 'Category'"
+    )
     assert str(drawbench) in msg
     one_line_error(ValueError, f"{drawbench}?Kind=Reddit", flag, r"has no column 'Kind'")
-    msg = one_line_error(ValueError, f"{drawbench}?Category=Nope|Other", flag, r"no row of .* has Category in \['Nope', 'Other'\]")
+    msg = one_line_error(
+        ValueError, f"{drawbench}?Category=Nope|Other", flag, r"no row of .* has Category in \['Nope', 'Other'\]"
+    )
     assert all(repr(c.strip()) in msg for _, c in DRAWBENCH)
-    one_line_error(ValueError, f"{drawbench}?Category=Colors;Prompts=A horse riding an astronaut.", flag,
-                   r"among the rows with Category=Colors: 'A black colored banana.', 'A red colored car.'$")
+    one_line_error(
+        ValueError,
+        f"{drawbench}?Category=Colors;Prompts=A horse riding an astronaut.",
+        flag,
+        r"among the rows with Category=Colors: 'A black colored banana.', 'A red colored car.'$",
+    )
     many = tmp_path / "many.csv"
     many.write_text("prompt,k\n" + "".join(f"p{i},v{i:02d}\n" for i in range(30)))
     msg = one_line_error(ValueError, f"{many}?k=zz", flag, r"the values of k: 'v00', .* 'v19', \.\.\. \(30 in all\)$")
     assert "'v20'" not in msg
     one_line_error(ValueError, f"{many}:prompt?k", flag, r"filter 'k' is not COLUMN=VALUE")
-    one_line_error(FileNotFoundError, str(tmp_path / "none.csv") + ":Prompts", flag, r"file '.*none\.csv' does not exist")
+    one_line_error(
+        FileNotFoundError, str(tmp_path / "none.csv") + ":Prompts", flag, r"file '.*none\.csv' does not exist"
+    )
     (tmp_path / "two.csv").write_text("Prompt,prompts\na,b\n")
-    one_line_error(ValueError, str(tmp_path / "two.csv"), flag, r"name the prompt column as FILE:COLUMN; columns of .*: 'Prompt', 'prompts'")
+    one_line_error(
+        ValueError,
+        str(tmp_path / "two.csv"),
+        flag,
+        r"name the prompt column as FILE:COLUMN; columns of .*: 'Prompt', 'prompts'",
+    )
 
 
 def test_empty_files(tmp_path):
@@ -161,7 +192,12 @@ def test_empty_files(tmp_path):
     (tmp_path / "header.csv").write_text("Prompts,Category\n")
     one_line_error(ValueError, str(tmp_path / "header.csv"), "--source", r"has no prompts in column 'Prompts'")
     (tmp_path / "empty.txt").write_text("\n \n")
-    one_line_error(ValueError, str(tmp_path / "empty.txt"), "--source", r"file '.*empty\.txt' has no prompts: write one prompt per line")
+    one_line_error(
+        ValueError,
+        str(tmp_path / "empty.txt"),
+        "--source",
+        r"file '.*empty\.txt' has no prompts: write one prompt per line",
+    )
 
 
 @pytest.mark.parametrize("name", ["latin1.txt", "latin1.csv", "latin1.tsv"])
@@ -169,7 +205,12 @@ def test_non_utf8(tmp_path, name):
     f = tmp_path / name
     f.write_bytes("Prompt\nun café\n".encode("latin-1"))
     spec = str(f) + (":Prompt" if name.endswith("tsv") else "")
-    one_line_error(ValueError, spec, "--prompts", rf"--prompts file '{re.escape(str(f))}' is not UTF-8 text \(byte 0xe9 at offset 13\): re-save it as UTF-8$")
+    one_line_error(
+        ValueError,
+        spec,
+        "--prompts",
+        rf"--prompts file '{re.escape(str(f))}' is not UTF-8 text \(byte 0xe9 at offset 13\): re-save it as UTF-8$",
+    )
 
 
 def test_utf8_bom_and_crlf(tmp_path):

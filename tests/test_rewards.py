@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tiny_rewards import IR_VISION, make_tiny_aesthetic, make_tiny_clip, make_tiny_hps, make_tiny_imagereward
 
 import rewards
 from diffusion import CheckpointError
-from tiny_rewards import IR_VISION, make_tiny_aesthetic, make_tiny_clip, make_tiny_hps, make_tiny_imagereward
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a red tree in the snow"]
 
@@ -25,7 +25,9 @@ def models(tmp_path_factory):
         aesthetic_clip=str(make_tiny_clip(root / "clip-openai", seed=1)),
         aesthetic_model=str(make_tiny_aesthetic(root / "aesthetic", dim=32)),
         # PickScore's processor with a mean/std unlike OpenAI's, so ignoring the processor would show.
-        pickscore_model=str(make_tiny_clip(root / "clip-pick", seed=2, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))),
+        pickscore_model=str(
+            make_tiny_clip(root / "clip-pick", seed=2, image_mean=(0.4, 0.5, 0.6), image_std=(0.2, 0.3, 0.25))
+        ),
         pickscore_processor=str(root / "clip-pick"),
         hps_model=str(hps_dir),
         hps_arch=hps_arch,
@@ -53,7 +55,9 @@ def to_pil(images):
     return [Image.fromarray((x.permute(1, 2, 0) * 255).round().byte().numpy()) for x in images]
 
 
-@pytest.mark.parametrize("name", ["aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility"])
+@pytest.mark.parametrize(
+    "name", ["aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility"]
+)
 def test_every_reward_shape_dtype_finite_and_gradient(name, models):
     reward = get(name, models)
     assert reward.name == name and reward.differentiable == (name not in rewards.NOT_DIFFERENTIABLE)
@@ -82,7 +86,9 @@ def test_pickscore_equals_clipmodel_logits_per_image(models):
     reward = get("pickscore", models)
     for size, atol in (((32, 32), 1e-4), ((64, 80), 2e-2)):  # at the model's size exact; resized: PIL vs torch bicubic
         images = uint8_images(3, size, seed=size[0])
-        inputs = processor(images=to_pil(images), text=PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        inputs = processor(
+            images=to_pil(images), text=PROMPTS, padding=True, truncation=True, max_length=77, return_tensors="pt"
+        )
         with torch.no_grad():
             expected = model(**inputs).logits_per_image.diagonal()
             got, _ = reward(images, PROMPTS)
@@ -96,7 +102,9 @@ def test_aesthetic_matches_hand_computation(models):
     from transformers import CLIPImageProcessor, CLIPModel
 
     clip = CLIPModel.from_pretrained(models["aesthetic_clip"]).eval()
-    pixels = CLIPImageProcessor.from_pretrained(models["aesthetic_clip"])(images=to_pil(uint8_images(3, (32, 32))), return_tensors="pt").pixel_values
+    pixels = CLIPImageProcessor.from_pretrained(models["aesthetic_clip"])(
+        images=to_pil(uint8_images(3, (32, 32))), return_tensors="pt"
+    ).pixel_values
     sd = torch.load(f"{models['aesthetic_model']}/aesthetic-model.pth", weights_only=True)
     with torch.no_grad():
         x = clip.get_image_features(pixel_values=pixels).pooler_output
@@ -111,7 +119,10 @@ def test_aesthetic_rejects_a_state_dict_of_another_layout(models, tmp_path):
     sd = torch.load(f"{models['aesthetic_model']}/aesthetic-model.pth", weights_only=True)
     sd["layers.8.weight"] = sd.pop("layers.7.weight")  # e.g. a head with a ReLU in between
     torch.save(sd, tmp_path / "aesthetic-model.pth")
-    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_model: '.*aesthetic-model.pth' does not fit the model: missing \['layers.7.weight'\], unexpected \['layers.8.weight'\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"--reward-models aesthetic_model: '.*aesthetic-model.pth' does not fit the model: missing \['layers.7.weight'\], unexpected \['layers.8.weight'\]",
+    ):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
 
 
@@ -125,7 +136,10 @@ def test_hps_matches_open_clip_forward(models):
         preprocess = open_clip.image_transform(32, is_train=False)
         images = uint8_images(3, (32, 32), seed=3)
         with torch.no_grad():
-            out = model(torch.stack([preprocess(im) for im in to_pil(images)]), open_clip.get_tokenizer(models["hps_arch"])(PROMPTS))
+            out = model(
+                torch.stack([preprocess(im) for im in to_pil(images)]),
+                open_clip.get_tokenizer(models["hps_arch"])(PROMPTS),
+            )
             expected = (out["image_features"] @ out["text_features"].T).diagonal()
             got, _ = get(name, models)(images, PROMPTS)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -135,18 +149,28 @@ def test_hps_matches_open_clip_forward(models):
 def _blip_vit_reference(sd, pixels, heads):
     """BLIP's ViT written directly on the published keys: patchify, [CLS] + positions, pre-LN blocks."""
     p, d = sd["patch_embed.proj.weight"].shape[-1], sd["cls_token"].shape[-1]
-    x = F.conv2d(pixels, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    x = (
+        F.conv2d(pixels, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=p)
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = torch.cat([sd["cls_token"].expand(len(x), -1, -1), x], dim=1) + sd["pos_embed"]
     b, n, _ = x.shape
     i = 0
     while f"blocks.{i}.norm1.weight" in sd:
-        k = lambda s: sd[f"blocks.{i}.{s}"]  # noqa: E731
+        k = lambda s, i=i: sd[f"blocks.{i}.{s}"]  # noqa: E731
         h = F.layer_norm(x, (d,), k("norm1.weight"), k("norm1.bias"), eps=1e-6)
-        q, kk, v = F.linear(h, k("attn.qkv.weight"), k("attn.qkv.bias")).reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        q, kk, v = (
+            F.linear(h, k("attn.qkv.weight"), k("attn.qkv.bias"))
+            .reshape(b, n, 3, heads, d // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         att = ((q @ kk.transpose(-2, -1)) * (d // heads) ** -0.5).softmax(-1) @ v
         x = x + F.linear(att.transpose(1, 2).reshape(b, n, d), k("attn.proj.weight"), k("attn.proj.bias"))
         h = F.layer_norm(x, (d,), k("norm2.weight"), k("norm2.bias"), eps=1e-6)
-        x = x + F.linear(F.gelu(F.linear(h, k("mlp.fc1.weight"), k("mlp.fc1.bias"))), k("mlp.fc2.weight"), k("mlp.fc2.bias"))
+        x = x + F.linear(
+            F.gelu(F.linear(h, k("mlp.fc1.weight"), k("mlp.fc1.bias"))), k("mlp.fc2.weight"), k("mlp.fc2.bias")
+        )
         i += 1
     return F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)
 
@@ -167,12 +191,22 @@ def test_imagereward_matches_reference_on_published_keys(models):
                        encoder_hidden_size=IR_VISION["width"], is_decoder=True, bos_token_id=None, sep_token_id=None),
         add_pooling_layer=False,
     ).eval()  # fmt: skip
-    text.load_state_dict({k.removeprefix("blip.text_encoder."): v for k, v in sd.items() if k.startswith("blip.text_encoder.") and "position_ids" not in k})
+    text.load_state_dict(
+        {
+            k.removeprefix("blip.text_encoder."): v
+            for k, v in sd.items()
+            if k.startswith("blip.text_encoder.") and "position_ids" not in k
+        }
+    )
     prompts = PROMPTS[:2] + [" ".join(["a red cat riding a blue bike"] * 6)]  # 42 words: cut at ImageReward's 35 tokens
-    tok = BertTokenizer.from_pretrained(models["imagereward_tokenizer"])(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+    tok = BertTokenizer.from_pretrained(models["imagereward_tokenizer"])(
+        prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt"
+    )
     with torch.no_grad():
         image_tokens = _blip_vit_reference(vit, (images - mean) / std, heads=IR_VISION["width"] // 64)
-        cls = text(input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=image_tokens).last_hidden_state[:, 0]
+        cls = text(
+            input_ids=tok.input_ids, attention_mask=tok.attention_mask, encoder_hidden_states=image_tokens
+        ).last_hidden_state[:, 0]
         for i in (0, 2, 4, 6, 7):
             cls = cls @ sd[f"mlp.layers.{i}.weight"].T + sd[f"mlp.layers.{i}.bias"]
         expected = (cls.squeeze(-1) - 0.16717362830052426) / 1.0333394966054072
@@ -213,23 +247,39 @@ def test_jpeg_scores_noise_lower_than_flat():
 def test_parse_reward_spec_valid(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert rewards.parse_reward_spec("hps") == [("hps", 1.0)]
-    assert rewards.parse_reward_spec("hps:1,aesthetic:0.5,pickscore:1") == [("hps", 1.0), ("aesthetic", 0.5), ("pickscore", 1.0)]
+    assert rewards.parse_reward_spec("hps:1,aesthetic:0.5,pickscore:1") == [
+        ("hps", 1.0),
+        ("aesthetic", 0.5),
+        ("pickscore", 1.0),
+    ]
     assert rewards.parse_reward_spec(f"custom:{tmp_path}") == [(f"custom:{tmp_path}", 1.0)]
-    assert rewards.parse_reward_spec(f"jpeg:-2, custom:{tmp_path}:0.25") == [("jpeg", -2.0), (f"custom:{tmp_path}", 0.25)]
+    assert rewards.parse_reward_spec(f"jpeg:-2, custom:{tmp_path}:0.25") == [
+        ("jpeg", -2.0),
+        (f"custom:{tmp_path}", 0.25),
+    ]
 
 
 @pytest.mark.parametrize(
     "spec, message",
     [
-        ("hsp", "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, toy-compose, custom:DIR"),
+        (
+            "hsp",
+            "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, toy-compose, custom:DIR",
+        ),
         ("hps:abc", "--reward 'hps:abc': weight 'abc' of 'hps' is not a number (write e.g. 'hps:0.5')"),
-        ("hps:1,,x", "--reward 'hps:1,,x' has an empty component: write 'name:weight,name:weight' without stray commas"),
+        (
+            "hps:1,,x",
+            "--reward 'hps:1,,x' has an empty component: write 'name:weight,name:weight' without stray commas",
+        ),
         ("hps:1,", "--reward 'hps:1,' has an empty component"),
         ("", "--reward is empty: give a reward name"),
         ("hps:nan", "--reward 'hps:nan': weight of 'hps' must be a finite number, got nan"),
         ("hps,aesthetic,hps:2", "--reward 'hps,aesthetic,hps:2': 'hps' appears twice"),
         ("custom:", "--reward 'custom:': custom needs a directory"),
-        ("custom:/no/such/dir", "--reward 'custom:/no/such/dir': '/no/such/dir' is not a reward model directory (no config.json); make one with train_reward.py"),
+        (
+            "custom:/no/such/dir",
+            "--reward 'custom:/no/such/dir': '/no/such/dir' is not a reward model directory (no config.json); make one with train_reward.py",
+        ),
     ],
 )
 def test_parse_reward_spec_errors(spec, message):
@@ -243,20 +293,33 @@ def test_require_differentiable():
     for spec, name in (("jpeg", "jpeg"), ("hps:1,jpeg_incompressibility:0.1", "jpeg_incompressibility")):
         with pytest.raises(ValueError) as e:
             rewards.require_differentiable(spec)
-        assert str(e.value) == f"--reward: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}"
+        assert (
+            str(e.value)
+            == f"--reward: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}"
+        )
 
 
 def test_missing_weights_offline_name_the_checkpoint_and_the_fix(tmp_path):
-    with pytest.raises(CheckpointError, match=r"--reward-models pickscore_model: cannot load 'yuvalkirstain/PickScore_v1'.*HF_HUB_OFFLINE is set.*`hf download yuvalkirstain/PickScore_v1`"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"--reward-models pickscore_model: cannot load 'yuvalkirstain/PickScore_v1'.*HF_HUB_OFFLINE is set.*`hf download yuvalkirstain/PickScore_v1`",
+    ):
         rewards.load_reward("pickscore")
-    with pytest.raises(CheckpointError, match=r"--reward-models hps_model: cannot load 'xswu/HPSv2'.*`hf download xswu/HPSv2`"):
+    with pytest.raises(
+        CheckpointError, match=r"--reward-models hps_model: cannot load 'xswu/HPSv2'.*`hf download xswu/HPSv2`"
+    ):
         rewards.load_reward("hps")
-    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_clip: local directory '/no/such/clip' does not exist"):
+    with pytest.raises(
+        CheckpointError, match=r"--reward-models aesthetic_clip: local directory '/no/such/clip' does not exist"
+    ):
         rewards.load_reward("aesthetic", aesthetic_clip="/no/such/clip")
 
 
 def test_incomplete_local_directory_names_the_missing_file(models, tmp_path):
-    with pytest.raises(CheckpointError, match=r"--reward-models aesthetic_model: '.*' is not a complete checkpoint directory \(missing aesthetic-model.pth\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"--reward-models aesthetic_model: '.*' is not a complete checkpoint directory \(missing aesthetic-model.pth\)",
+    ):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
     with pytest.raises(CheckpointError, match=r"--reward-models hps_model: .* \(missing HPS_v2.1_compressed.pt\)"):
         rewards.load_reward("hps", **{**models, "hps_model": str(tmp_path)})
@@ -264,13 +327,21 @@ def test_incomplete_local_directory_names_the_missing_file(models, tmp_path):
 
 def test_bad_calls_and_overrides(models):
     reward = get("pickscore", models)
-    with pytest.raises(ValueError, match=r"reward pickscore: images must be an N x 3 x H x W float tensor in \[0, 1\], got torch.Size\(\[3, 32, 32\]\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"reward pickscore: images must be an N x 3 x H x W float tensor in \[0, 1\], got torch.Size\(\[3, 32, 32\]\)",
+    ):
         reward(torch.rand(3, 32, 32), PROMPTS)
     with pytest.raises(ValueError, match="reward pickscore: 3 images but 2 prompts; give one prompt per image"):
         reward(torch.rand(3, 3, 32, 32), PROMPTS[:2])
-    with pytest.raises(ValueError, match=r"reward pickscore: images must be in \[0, 1\], got \[-1.000, 1.000\] .*\(x / 2 \+ 0.5\).clamp\(0, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"reward pickscore: images must be in \[0, 1\], got \[-1.000, 1.000\] .*\(x / 2 \+ 0.5\).clamp\(0, 1\)",
+    ):
         reward(torch.linspace(-1, 1, 3 * 3 * 32 * 32).view(3, 3, 32, 32), PROMPTS)
-    with pytest.raises(ValueError, match=r"load_reward: unknown model override\(s\) \['pickscore_modle'\]; known: aesthetic_clip"):
+    with pytest.raises(
+        ValueError, match=r"load_reward: unknown model override\(s\) \['pickscore_modle'\]; known: aesthetic_clip"
+    ):
         rewards.load_reward("pickscore", pickscore_modle="x")
 
 
@@ -287,7 +358,9 @@ def test_lower_precision_gives_float32_scores(models):
 
 def test_unreadable_checkpoint_is_a_clear_error(models, tmp_path):
     (tmp_path / "aesthetic-model.pth").write_text("not a checkpoint")
-    with pytest.raises(CheckpointError, match=r"cannot read '.*aesthetic-model.pth' as a weights-only torch checkpoint"):
+    with pytest.raises(
+        CheckpointError, match=r"cannot read '.*aesthetic-model.pth' as a weights-only torch checkpoint"
+    ):
         rewards.load_reward("aesthetic", **{**models, "aesthetic_model": str(tmp_path)})
 
 
@@ -300,7 +373,9 @@ def hpsv2_transform_by_hand(image, size):
     new_h, new_w = round(h * size / long_side), round(w * size / long_side)
     resized = image
     if (new_h, new_w) != (h, w):
-        resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+        resized = F.interpolate(image[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[
+            0
+        ]
     canvas = torch.zeros(3, size, size, dtype=image.dtype)
     top, left = (size - new_h) // 2, (size - new_w) // 2
     canvas[:, top : top + new_h, left : left + new_w] = resized
@@ -311,11 +386,13 @@ def hpsv2_transform_by_hand(image, size):
 
 @pytest.mark.parametrize(
     "hw, content",  # content: (rows, cols) of the 32 x 32 output that hold the image, worked out by hand
-    [((48, 32), (slice(0, 32), slice(5, 26))),  # 48x32 -> 32x21, 11 columns of pad: 5 left, 6 right
-     ((32, 48), (slice(5, 26), slice(0, 32))),
-     ((56, 36), (slice(0, 32), slice(5, 26))),  # 36 -> round(20.57) = 21, not the floor 20
-     ((40, 40), (slice(0, 32), slice(0, 32))),  # square: resized, no pad
-     ((512, 768), (slice(5, 26), slice(0, 32)))],  # an SD 512x768 frame: 768 -> 32, 512 -> round(21.33) = 21
+    [
+        ((48, 32), (slice(0, 32), slice(5, 26))),  # 48x32 -> 32x21, 11 columns of pad: 5 left, 6 right
+        ((32, 48), (slice(5, 26), slice(0, 32))),
+        ((56, 36), (slice(0, 32), slice(5, 26))),  # 36 -> round(20.57) = 21, not the floor 20
+        ((40, 40), (slice(0, 32), slice(0, 32))),  # square: resized, no pad
+        ((512, 768), (slice(5, 26), slice(0, 32))),
+    ],  # an SD 512x768 frame: 768 -> 32, 512 -> round(21.33) = 21
 )
 def test_hps_preprocess_matches_hpsv2_transform_by_hand(hw, content):
     import torchvision.transforms.functional as TF
@@ -335,7 +412,11 @@ def test_hps_preprocess_matches_hpsv2_transform_by_hand(hw, content):
     new = [round(d * 32 / max(h, w)) for d in hw]
     tv = TF.resize(images, new, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
     ph, pw = 32 - new[0], 32 - new[1]
-    tv = TF.normalize(TF.pad(tv, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0), rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)
+    tv = TF.normalize(
+        TF.pad(tv, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0),
+        rewards.OPENAI_CLIP_MEAN,
+        rewards.OPENAI_CLIP_STD,
+    )
     torch.testing.assert_close(got, tv, atol=1e-5, rtol=0)
 
 
@@ -346,7 +427,9 @@ def test_hps_score_of_non_square_image_is_the_model_on_hpsv2_pixels(hw, models):
     import open_clip
 
     model = open_clip.create_model(models["hps_arch"], pretrained=None, load_weights=False).eval()
-    model.load_state_dict(torch.load(f"{models['hps_model']}/{rewards.HPS_FILES['hps']}", weights_only=True)["state_dict"])
+    model.load_state_dict(
+        torch.load(f"{models['hps_model']}/{rewards.HPS_FILES['hps']}", weights_only=True)["state_dict"]
+    )
     tokenizer = open_clip.get_tokenizer(models["hps_arch"])
     images = uint8_images(3, hw, seed=7).requires_grad_(True)
     with torch.no_grad():
@@ -354,7 +437,12 @@ def test_hps_score_of_non_square_image_is_the_model_on_hpsv2_pixels(hw, models):
         img = F.normalize(model.encode_image(pixels), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(PROMPTS)), dim=-1)
         expected = (img * txt).sum(-1)
-        cropped = F.normalize(model.encode_image(rewards.clip_preprocess(images.detach(), 32, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)), dim=-1)
+        cropped = F.normalize(
+            model.encode_image(
+                rewards.clip_preprocess(images.detach(), 32, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD)
+            ),
+            dim=-1,
+        )
     got, _ = get("hps", models)(images, PROMPTS)
     torch.testing.assert_close(got.detach(), expected, atol=1e-5, rtol=0)
     assert (got.detach() - (cropped * txt).sum(-1)).abs().max() > 1e-3

@@ -15,7 +15,9 @@ import torch
 import diffusion
 import sample
 
-STEPS = 4  # SD's leading spacing: timesteps 751, 501, 251, 1 -- t_sw 0.8 (800) never switches, t_sw 0.5 does at two steps
+STEPS = (
+    4  # SD's leading spacing: timesteps 751, 501, 251, 1 -- t_sw 0.8 (800) never switches, t_sw 0.5 does at two steps
+)
 
 
 @pytest.fixture
@@ -68,7 +70,9 @@ def test_statistics_equal_a_hand_computation():
     other = torch.tensor([[0.0, 2, 5, 4], [10, 20, 30, 45]])
     e_none = torch.tensor([[[1.0, 0], [1, 0], [0, 1], [0, 1]], [[1, 1], [1, 1], [1, 1], [1, 1]]])
     e_other = torch.tensor([[[1.0, 0], [-1, 0], [1, 0], [-1, 0]], [[1, 0], [0, 1], [1, 1], [3, 0]]])
-    out = sample.explore_stats({"none": none, "other": other}, {"none": e_none, "other": e_other}, top_frac=0.1, success_threshold=4.5)
+    out = sample.explore_stats(
+        {"none": none, "other": other}, {"none": e_none, "other": e_other}, top_frac=0.1, success_threshold=4.5
+    )
     assert out["reference"] == "none" and out["top_k"] == 1
     # 90th percentile by linear interpolation: position 0.9 * 3 = 2.7 between the 3rd and 4th values.
     assert out["thresholds"] == pytest.approx([3 + 0.7 * 1, 30 + 0.7 * 10])
@@ -122,11 +126,17 @@ def test_outputs_with_an_image_tower(tiny_sd_dir, tiny_aesthetic, prompts_file, 
         assert bool(r["word"]) == weighted and bool(r["weight"]) == weighted
         assert math.isfinite(float(r["aesthetic"])) and float(r["jpeg"]) < 0
     stats = json.loads((out / "explore.json").read_text())
-    assert list(stats["stats"]["aesthetic"]["settings"]) == labels and "diversity" in stats["stats"]["aesthetic"]["settings"]["pw"]
+    assert (
+        list(stats["stats"]["aesthetic"]["settings"]) == labels
+        and "diversity" in stats["stats"]["aesthetic"]["settings"]["pw"]
+    )
     assert stats["settings"][4] == stats["settings"][4] | {"setting": "cfg:t_sw=0.5", "t_sw": 0.5, "steps_at_w_low": 2}
     assert (out / "explore.png").stat().st_size > 10_000
     grids = sorted(p.name for p in (out / "grids").iterdir())
-    assert grids == sorted([f"{i:02d}_{sample._slug(label)}.png" for i, label in enumerate(labels)] + ["compare_p000.png", "compare_p001.png"])
+    assert grids == sorted(
+        [f"{i:02d}_{sample._slug(label)}.png" for i, label in enumerate(labels)]
+        + ["compare_p000.png", "compare_p001.png"]
+    )
     assert len(list((out / "images" / "06_pw-range-1-3").glob("*.png"))) == 6
 
 
@@ -188,7 +198,10 @@ EXPLORE_ERRORS = [
     (["--rewards", "jpeg,bogus"], "--rewards 'bogus': unknown reward 'bogus'"),
     (["--prompts", "no_such_set"], "--prompts 'no_such_set'"),
     (["--lora", "/nonexistent/ckpt"], "--lora /nonexistent/ckpt: no pytorch_lora_weights.safetensors"),
-    (["--rewards", "jpeg,aesthetic"], "--reward-models aesthetic_clip: 'openai/clip-vit-large-patch14' is not in the local Hugging Face cache"),
+    (
+        ["--rewards", "jpeg,aesthetic"],
+        "--reward-models aesthetic_clip: 'openai/clip-vit-large-patch14' is not in the local Hugging Face cache",
+    ),
 ]
 
 
@@ -210,7 +223,10 @@ GENERATE_ERRORS = [
     (["--t-sw", "2"], "--t-sw must be in [0, 1]"),
     (["--eval-rewards", "bogus"], "--eval-rewards 'bogus': unknown reward"),
     # every checkpoint is checked before any is loaded, naming the real override
-    (["--eval-rewards", "jpeg,pickscore"], "--reward-models pickscore_model: 'yuvalkirstain/PickScore_v1' is not in the local Hugging Face cache"),
+    (
+        ["--eval-rewards", "jpeg,pickscore"],
+        "--reward-models pickscore_model: 'yuvalkirstain/PickScore_v1' is not in the local Hugging Face cache",
+    ),
     (["--vae", "/no/such/vae"], "--vae: local directory '/no/such/vae' does not exist"),
 ]
 
@@ -225,18 +241,41 @@ def test_vae_factor_is_read_from_the_checkpoint(tiny_sd_dir, tmp_path, nothing_l
     assert diffusion.vae_downsampling("toy")[0] == 2  # the shipped toy world, through its alias
     assert diffusion.vae_downsampling("nobody/not-a-cached-model")[0] == 8  # SD's and SDXL's
     assert diffusion.vae_downsampling(str(tiny_sd_dir), vae=str(tiny_sd_dir / "vae"))[0] == 2
-    expect_error(["generate", "--pretrained", "nobody/not-a-cached-model", "--resolution", "36"], capsys, "multiple of 8")
+    expect_error(
+        ["generate", "--pretrained", "nobody/not-a-cached-model", "--resolution", "36"], capsys, "multiple of 8"
+    )
 
 
 def test_generate_auto_precision_and_diffexp_draws_do_not_shift_the_noise(tiny_sd_dir, tmp_path, capsys):
     """--mixed-precision auto says fp32 on the CPU; prompt weighting at weight 1 (a word is drawn, the
     conditioning is unchanged) and a CFG schedule that never switches give the plain image exactly."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
-    common = ["generate", "--pretrained", str(tiny_sd_dir), "--prompt", "a red cat", "--num-steps", str(STEPS), "--seed", "3"]
+    common = [
+        "generate",
+        "--pretrained",
+        str(tiny_sd_dir),
+        "--prompt",
+        "a red cat",
+        "--num-steps",
+        str(STEPS),
+        "--seed",
+        "3",
+    ]
     sample.main([*common, "--output-dir", str(tmp_path / "plain")])
-    sample.main([*common, "--prompt-weighting", "--prompt-weight-range", "1", "1", "--cfg-schedule", "--output-dir", str(tmp_path / "pw")])
+    sample.main(
+        [
+            *common,
+            "--prompt-weighting",
+            "--prompt-weight-range",
+            "1",
+            "1",
+            "--cfg-schedule",
+            "--output-dir",
+            str(tmp_path / "pw"),
+        ]
+    )
     captured = capsys.readouterr()
     assert captured.out.count("--mixed-precision auto: fp32 (no CUDA device)") == 2
     assert "note: --cfg-schedule: no step has t >= t_sw*T" in captured.err
@@ -248,7 +287,9 @@ def test_generate_auto_precision_and_diffexp_draws_do_not_shift_the_noise(tiny_s
 
 def write_log(run, values):
     run.mkdir(parents=True)
-    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": i, "samples": 4 * i, "reward_mean": v}) + "\n" for i, v in enumerate(values)))
+    (run / "log.jsonl").write_text(
+        "".join(json.dumps({"epoch": i, "samples": 4 * i, "reward_mean": v}) + "\n" for i, v in enumerate(values))
+    )
 
 
 def test_plot_writes_next_to_its_runs(tmp_path, monkeypatch, capsys):
@@ -258,7 +299,16 @@ def test_plot_writes_next_to_its_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path / "elsewhere")
     sample.main(["plot", str(tmp_path / "runs" / "diffexp")])
     assert (tmp_path / "runs" / "diffexp" / "reward_mean.png").stat().st_size > 1000
-    sample.main(["plot", str(tmp_path / "runs" / "diffexp"), str(tmp_path / "runs" / "baseline"), "--labels", "DiffExp", "no DiffExp"])
+    sample.main(
+        [
+            "plot",
+            str(tmp_path / "runs" / "diffexp"),
+            str(tmp_path / "runs" / "baseline"),
+            "--labels",
+            "DiffExp",
+            "no DiffExp",
+        ]
+    )
     assert (tmp_path / "runs" / "reward_mean_DiffExp_vs_no-DiffExp.png").stat().st_size > 1000
     sample.main(["plot", str(tmp_path / "runs" / "diffexp"), "--output", str(tmp_path / "out" / "curve.png")])
     assert (tmp_path / "out" / "curve.png").is_file()
@@ -273,7 +323,12 @@ def test_plot_errors(tmp_path, capsys):
     expect_error(["plot"], capsys, "plot: give one or more training run directories")
     expect_error(["plot", tmp_path / "empty"], capsys, "no log.jsonl")
     expect_error(["plot", tmp_path / "missing"], capsys, "no such directory")
-    expect_error(["plot", run, "--key", "eval_reward_mean"], capsys, "--key eval_reward_mean", "it has epoch, reward_mean, samples")
+    expect_error(
+        ["plot", run, "--key", "eval_reward_mean"],
+        capsys,
+        "--key eval_reward_mean",
+        "it has epoch, reward_mean, samples",
+    )
     expect_error(["plot", run, "--labels", "a", "b"], capsys, "--labels: 2 labels for 1 runs")
     with open(run / "log.jsonl", "a") as f:
         f.write('{"epoch": 2, "sam')

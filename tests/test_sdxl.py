@@ -17,7 +17,7 @@ from explore import DiffExpConfig, PromptWeight, apply_prompt_weights, choose_wo
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_dir(tmp_path_factory):
-    from tiny import make_tiny_sdxl
+    from tools.tiny import make_tiny_sdxl
 
     return make_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl"))
 
@@ -29,7 +29,8 @@ def pipe(tiny_sdxl_dir):
 
 def test_load_pipeline_gives_sdxl_with_sd_ddim(pipe):
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
-    from tiny import SD_SCHEDULER_CONFIG
+
+    from tools.tiny import SD_SCHEDULER_CONFIG
 
     assert isinstance(pipe, StableDiffusionXLPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
     sd = DDIMScheduler(**SD_SCHEDULER_CONFIG)  # DDIM from SDXL's Euler config is SD 1.5's DDIM
@@ -43,7 +44,7 @@ def test_load_pipeline_gives_sdxl_with_sd_ddim(pipe):
 
 
 def test_scheduler_config_without_ddim_keys_gets_sd_values(tmp_path, capfd):
-    from tiny import SDXL_SCHEDULER_CONFIG, make_tiny_sdxl
+    from tools.tiny import SDXL_SCHEDULER_CONFIG, make_tiny_sdxl
 
     config = {k: v for k, v in SDXL_SCHEDULER_CONFIG.items() if k not in ("clip_sample", "set_alpha_to_one")}
     out = make_tiny_sdxl(tmp_path / "m", scheduler_config=config)
@@ -56,7 +57,9 @@ def test_conditioning_matches_the_pipelines_encode_prompt(pipe):
     text = diffusion.TextConditioner(pipe)
     prompts = ["a red dog", "wow!! a cat riding a bike"]
     cond = text.encode(prompts)
-    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
+        prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True
+    )
     torch.testing.assert_close(cond.embeds, embeds)
     torch.testing.assert_close(cond.pooled, pooled)
     assert cond.embeds.shape == (2, 77, 32 + 64) and text.widths == [32, 64]
@@ -79,13 +82,23 @@ def test_generate_equals_the_sdxl_pipeline(pipe, tiny_sdxl_dir, eta, px):
     prompts = ["a red dog", "wow!! a cat riding a bike"]
     cond = diffusion.TextConditioner(pipe, px).encode(prompts)
     assert cond.time_ids[0].tolist() == [px, px, 0, 0, px, px]
-    ours = diffusion.generate(pipe, cond, torch.full((4,), 5.0), 4, torch.Generator().manual_seed(3), eta=eta, resolution=px)
+    ours = diffusion.generate(
+        pipe, cond, torch.full((4,), 5.0), 4, torch.Generator().manual_seed(3), eta=eta, resolution=px
+    )
 
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, px // 2, px // 2, generator=g)
     images = oracle(
-        prompt_embeds=cond.embeds, pooled_prompt_embeds=cond.pooled, guidance_scale=5.0, num_inference_steps=4,
-        eta=eta, generator=g, latents=latents, output_type="pt", height=px, width=px,
+        prompt_embeds=cond.embeds,
+        pooled_prompt_embeds=cond.pooled,
+        guidance_scale=5.0,
+        num_inference_steps=4,
+        eta=eta,
+        generator=g,
+        latents=latents,
+        output_type="pt",
+        height=px,
+        width=px,
     ).images
     assert ours.shape == (2, 3, px, px)
     torch.testing.assert_close(ours, images, atol=1e-5, rtol=1e-4)
@@ -115,11 +128,15 @@ def test_prompt_weighting_blends_each_encoder_at_its_own_positions(pipe):
     # through diffexp_conditioning: the pooled embedding is untouched unless asked for
     cfg = DiffExpConfig(cfg_schedule=False, weight_range=(w, w))
     cond = text.encode(["a red dog"])
-    out_cond, _, rec = diffexp_conditioning(cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0))
+    out_cond, _, rec = diffexp_conditioning(
+        cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0)
+    )
     assert torch.equal(out_cond.pooled, cond.pooled) and not torch.equal(out_cond.embeds, cond.embeds)
     assert rec[0].record()["positions_2"] == rec[0].positions_2
     pooled_cfg = DiffExpConfig(cfg_schedule=False, weight_range=(w, w), weight_pooled=True)
-    out_cond, _, _ = diffexp_conditioning(pooled_cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0))
+    out_cond, _, _ = diffexp_conditioning(
+        pooled_cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(out_cond.pooled, text.empty.pooled + w * (cond.pooled - text.empty.pooled))
 
 
@@ -142,13 +159,15 @@ def test_fp16_keeps_the_sdxl_vae_in_float32(tiny_sdxl_dir):
 
 
 def _fail_line(script, *args):
-    proc = subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *map(str, args)], capture_output=True, text=True, timeout=300, cwd=ROOT
+    )
     lines = proc.stderr.strip().splitlines()
     return proc.returncode, lines
 
 
 def test_refiner_and_missing_text_encoder_fail_in_one_line(tiny_sdxl_dir, tmp_path):
-    from tiny import make_tiny_sdxl
+    from tools.tiny import make_tiny_sdxl
 
     refiner = make_tiny_sdxl(tmp_path / "refiner", refiner=True)
     broken = tmp_path / "no-text-encoder"
@@ -157,7 +176,9 @@ def test_refiner_and_missing_text_encoder_fail_in_one_line(tiny_sdxl_dir, tmp_pa
     index["text_encoder"] = [None, None]
     (broken / "model_index.json").write_text(json.dumps(index))
     for directory in (refiner, broken):
-        code, lines = _fail_line("train_ddpo.py", "--pretrained", directory, "--reward", "jpeg", "--output-dir", tmp_path / "run")
+        code, lines = _fail_line(
+            "train_ddpo.py", "--pretrained", directory, "--reward", "jpeg", "--output-dir", tmp_path / "run"
+        )
         assert code == 2 and len(lines) == 1 and "SDXL *base*" in lines[0], lines
         assert not (tmp_path / "run").exists()
 
@@ -168,8 +189,25 @@ def test_refiner_and_missing_text_encoder_fail_in_one_line(tiny_sdxl_dir, tmp_pa
 
 def sdxl_args(tiny_sdxl_dir, out, *extra):
     return [
-        "--pretrained", tiny_sdxl_dir, "--num-steps", 4, "--mixed-precision", "no", "--eval-every", 1, "--eval-num", 2,
-        "--output-dir", out, "--explore-frac", 1.0, "--t-sw", 0.5, "--num-epochs", 1, *extra,
+        "--pretrained",
+        tiny_sdxl_dir,
+        "--num-steps",
+        4,
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        1,
+        "--eval-num",
+        2,
+        "--output-dir",
+        out,
+        "--explore-frac",
+        1.0,
+        "--t-sw",
+        0.5,
+        "--num-epochs",
+        1,
+        *extra,
     ]
 
 
@@ -206,7 +244,6 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     """One epoch of AlignProp on tiny SDXL (alpha != rank), then StableDiffusionXLPipeline's
     load_lora_weights gives the UNet we trained; --resume continues the run; sample.py loads it."""
     from diffusers import StableDiffusionXLPipeline
-
     from tiny_rewards import make_tiny_aesthetic, make_tiny_clip
 
     out = tmp_path / "run"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-import toy
 from diffusion import ALIASES, encode_prompts, from_pretrained, generate, load_pipeline, load_prompts
 from rewards import load_reward
+from tools import toy
 
 
 def test_rendering_is_deterministic_and_captions_match_content():
@@ -47,18 +47,26 @@ def test_smoke_build_loads_generates_and_scores_offline(tmp_path):
     assert pipe.unet.dtype == torch.float32  # fp16 files load into the requested dtype
     assert type(pipe.text_encoder).__name__ == "CLIPTextModel"
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.timestep_spacing == "leading"
-    images = generate(pipe, encode_prompts(pipe, ["a red circle"]), torch.full((2,), 7.5), 2, torch.Generator().manual_seed(0))
+    images = generate(
+        pipe, encode_prompts(pipe, ["a red circle"]), torch.full((2,), 7.5), 2, torch.Generator().manual_seed(0)
+    )
     assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
-    scores, _ = load_reward("pickscore", pickscore_model=str(scorer), pickscore_processor=str(scorer))(images, ["a red circle"])
+    scores, _ = load_reward("pickscore", pickscore_model=str(scorer), pickscore_processor=str(scorer))(
+        images, ["a red circle"]
+    )
     assert scores.shape == (1,) and torch.isfinite(scores).all()
 
 
 def test_aliases_resolve_to_the_shipped_models():
     assert ALIASES["toy"].joinpath("model_index.json").is_file(), "models/toy is missing: build it with python toy.py"
-    assert ALIASES["toy-scorer"].joinpath("config.json").is_file(), "models/toy-scorer is missing: build it with python toy.py"
+    assert ALIASES["toy-scorer"].joinpath("config.json").is_file(), (
+        "models/toy-scorer is missing: build it with python toy.py"
+    )
     from transformers import CLIPProcessor
 
-    assert from_pretrained(CLIPProcessor, "toy-scorer", "--pickscore-processor").image_processor.crop_size["height"] == 32
+    assert (
+        from_pretrained(CLIPProcessor, "toy-scorer", "--pickscore-processor").image_processor.crop_size["height"] == 32
+    )
 
 
 def test_shipped_scorer_picks_the_right_caption():
@@ -89,7 +97,7 @@ def test_bench_toy_passes_every_extra_flag_to_the_trainers():
     """bench_toy's --extra is repeated once per token; every token must reach the trainer's command."""
     import tyro
 
-    import bench_toy
+    from tools import bench_toy
 
     args = tyro.cli(bench_toy.Args, args=["--extra=--prompt-weight-range", "--extra=1", "--extra=3"])
     cmd = bench_toy.command(args, "alignprop", "pw", 0, "out")
@@ -102,7 +110,7 @@ def test_bench_toy_report_pairs_seeds(tmp_path):
     'samples to reach the baseline's final' is only given when the baseline gained."""
     import json
 
-    import bench_toy
+    from tools import bench_toy
 
     curves = {  # (start, final) of eval_reward_mean per method, arm and seed
         "alignprop": {"baseline": {0: (10.0, 11.0), 1: (12.0, 12.5)}, "diffexp": {0: (10.0, 11.5), 1: (12.0, 13.5)}},
@@ -113,9 +121,14 @@ def test_bench_toy_report_pairs_seeds(tmp_path):
             for seed, (start, final) in seeds.items():
                 run = tmp_path / method / arm / f"seed{seed}"
                 run.mkdir(parents=True)
-                rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": start}, {"epoch": 0, "samples": 16, "eval_reward_mean": final}]
+                rows = [
+                    {"epoch": -1, "samples": 0, "eval_reward_mean": start},
+                    {"epoch": 0, "samples": 16, "eval_reward_mean": final},
+                ]
                 (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = bench_toy.Args(methods=("alignprop", "ddpo"), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path))
+    args = bench_toy.Args(
+        methods=("alignprop", "ddpo"), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path)
+    )
     bench_toy.report(args)
     rows = {}
     for line in (tmp_path / "bench.md").read_text().splitlines()[2:]:
@@ -123,8 +136,12 @@ def test_bench_toy_report_pairs_seeds(tmp_path):
         rows[cells[0], cells[1]] = cells
     assert rows["alignprop", "baseline"][4] == "+0.750 ± 0.250"  # gains 1.0 and 0.5
     assert rows["alignprop", "diffexp"][4] == "+1.500 ± 0.000"  # gains 1.5 and 1.5
-    assert rows["alignprop", "diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0: s.e. = sample std 0.354 / sqrt 2
-    assert rows["alignprop", "diffexp"][6] == "16"  # its mean curve (12.5) reaches the baseline's final mean (11.75) at 16 samples
+    assert (
+        rows["alignprop", "diffexp"][5] == "+0.750 ± 0.250"
+    )  # paired differences 0.5 and 1.0: s.e. = sample std 0.354 / sqrt 2
+    assert (
+        rows["alignprop", "diffexp"][6] == "16"
+    )  # its mean curve (12.5) reaches the baseline's final mean (11.75) at 16 samples
     assert rows["ddpo", "diffexp"][5] == "+0.750 ± 0.250"  # paired differences 0.5 and 1.0
     assert rows["ddpo", "diffexp"][6] == "— (baseline did not gain)"  # baseline 11.0 -> 10.25: nothing to reach
     assert (tmp_path / "bench.png").is_file()
@@ -170,13 +187,18 @@ def test_toy_compose_scores_the_right_prompt_above_wrong_ones():
     singles, single_caps = toy.render(4, torch.Generator().manual_seed(8), two_frac=0.0)
     assert (reward(singles, single_caps)[0] > 0.8).all()
     assert (reward(images, [toy.name(p[2]) for p in pairs])[0] > 0.8).all()
-    assert (reward(singles, [toy.name(toy.OBJECTS[(toy.ALL_SINGLE.index(c) + 1) % 24]) for c in single_caps])[0] < 0.2).all()
+    assert (
+        reward(singles, [toy.name(toy.OBJECTS[(toy.ALL_SINGLE.index(c) + 1) % 24]) for c in single_caps])[0] < 0.2
+    ).all()
 
 
 def test_toy_compose_gradient_reaches_the_pixels_at_any_size():
     reward = load_reward("toy-compose")
     images, captions = toy.render(4, torch.Generator().manual_seed(9), two_frac=1.0)
-    for x in (images, torch.nn.functional.interpolate(images, size=64, mode="bilinear")):  # 64 px: resized inside, differentiably
+    for x in (
+        images,
+        torch.nn.functional.interpolate(images, size=64, mode="bilinear"),
+    ):  # 64 px: resized inside, differentiably
         x = x.clamp(0, 1).requires_grad_(True)
         scores, components = reward(x, captions)
         assert scores.shape == (4,) and scores.requires_grad and torch.equal(components["toy-compose"], scores.detach())
@@ -193,7 +215,7 @@ def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
 
     from torchvision.utils import save_image
 
-    import bench_toy
+    from tools import bench_toy
 
     pairs = [(("red", "circle"), "left of", ("green", "square")), (("blue", "triangle"), "above", ("orange", "diamond")),
              (("yellow", "circle"), "left of", ("purple", "square")), (("green", "diamond"), "above", ("blue", "square"))]  # fmt: skip
@@ -208,10 +230,16 @@ def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert bench_toy.success_rates(run, epochs=1) == (0.0, 1.0)
     assert json.loads((run / "success.json").read_text()) == [0.0, 1.0]  # cached for the next report
-    bench_toy.report(bench_toy.Args(methods=("alignprop",), arms=("baseline",), seeds=(0,), epochs=1, eval_num=4, output_dir=str(tmp_path)))
+    bench_toy.report(
+        bench_toy.Args(
+            methods=("alignprop",), arms=("baseline",), seeds=(0,), epochs=1, eval_num=4, output_dir=str(tmp_path)
+        )
+    )
     row = (tmp_path / "bench.md").read_text().splitlines()[2]
     assert row.endswith("| 0.0% → 100.0% (1 × 4 images) |"), row
-    assert bench_toy.success_rates(tmp_path / "alignprop" / "baseline" / "seed1", epochs=1) is None  # no evaluations: no rate
+    assert (
+        bench_toy.success_rates(tmp_path / "alignprop" / "baseline" / "seed1", epochs=1) is None
+    )  # no evaluations: no rate
 
 
 def test_toy_compose_refuses_prompts_outside_the_toy_grammar():
@@ -223,7 +251,12 @@ def test_toy_compose_refuses_prompts_outside_the_toy_grammar():
     assert (Path(DEFAULT_MODELS["toy_detector"]) / "model.safetensors").is_file()
     reward = load_reward("toy-compose")
     image = toy.render(1, torch.Generator().manual_seed(0))[0]
-    for bad in ["a dolphin riding a bike", "a red circle right of a blue square", "a red circle left of a red circle", "a pink circle"]:
+    for bad in [
+        "a dolphin riding a bike",
+        "a red circle right of a blue square",
+        "a red circle left of a red circle",
+        "a pink circle",
+    ]:
         with pytest.raises(ValueError, match=re.escape(repr(bad))):
             reward(image, [bad])
     # Case, spacing, a final full stop and a/an are forgiven.
@@ -237,7 +270,9 @@ def test_alignprop_raises_toy_compose(tmp_path):
     +0.297, +0.429, +0.127. The test asks for +0.06 (about half the smallest gain)."""
     from conftest import read_log, run_script
 
-    prompt = "a red circle left of a green square"  # base model: 0.067 mean, 8 images (models/toy/quality.json's settings)
+    prompt = (
+        "a red circle left of a green square"  # base model: 0.067 mean, 8 images (models/toy/quality.json's settings)
+    )
     (tmp_path / "train.txt").write_text(prompt + "\n")
     (tmp_path / "eval.txt").write_text((prompt + "\n") * 32)  # one prompt, 32 fixed noises
     out = tmp_path / "run"

@@ -13,9 +13,32 @@ import diffusion
 
 def tiny_args(tiny_sd_dir, tiny_aesthetic, out, *extra):
     return [
-        "--pretrained", tiny_sd_dir, "--reward", "aesthetic", *tiny_aesthetic, "--num-steps", 4,
-        "--samples-per-epoch", 4, "--batch-size", 2, "--gradient-accumulation-steps", 2, "--mixed-precision", "no",
-        "--eval-every", 1, "--eval-num", 2, "--output-dir", out, "--explore-frac", 1.0, "--t-sw", 0.5, *extra,
+        "--pretrained",
+        tiny_sd_dir,
+        "--reward",
+        "aesthetic",
+        *tiny_aesthetic,
+        "--num-steps",
+        4,
+        "--samples-per-epoch",
+        4,
+        "--batch-size",
+        2,
+        "--gradient-accumulation-steps",
+        2,
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        1,
+        "--eval-num",
+        2,
+        "--output-dir",
+        out,
+        "--explore-frac",
+        1.0,
+        "--t-sw",
+        0.5,
+        *extra,
     ]
 
 
@@ -30,9 +53,21 @@ def test_two_epochs_write_logs_checkpoints_and_change_lora(two_epoch_run):
     log = read_log(two_epoch_run)
     assert [r["epoch"] for r in log] == [-1, 0, 1]  # evaluation before training, then one line per epoch
     assert [r["samples"] for r in log] == [0, 4, 8]  # cumulative samples: the paper's x-axis
-    for key in ["reward_mean", "reward_std", "reward/aesthetic", "loss", "grad_norm", "w_low_share", "sec_per_sample", "peak_mem_mb", "eval_reward_mean"]:
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "reward/aesthetic",
+        "loss",
+        "grad_norm",
+        "w_low_share",
+        "sec_per_sample",
+        "peak_mem_mb",
+        "eval_reward_mean",
+    ]:
         assert key in log[1], key
-    assert log[1]["exploring"] and log[1]["w_low_share"] == pytest.approx(0.5)  # t_sw=0.5, 4 steps: 751, 501 of 751, 501, 251, 1
+    assert log[1]["exploring"] and log[1]["w_low_share"] == pytest.approx(
+        0.5
+    )  # t_sw=0.5, 4 steps: 751, 501 of 751, 501, 251, 1
     assert all(r["word"] for r in log[1]["prompt_weights"])  # simple_animals prompts are one content word
     assert (two_epoch_run / "images" / "epoch_0001.png").exists()
     # eval/epoch_NNNN is the evaluation after epoch NNNN, like checkpoints/epoch_NNNN; eval/initial before training
@@ -87,10 +122,16 @@ def test_resume_equals_uninterrupted(two_epoch_run, tiny_sd_dir, tiny_aesthetic,
     run_script("train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, out, "--num-epochs", 1, "--lr", 1e-2))
     name = "checkpoints/epoch_0000/pytorch_lora_weights.safetensors"
     assert (out / name).read_bytes() == (two_epoch_run / name).read_bytes()
-    assert (out / name).stat().st_mode & 0o777 == (out / "log.jsonl").stat().st_mode & 0o777 == 0o666 & ~diffusion._umask()
-    proc = run_script("train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, out, "--num-epochs", 2, "--lr", 1e-2, "--resume"))
+    assert (
+        (out / name).stat().st_mode & 0o777 == (out / "log.jsonl").stat().st_mode & 0o777 == 0o666 & ~diffusion._umask()
+    )
+    proc = run_script(
+        "train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, out, "--num-epochs", 2, "--lr", 1e-2, "--resume")
+    )
     assert "resumed from" in proc.stdout + proc.stderr
-    assert re.search(r"epoch 1 samples 8 reward \S+ eval -?\d+\.\d{4} loss", proc.stdout), proc.stdout  # the held-out reward
+    assert re.search(r"epoch 1 samples 8 reward \S+ eval -?\d+\.\d{4} loss", proc.stdout), (
+        proc.stdout
+    )  # the held-out reward
     assert [json.loads(line)["mode"] for line in (out / "args.jsonl").read_text().splitlines()] == ["new", "resume"]
     a, b = lora_weights(two_epoch_run / "checkpoints" / "epoch_0001"), lora_weights(out / "checkpoints" / "epoch_0001")
     assert a.keys() == b.keys()
@@ -106,10 +147,24 @@ def test_training_moves_the_reward(tiny_sd_dir, tiny_aesthetic, tmp_path):
     every epoch); the eval pass sees the same prompts and noise each time. Measured when written:
     -0.3447 before, -0.3339 after, rising every epoch.
     """
-    run_script("train_alignprop.py", *tiny_args(
-        tiny_sd_dir, tiny_aesthetic, tmp_path / "run", "--num-epochs", 8, "--lr", 1e-2, "--eval-every", 8,
-        "--gradient-accumulation-steps", 1, "--backprop-steps", 2,
-    ))
+    run_script(
+        "train_alignprop.py",
+        *tiny_args(
+            tiny_sd_dir,
+            tiny_aesthetic,
+            tmp_path / "run",
+            "--num-epochs",
+            8,
+            "--lr",
+            1e-2,
+            "--eval-every",
+            8,
+            "--gradient-accumulation-steps",
+            1,
+            "--backprop-steps",
+            2,
+        ),
+    )
     log = read_log(tmp_path / "run")
     before, after = log[0]["eval_reward_mean"], log[-1]["eval_reward_mean"]
     print(f"alignprop eval reward {before:.4f} -> {after:.4f}")
@@ -145,18 +200,47 @@ def _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, out, *extra):
 
 
 def test_truncated_backprop_k1_only_last_step_gets_gradient(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path):
-    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "a", "--backprop-steps", 1, "--gradient-checkpointing", "none")
+    calls = _run_in_process(
+        monkeypatch,
+        tiny_sd_dir,
+        tiny_aesthetic,
+        tmp_path / "a",
+        "--backprop-steps",
+        1,
+        "--gradient-checkpointing",
+        "none",
+    )
     # 2 batches x 4 denoising steps; in each trajectory only the 4th (last) UNet call carries gradient.
     assert [c["grad_received"] for c in calls] == [False, False, False, True] * 2
     assert [c["grad_in_forward"] for c in calls] == [False, False, False, True] * 2
-    calls = _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / "b", "--backprop-steps", 3, "--gradient-checkpointing", "none")
+    calls = _run_in_process(
+        monkeypatch,
+        tiny_sd_dir,
+        tiny_aesthetic,
+        tmp_path / "b",
+        "--backprop-steps",
+        3,
+        "--gradient-checkpointing",
+        "none",
+    )
     assert [c["grad_received"] for c in calls] == [False, True, True, True] * 2
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path):
     # per UNet call, per UNet/VAE-decoder block, and none: the same gradients and the same update
     for mode in ("call", "blocks", "none"):
-        _run_in_process(monkeypatch, tiny_sd_dir, tiny_aesthetic, tmp_path / mode, "--backprop-steps", 2, "--gradient-checkpointing", mode, "--lr", 1e-2)
+        _run_in_process(
+            monkeypatch,
+            tiny_sd_dir,
+            tiny_aesthetic,
+            tmp_path / mode,
+            "--backprop-steps",
+            2,
+            "--gradient-checkpointing",
+            mode,
+            "--lr",
+            1e-2,
+        )
     plain = read_log(tmp_path / "none")[-1]
     assert plain["grad_norm"] > 0
     wb = lora_weights(tmp_path / "none" / "checkpoints" / "epoch_0000")
@@ -168,9 +252,32 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, tiny_sd_di
 
 
 def test_two_processes_keep_identical_lora(tiny_sd_dir, tiny_aesthetic, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]  # gloo on CPU
-    run_script("train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, tmp_path / "run", "--num-epochs", 1,
-               "--gradient-accumulation-steps", 1, "--eval-every", 0, "--lr", 1e-2), launcher=launcher)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+    ]  # gloo on CPU
+    run_script(
+        "train_alignprop.py",
+        *tiny_args(
+            tiny_sd_dir,
+            tiny_aesthetic,
+            tmp_path / "run",
+            "--num-epochs",
+            1,
+            "--gradient-accumulation-steps",
+            1,
+            "--eval-every",
+            0,
+            "--lr",
+            1e-2,
+        ),
+        launcher=launcher,
+    )
     record = read_log(tmp_path / "run")[-1]
     assert record["samples"] == 4  # both processes' samples counted
     assert record["lora_sync_error"] == 0.0
@@ -185,7 +292,12 @@ def test_empty_prompt_file(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         train_alignprop.main(train_alignprop.cli(["--prompts", str(empty), "--output-dir", str(tmp_path / "out")]))
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: --prompts file") and "has no prompts" in err and len(err.splitlines()) == 1
+    assert (
+        e.value.code == 2
+        and err.startswith("error: --prompts file")
+        and "has no prompts" in err
+        and len(err.splitlines()) == 1
+    )
 
 
 def test_sample_py_generates_with_the_checkpoint_and_scores(two_epoch_run, tiny_sd_dir, tiny_aesthetic, tmp_path):
@@ -193,24 +305,62 @@ def test_sample_py_generates_with_the_checkpoint_and_scores(two_epoch_run, tiny_
 
     out = tmp_path / "samples"
     models = tiny_aesthetic[1:]
-    run_script("sample.py", "generate", "--pretrained", tiny_sd_dir, "--lora", two_epoch_run / "checkpoints" / "epoch_0001",
-               "--prompts", "unseen_animals", "--num-steps", 4, "--eval-rewards", "aesthetic", "--reward-models", *models,
-               "--output-dir", out, "--batch-size", 4)
+    run_script(
+        "sample.py",
+        "generate",
+        "--pretrained",
+        tiny_sd_dir,
+        "--lora",
+        two_epoch_run / "checkpoints" / "epoch_0001",
+        "--prompts",
+        "unseen_animals",
+        "--num-steps",
+        4,
+        "--eval-rewards",
+        "aesthetic",
+        "--reward-models",
+        *models,
+        "--output-dir",
+        out,
+        "--batch-size",
+        4,
+    )
     rows = list(csv.DictReader(open(out / "scores.csv")))
     assert [r["prompt"] for r in rows] == ["hippopotamus", "snail", "crocodile", "cheetah", "lobster", "octopus"]
     assert all(float(r["aesthetic"]) == float(r["aesthetic"]) for r in rows)  # finite numbers
     assert (out / "grid.png").exists() and (out / "0005.png").exists()
     # The LoRA changes the images: the base model's are different.
-    run_script("sample.py", "generate", "--pretrained", tiny_sd_dir, "--prompt", "hippopotamus", "--num-steps", 4, "--output-dir", tmp_path / "base")
-    from PIL import Image
+    run_script(
+        "sample.py",
+        "generate",
+        "--pretrained",
+        tiny_sd_dir,
+        "--prompt",
+        "hippopotamus",
+        "--num-steps",
+        4,
+        "--output-dir",
+        tmp_path / "base",
+    )
     import numpy as np
+    from PIL import Image
 
     a, b = np.asarray(Image.open(out / "0000.png")), np.asarray(Image.open(tmp_path / "base" / "0000.png"))
     assert a.shape == b.shape and (a != b).any()
 
 
 def test_plot_and_gallery_from_a_real_run(two_epoch_run, tmp_path):
-    run_script("sample.py", "plot", two_epoch_run, two_epoch_run, "--labels", "DiffExp", "copy", "--output", tmp_path / "curve.png")
+    run_script(
+        "sample.py",
+        "plot",
+        two_epoch_run,
+        two_epoch_run,
+        "--labels",
+        "DiffExp",
+        "copy",
+        "--output",
+        tmp_path / "curve.png",
+    )
     assert (tmp_path / "curve.png").stat().st_size > 1000
     run_script("sample.py", "gallery", two_epoch_run, "--output", tmp_path / "gallery.html")
     page = (tmp_path / "gallery.html").read_text()

@@ -13,13 +13,35 @@ from train_ddpo import PerPromptStatTracker
 
 def tiny_args(tiny_sd_dir, out, *extra):
     return [
-        "--pretrained", tiny_sd_dir, "--num-steps", 4, "--samples-per-epoch", 4, "--sample-batch-size", 2,
-        "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no", "--eval-every", 0,
-        "--output-dir", out, "--explore-frac", 1.0, "--t-sw", 0.5, *extra,
+        "--pretrained",
+        tiny_sd_dir,
+        "--num-steps",
+        4,
+        "--samples-per-epoch",
+        4,
+        "--sample-batch-size",
+        2,
+        "--train-batch-size",
+        2,
+        "--gradient-accumulation-steps",
+        1,
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        0,
+        "--output-dir",
+        out,
+        "--explore-frac",
+        1.0,
+        "--t-sw",
+        0.5,
+        *extra,
     ]
 
 
-@pytest.mark.parametrize("diffexp", [[], ["--no-cfg-schedule", "--no-prompt-weighting"]], ids=["diffexp-on", "diffexp-off"])
+@pytest.mark.parametrize(
+    "diffexp", [[], ["--no-cfg-schedule", "--no-prompt-weighting"]], ids=["diffexp-on", "diffexp-off"]
+)
 def test_ratio_is_one_before_any_update(tiny_sd_dir, tiny_aesthetic, tmp_path, diffexp):
     """lr = 0: the policy never changes, so every recomputed log-prob (every sample, every step,
     with the stored guidance scale and weighted embeddings) must equal the stored one."""
@@ -75,7 +97,9 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
     guidance = torch.tensor([1.0, 5.0])
     x_t = torch.randn(B, 4, H, H)
     u = torch.randn(4, H, H)
-    embeds = torch.cat([encode_prompts(pipe, [""]).expand(B, -1, -1), encode_prompts(pipe, ["a cat", "a dog riding a bike"])])
+    embeds = torch.cat(
+        [encode_prompts(pipe, [""]).expand(B, -1, -1), encode_prompts(pipe, ["a cat", "a dog riding a bike"])]
+    )
 
     def grad_of(loss, **kwargs):
         pipe.unet.zero_grad(set_to_none=True)
@@ -84,7 +108,9 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
 
     out_u, out_c = pipe.unet(torch.cat([x_t, x_t]), t.expand(2 * B), embeds).sample.chunk(2)
     mean = ddim_mean(out_u, out_c, x_t, guidance, coeffs)
-    reference = grad_of((mean * (u + c * mean.detach())).sum(), retain_graph=True)  # the UNet outputs serve both gradients
+    reference = grad_of(
+        (mean * (u + c * mean.detach())).sum(), retain_graph=True
+    )  # the UNet outputs serve both gradients
 
     g = torch.Generator().manual_seed(1)
     rep = lambda v: v.repeat(K, *[1] * (v.dim() - 1))  # noqa: E731  [K*B]: draw k of sample b at k*B + b
@@ -94,7 +120,18 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
     f = (x_prev * u).flatten(1).sum(1) + c / 2 * x_prev.flatten(1).pow(2).sum(1)
     advantages = (f.view(K, B) - f.view(K, B).mean(0)).flatten()  # a per-sample baseline, as per-prompt tracking gives
     old_log_prob = gaussian_log_prob(x_prev, rep(mean.detach()), rep_coeffs.sigma)
-    loss, stats = ddpo_clip_loss(rep(out_u), rep(out_c), rep(x_t), x_prev, guidance.repeat(K), rep_coeffs, old_log_prob, advantages, 0.2, backend=backend)
+    loss, stats = ddpo_clip_loss(
+        rep(out_u),
+        rep(out_c),
+        rep(x_t),
+        x_prev,
+        guidance.repeat(K),
+        rep_coeffs,
+        old_log_prob,
+        advantages,
+        0.2,
+        backend=backend,
+    )
     assert float(stats["clipfrac"]) == 0.0
     estimate = -grad_of(loss) * B * x_t[0].numel()  # the loss is a mean over K*B of -A*ratio
     cos = float(estimate @ reference / (estimate.norm() * reference.norm()))
@@ -104,7 +141,7 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir, backend):
 
 @pytest.fixture(scope="module")
 def tiny_v_sd_dir(tmp_path_factory):
-    from tiny import make_tiny_sd
+    from tools.tiny import make_tiny_sd
 
     return make_tiny_sd(tmp_path_factory.mktemp("tiny-sd-v"), prediction_type="v_prediction")
 
@@ -136,10 +173,37 @@ def test_training_moves_the_reward(monkeypatch, tiny_v_sd_dir, tmp_path):
     monkeypatch.setattr(rewards, "load_reward", brightness_reward)  # --reward is still parsed and checked
     out = tmp_path / "run"
     argv = [
-        "--pretrained", tiny_v_sd_dir, "--reward", "jpeg", "--resolution", 8, "--num-steps", 4, "--num-epochs", 5,
-        "--samples-per-epoch", 1024, "--sample-batch-size", 256, "--train-batch-size", 256, "--gradient-accumulation-steps", 4,
-        "--lr", 5e-2, "--clip-range", 0.2, "--no-cfg-schedule", "--no-prompt-weighting", "--no-per-prompt-stat-tracking",
-        "--mixed-precision", "no", "--eval-every", 0, "--output-dir", out,
+        "--pretrained",
+        tiny_v_sd_dir,
+        "--reward",
+        "jpeg",
+        "--resolution",
+        8,
+        "--num-steps",
+        4,
+        "--num-epochs",
+        5,
+        "--samples-per-epoch",
+        1024,
+        "--sample-batch-size",
+        256,
+        "--train-batch-size",
+        256,
+        "--gradient-accumulation-steps",
+        4,
+        "--lr",
+        5e-2,
+        "--clip-range",
+        0.2,
+        "--no-cfg-schedule",
+        "--no-prompt-weighting",
+        "--no-per-prompt-stat-tracking",
+        "--mixed-precision",
+        "no",
+        "--eval-every",
+        0,
+        "--output-dir",
+        out,
     ]
     monkeypatch.setattr(sys, "argv", ["train_ddpo.py", *map(str, argv)])
     train_ddpo.main(tyro.cli(train_ddpo.Args))
@@ -149,7 +213,9 @@ def test_training_moves_the_reward(monkeypatch, tiny_v_sd_dir, tmp_path):
     n, first, last = 1024, log[0], log[-2:]
     gain = sum(r["reward_mean"] for r in last) / 2 - first["reward_mean"]
     se = (first["reward_std"] ** 2 / n + sum(r["reward_std"] ** 2 for r in last) / (4 * n)) ** 0.5
-    print("ddpo brightness by epoch", [round(r["reward_mean"], 5) for r in log], f"gain {gain:.5f} = {gain / se:.1f} s.e.")
+    print(
+        "ddpo brightness by epoch", [round(r["reward_mean"], 5) for r in log], f"gain {gain:.5f} = {gain / se:.1f} s.e."
+    )
     assert gain > 3 * se, (gain, se)
 
 
@@ -173,14 +239,31 @@ def test_per_prompt_stat_tracking():
 @pytest.fixture(scope="module")
 def jpeg_run(tiny_sd_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddpo") / "run"
-    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, out, "--reward", "jpeg", "--num-epochs", 2, "--lr", 1e-2, "--eval-every", 2, "--eval-num", 2))
+    run_script(
+        "train_ddpo.py",
+        *tiny_args(
+            tiny_sd_dir, out, "--reward", "jpeg", "--num-epochs", 2, "--lr", 1e-2, "--eval-every", 2, "--eval-num", 2
+        ),
+    )
     return out
 
 
 def test_jpeg_two_epochs_logs_checkpoint(jpeg_run, tiny_sd_dir):
     log = read_log(jpeg_run)
     assert [r["samples"] for r in log] == [0, 4, 8]
-    for key in ["reward_mean", "reward_std", "reward/jpeg", "approx_kl", "clipfrac", "ratio_mean", "ratio_min", "ratio_max", "advantage_std", "sec_per_sample", "peak_mem_mb"]:
+    for key in [
+        "reward_mean",
+        "reward_std",
+        "reward/jpeg",
+        "approx_kl",
+        "clipfrac",
+        "ratio_mean",
+        "ratio_min",
+        "ratio_max",
+        "advantage_std",
+        "sec_per_sample",
+        "peak_mem_mb",
+    ]:
         assert key in log[1], key
     weights = lora_weights(jpeg_run / "checkpoints" / "epoch_0001")
     assert any(v.abs().max() > 0 for k, v in weights.items() if "lora_B" in k or "lora.up" in k)
@@ -202,8 +285,24 @@ def test_resume_reproduces_uninterrupted(jpeg_run, tiny_sd_dir, tmp_path):
 
 def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
-    run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "jpeg", "--num-epochs", 1, "--lr", 1e-2,
-               "--sample-batch-size", 2, "--train-batch-size", 1), launcher=launcher)
+    run_script(
+        "train_ddpo.py",
+        *tiny_args(
+            tiny_sd_dir,
+            tmp_path / "run",
+            "--reward",
+            "jpeg",
+            "--num-epochs",
+            1,
+            "--lr",
+            1e-2,
+            "--sample-batch-size",
+            2,
+            "--train-batch-size",
+            1,
+        ),
+        launcher=launcher,
+    )
     r = read_log(tmp_path / "run")[-1]
     assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
     assert r["lora_sync_error"] == 0.0

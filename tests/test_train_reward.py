@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from PIL import Image, ImageDraw
 
 import diffusion
 import rewards
 import train_reward as tr
-from conftest import ROOT
 
 
 def procedural_images(folder, n, size=32, seed=0):
@@ -31,7 +31,9 @@ def procedural_images(folder, n, size=32, seed=0):
     for i in range(n):
         c0, c1, angle = rng.random(3), rng.random(3), rng.random() * 2 * np.pi
         t = (np.cos(angle) * xx + np.sin(angle) * yy)[..., None]
-        coarse = Image.fromarray((rng.random((max(2, size // 8),) * 2 + (3,)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
+        coarse = Image.fromarray((rng.random((max(2, size // 8),) * 2 + (3,)) * 255).astype(np.uint8)).resize(
+            (size, size), Image.BICUBIC
+        )
         img = 0.7 * (c0 * (1 - t) + c1 * t) + 0.3 * np.asarray(coarse) / 255
         img = img + rng.uniform(0.03, 0.15) * rng.standard_normal((size, size, 1))
         pil = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8))
@@ -39,7 +41,9 @@ def procedural_images(folder, n, size=32, seed=0):
         for _ in range(rng.integers(2, 6)):
             (x0, y0), (w, h) = rng.integers(0, size, 2), rng.integers(3, size // 2, 2)
             color = tuple(int(v) for v in rng.integers(0, 256, 3))
-            [draw.ellipse, draw.rectangle][int(rng.integers(2))]([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=color)
+            [draw.ellipse, draw.rectangle][int(rng.integers(2))](
+                [int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=color
+            )
         pil.save(folder / f"{i:04d}.png")
     return folder
 
@@ -80,10 +84,18 @@ def test_custom_reward_ranks_more_pixelated_higher_and_gives_gradients(pixelate_
     root, _, _ = pixelate_model
     reward = rewards.load_reward(f"custom:{root / 'model'}")
     assert reward.differentiable
-    clean = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(procedural_images(tmp_path / "new", 10, seed=123).glob("*.png"))]
+    clean = [
+        np.asarray(Image.open(p).convert("RGB"))
+        for p in sorted(procedural_images(tmp_path / "new", 10, seed=123).glob("*.png"))
+    ]
     strengths = (0.1, 0.5, 0.9)
     with torch.no_grad():
-        scores = torch.stack([reward(as_tensor([tr.apply_attribute(im, "pixelate", s, 0) for im in clean]), [""] * 10)[0] for s in strengths])
+        scores = torch.stack(
+            [
+                reward(as_tensor([tr.apply_attribute(im, "pixelate", s, 0) for im in clean]), [""] * 10)[0]
+                for s in strengths
+            ]
+        )
     assert (scores[2] > scores[0]).float().mean() >= 0.8  # per image: heavy pixelation above light
     assert scores[0].mean() < scores[1].mean() < scores[2].mean()
     # Differentiable all the way to the pixels, at a resolution other than the model's.
@@ -113,7 +125,9 @@ def test_snow_classifier_beats_chance(sources, tmp_path):
 
 
 def test_generated_data_is_deterministic_and_cached(sources, tmp_path, capsys):
-    kw = dict(attribute="rain", source=str(sources), num_source=4, variants=3, data_size=32, only_make_data=True, seed=7)
+    kw = dict(
+        attribute="rain", source=str(sources), num_source=4, variants=3, data_size=32, only_make_data=True, seed=7
+    )
     tr.main(tr.Args(**kw, data=str(tmp_path / "a")))
     tr.main(tr.Args(**kw, data=str(tmp_path / "b")))
     labels = (tmp_path / "a" / "labels.csv").read_text()
@@ -125,7 +139,10 @@ def test_generated_data_is_deterministic_and_cached(sources, tmp_path, capsys):
     tr.main(tr.Args(**kw, data=str(tmp_path / "a")))
     assert "using cached dataset" in capsys.readouterr().out
     message = fails(capsys, tr.Args(**{**kw, "seed": 8}, data=str(tmp_path / "a")))
-    assert re.search(r"--data '.*a' holds data made with other settings \{'seed': \(7, 8\)\}: pass another --data or delete it", message)
+    assert re.search(
+        r"--data '.*a' holds data made with other settings \{'seed': \(7, 8\)\}: pass another --data or delete it",
+        message,
+    )
 
 
 def test_every_attribute_is_identity_at_zero_and_grows_with_strength(sources):
@@ -173,7 +190,9 @@ def test_folder_dataset_with_clip_backbone_trains_and_loads(tmp_path):
     assert task == dict(task="classification", classes=["none", "light", "heavy"], class_values=[0.0, 1.0, 2.0])
     assert labels == [0] * 4 + [1] * 4 + [2] * 4 and paths[0].parent.name == "none"
     clip = make_tiny_clip(tmp_path / "clip")
-    args = tr.Args(data=str(data), backbone="clip", clip_model=str(clip), epochs=2, val_frac=0.25, out=str(tmp_path / "model"))
+    args = tr.Args(
+        data=str(data), backbone="clip", clip_model=str(clip), epochs=2, val_frac=0.25, out=str(tmp_path / "model")
+    )
     metrics = tr.main(args)
     assert metrics["n_val"] == 3 and 0 <= metrics["val_acc"] <= 1
     cfg = rewards.load_custom_model(tmp_path / "model")[1]
@@ -187,8 +206,12 @@ def test_folder_dataset_with_clip_backbone_trains_and_loads(tmp_path):
 
 def test_csv_dataset_loads_with_relative_paths(tmp_path):
     write_folder(tmp_path, ["imgs"], n=3)
-    (tmp_path / "scores.csv").write_text("path,score\nimgs/0.png,1.5\nimgs/1.png,7\n\n" + f"{tmp_path / 'imgs' / '2.png'},3\n")
-    paths, scores, groups, origins, task, _ = tr.load_dataset(tr.Args(data=str(tmp_path / "scores.csv")), tmp_path / "scores.csv")
+    (tmp_path / "scores.csv").write_text(
+        "path,score\nimgs/0.png,1.5\nimgs/1.png,7\n\n" + f"{tmp_path / 'imgs' / '2.png'},3\n"
+    )
+    paths, scores, groups, origins, task, _ = tr.load_dataset(
+        tr.Args(data=str(tmp_path / "scores.csv")), tmp_path / "scores.csv"
+    )
     assert task == dict(task="regression") and scores == [1.5, 7.0, 3.0]
     assert paths[0] == tmp_path / "imgs" / "0.png" and origins[2] == f"--data {tmp_path / 'scores.csv'} line 5"
 
@@ -214,7 +237,12 @@ def test_bad_datasets_name_the_file_and_line(case, message, tmp_path, capsys):
     if case.startswith("csv"):
         write_folder(data, ["imgs"], n=2)
         (data / "bad.png").write_text("not an image")
-        second = {"csv_score": "imgs/1.png,abc", "csv_range": "imgs/1.png,1.5", "csv_short": "imgs/1.png", "csv_unreadable": "bad.png,0.5"}.get(case, "imgs/1.png,0.5")
+        second = {
+            "csv_score": "imgs/1.png,abc",
+            "csv_range": "imgs/1.png,1.5",
+            "csv_short": "imgs/1.png",
+            "csv_unreadable": "bad.png,0.5",
+        }.get(case, "imgs/1.png,0.5")
         header = "file,value" if case == "csv_columns" else "path,score"
         (data / "scores.csv").write_text(f"{header}\nimgs/0.png,0.2\n{second}\n")
         target = data / "scores.csv"
@@ -236,10 +264,14 @@ def test_bad_datasets_name_the_file_and_line(case, message, tmp_path, capsys):
 def test_reward_mode_must_fit_the_task(tmp_path, capsys):
     write_folder(tmp_path / "d", ["imgs"], n=2)
     (tmp_path / "d" / "labels.csv").write_text("path,score\nimgs/0.png,0.1\nimgs/1.png,0.9\n")
-    message = fails(capsys, tr.Args(data=str(tmp_path / "d"), reward_mode="class_prob", target="1", out=str(tmp_path / "o")))
+    message = fails(
+        capsys, tr.Args(data=str(tmp_path / "d"), reward_mode="class_prob", target="1", out=str(tmp_path / "o"))
+    )
     assert "--reward-mode class_prob needs a classification task" in message
     write_folder(tmp_path / "f", ["a", "b"], n=2)
-    message = fails(capsys, tr.Args(data=str(tmp_path / "f"), reward_mode="class_prob", target="c", out=str(tmp_path / "o")))
+    message = fails(
+        capsys, tr.Args(data=str(tmp_path / "f"), reward_mode="class_prob", target="c", out=str(tmp_path / "o"))
+    )
     assert "--target 'c' is not a class; classes: a, b" in message
 
 
@@ -293,19 +325,52 @@ WRONG = [
     ("target_missing", "--target", ["--data", "{d}/folder", "--reward-mode", "target"]),
     ("target_not_a_number", "--target", ["--data", "{d}/folder", "--reward-mode", "target", "--target", "high"]),
     ("target_without_mode", "--target", ["--data", "{d}/folder", "--target", "1"]),
-    ("class_prob_on_regression", "--reward-mode", ["--data", "{d}/ok.csv", "--reward-mode", "class_prob", "--target", "1"]),
+    (
+        "class_prob_on_regression",
+        "--reward-mode",
+        ["--data", "{d}/ok.csv", "--reward-mode", "class_prob", "--target", "1"],
+    ),
     ("class_prob_unknown_class", "--target", ["--data", "{d}/folder", "--reward-mode", "class_prob", "--target", "c"]),
     ("classes_repeated", "--classes", ["--data", "{d}/folder", "--classes", "a,a"]),
     ("classes_with_regression", "--classes", ["--data", "{d}/ok.csv", "--task", "regression", "--classes", "a,b"]),
-    ("classes_not_a_score", "--classes", ["--data", "{d}/ok.csv", "--task", "classification", "--classes", "0.1,0.9,x"]),
+    (
+        "classes_not_a_score",
+        "--classes",
+        ["--data", "{d}/ok.csv", "--task", "classification", "--classes", "0.1,0.9,x"],
+    ),
     ("label_range_reversed", "--label-range", ["--data", "{d}/ok.csv", "--label-range", "1", "0"]),
-    *[(f"{flag[2:]}_{value}", flag, ["--data", "{d}/folder", flag, value])
-      for flag, value in [("--epochs", "0"), ("--batch-size", "0"), ("--patience", "0"), ("--image-size", "0"), ("--width", "-1"),
-                          ("--lr", "0"), ("--lr", "-1e-3"), ("--lr", "nan"), ("--weight-decay", "-1"), ("--val-frac", "0"),
-                          ("--val-frac", "1.5"), ("--seed", "-1"), ("--device", "tpu"), ("--device", "cuda:99")]],  # fmt: skip
-    *[(f"{flag[2:]}_{value}", flag, [*GEN, flag, value])
-      for flag, value in [("--variants", "0"), ("--data-size", "0"), ("--sample-steps", "0"), ("--num-source", "-1"),
-                          ("--num-source", "1"), ("--levels", "1"), ("--guidance", "-1"), ("--resolution", "12")]],  # fmt: skip
+    *[
+        (f"{flag[2:]}_{value}", flag, ["--data", "{d}/folder", flag, value])
+        for flag, value in [
+            ("--epochs", "0"),
+            ("--batch-size", "0"),
+            ("--patience", "0"),
+            ("--image-size", "0"),
+            ("--width", "-1"),
+            ("--lr", "0"),
+            ("--lr", "-1e-3"),
+            ("--lr", "nan"),
+            ("--weight-decay", "-1"),
+            ("--val-frac", "0"),
+            ("--val-frac", "1.5"),
+            ("--seed", "-1"),
+            ("--device", "tpu"),
+            ("--device", "cuda:99"),
+        ]
+    ],  # fmt: skip
+    *[
+        (f"{flag[2:]}_{value}", flag, [*GEN, flag, value])
+        for flag, value in [
+            ("--variants", "0"),
+            ("--data-size", "0"),
+            ("--sample-steps", "0"),
+            ("--num-source", "-1"),
+            ("--num-source", "1"),
+            ("--levels", "1"),
+            ("--guidance", "-1"),
+            ("--resolution", "12"),
+        ]
+    ],  # fmt: skip
     ("out_is_a_file", "--out", ["--data", "{d}/folder", "--out", "{d}/ok.csv"]),
     ("out_holds_a_model", "--overwrite", ["--data", "{d}/folder", "--out", "{d}/model"]),
     ("out_holds_a_run", "--out", ["--data", "{d}/folder", "--out", "{d}/run", "--overwrite"]),
@@ -318,10 +383,18 @@ WRONG = [
     ("source_one_image", "--source", ["--attribute", "snow", "--source", "{d}/one_source"]),
     ("source_unreadable_image", "--source", ["--attribute", "snow", "--source", "{d}/bad_source"]),
     ("generated_classification_needs_levels", "--task", [*GEN, "--task", "classification"]),
-    ("generated_class_prob_unknown_class", "--target", [*GEN, "--levels", "2", "--reward-mode", "class_prob", "--target", "2"]),
+    (
+        "generated_class_prob_unknown_class",
+        "--target",
+        [*GEN, "--levels", "2", "--reward-mode", "class_prob", "--target", "2"],
+    ),
     # Offline hub ids that are not in the cache: the project's one-line CheckpointError. The --clip-model
     # check reads config.json only; --pretrained fails in the loader itself, before generating anything.
-    ("clip_model_offline", "--clip-model", ["--data", "{d}/folder", "--backbone", "clip", "--clip-model", "nobody/missing-clip"]),
+    (
+        "clip_model_offline",
+        "--clip-model",
+        ["--data", "{d}/folder", "--backbone", "clip", "--clip-model", "nobody/missing-clip"],
+    ),
     ("pretrained_offline", "--pretrained", [*GEN, "--pretrained", "nobody/missing-sd", "--num-source", "2"]),
 ]
 
@@ -338,7 +411,9 @@ def run_cli(argv, monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("case, flag, argv", WRONG, ids=[c[0] for c in WRONG])
-def test_wrong_invocations_fail_in_one_line_before_loading_models(case, flag, argv, inputs, tmp_path, monkeypatch, capsys):
+def test_wrong_invocations_fail_in_one_line_before_loading_models(
+    case, flag, argv, inputs, tmp_path, monkeypatch, capsys
+):
     def no_model(*a, **k):
         raise AssertionError("a model was loaded before the arguments were checked")
 
@@ -362,7 +437,20 @@ def test_wrong_invocations_fail_in_one_line_before_loading_models(case, flag, ar
 
 def test_overwrite_replaces_a_trained_model(inputs, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    argv = ["--data", str(inputs / "folder"), "--out", str(out), "--epochs", "1", "--image-size", "8", "--width", "4", "--val-frac", "0.5"]
+    argv = [
+        "--data",
+        str(inputs / "folder"),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--image-size",
+        "8",
+        "--width",
+        "4",
+        "--val-frac",
+        "0.5",
+    ]
     monkeypatch.setattr(sys, "argv", ["train_reward.py", *argv])
     runpy.run_path(str(ROOT / "train_reward.py"), run_name="__main__")
     assert run_cli(argv, monkeypatch, capsys)[0] == 2  # refused without --overwrite ...
@@ -381,7 +469,9 @@ def test_truncated_image_fails_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         tr.main(tr.Args(data=str(data), out=str(tmp_path / "out"), epochs=1, image_size=8, width=4))
     last = capsys.readouterr().err.splitlines()[-1]  # after the progress bar it interrupts
-    assert e.value.code == 2 and re.fullmatch(r"error: --data '.*': cannot read image '.*b/1.png' \(OSError: image file is truncated.*", last), last
+    assert e.value.code == 2 and re.fullmatch(
+        r"error: --data '.*': cannot read image '.*b/1.png' \(OSError: image file is truncated.*", last
+    ), last
     assert not (tmp_path / "out").exists()
 
 
@@ -403,17 +493,25 @@ def test_wrong_invocation_in_a_subprocess(tmp_path):
 
 
 def test_help_lists_the_flags_with_their_docs():
-    out = subprocess.run([sys.executable, str(ROOT / "train_reward.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train_reward.py"), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     for flag in ("--attribute", "--levels", "--backbone", "--reward-mode", "--only-make-data", "--label-range"):
         assert flag in out.stdout
     assert "strength s in" in out.stdout
     assert "---" not in out.stdout  # a section comment shown as a flag's help
     # Every field has a docstring (tyro's help), so no flag falls back to a nearby comment or to nothing.
-    cls = next(n for n in ast.parse((ROOT / "train_reward.py").read_text()).body if isinstance(n, ast.ClassDef) and n.name == "Args")
+    cls = next(
+        n
+        for n in ast.parse((ROOT / "train_reward.py").read_text()).body
+        if isinstance(n, ast.ClassDef) and n.name == "Args"
+    )
     for field, after in zip(cls.body, cls.body[1:] + [None]):
         if isinstance(field, ast.AnnAssign):
-            assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant), f"Args.{field.target.id} has no docstring"
+            assert isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant), (
+                f"Args.{field.target.id} has no docstring"
+            )
 
 
 def test_alignprop_fine_tunes_towards_the_custom_reward(pixelate_model, tiny_sd_dir, tmp_path):

@@ -11,9 +11,12 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tiny import CLIP_TEXT
 
-CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+from tools.tiny import CLIP_TEXT
+
+CLIP_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+)
 
 
 def make_tiny_clip(out_dir, seed: int = 0, image_mean=None, image_std=None) -> Path:
@@ -86,7 +89,14 @@ def make_tiny_hps(out_dir, seed: int = 0) -> tuple[Path, str]:
 
 BERT_WORDS = "a an the of photo cat dog horse riding bike playing chess on in red blue tree snow rain".split()
 IR_VISION = dict(width=128, depth=1, patch=16, image=32)  # 2 heads of 64, as rewards.py infers
-IR_TEXT = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40)
+IR_TEXT = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=40,
+)
 
 
 def make_bert_tokenizer(out_dir) -> Path:
@@ -133,10 +143,17 @@ def imagereward_state_dict(seed: int = 0) -> dict:
         }  # fmt: skip
     # med.py's BERT and transformers' BlipTextModel (a port of med.py) share parameter names.
     torch.manual_seed(seed)
-    text = BlipTextModel(BlipTextConfig(**IR_TEXT, encoder_hidden_size=d, is_decoder=True, pad_token_id=0, bos_token_id=None, sep_token_id=None), add_pooling_layer=False)
+    text = BlipTextModel(
+        BlipTextConfig(
+            **IR_TEXT, encoder_hidden_size=d, is_decoder=True, pad_token_id=0, bos_token_id=None, sep_token_id=None
+        ),
+        add_pooling_layer=False,
+    )
     for k, v in text.state_dict().items():
         sd["blip.text_encoder." + k] = v + rnd(*v.shape)
-    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(IR_TEXT["max_position_embeddings"])[None]  # old torch saved it
+    sd["blip.text_encoder.embeddings.position_ids"] = torch.arange(IR_TEXT["max_position_embeddings"])[
+        None
+    ]  # old torch saved it
     sd["blip.vision_proj.weight"], sd["blip.vision_proj.bias"] = rnd(256, d), rnd(256)
     sd["blip.text_proj.weight"], sd["blip.text_proj.bias"] = rnd(256, IR_TEXT["hidden_size"]), rnd(256)
     for k, v in aesthetic_state_dict(IR_TEXT["hidden_size"], seed).items():

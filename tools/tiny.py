@@ -112,7 +112,9 @@ SDXL_SCHEDULER_CONFIG = dict(
 )
 
 
-def make_tiny_sdxl(out_dir: str | Path, refiner: bool = False, scheduler_config: dict | None = None, seed: int = 0) -> Path:
+def make_tiny_sdxl(
+    out_dir: str | Path, refiner: bool = False, scheduler_config: dict | None = None, seed: int = 0
+) -> Path:
     """A tiny SDXL base (or refiner) pipeline saved with save_pretrained, built like the real one:
     CLIPTextModel + CLIPTextModelWithProjection of different widths (32 + 64 = 96-d token states,
     32-d pooled), a second tokenizer padding with '!', a UNet with addition_embed_type="text_time"
@@ -148,7 +150,9 @@ def make_tiny_sdxl(out_dir: str | Path, refiner: bool = False, scheduler_config:
         projection_class_embeddings_input_dim=pooled_dim + (5 if refiner else 6) * time_dim,
     )
     vae = AutoencoderKL(**TINY_VAE, scaling_factor=0.13025, force_upcast=True)  # SDXL's scaling; it overflows in fp16
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_TEXT, "hidden_size": 64, "intermediate_size": 128}, projection_dim=pooled_dim))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**CLIP_TEXT, "hidden_size": 64, "intermediate_size": 128}, projection_dim=pooled_dim)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         build_clip_tokenizer(tmp)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
@@ -156,14 +160,27 @@ def make_tiny_sdxl(out_dir: str | Path, refiner: bool = False, scheduler_config:
     scheduler = EulerDiscreteScheduler.from_config(scheduler_config or SDXL_SCHEDULER_CONFIG)
     if refiner:
         pipe = StableDiffusionXLImg2ImgPipeline(
-            vae=vae, text_encoder=None, text_encoder_2=text_encoder_2, tokenizer=None, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
         )
     else:
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
         pipe = StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
         )
     pipe.save_pretrained(out_dir)
     return out_dir

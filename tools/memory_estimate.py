@@ -1,6 +1,6 @@
 """Estimate AlignProp's peak GPU memory on SDXL (bf16, K = 1) by shape accounting: no GPU, no weights.
 
-    python docs/memory_estimate.py            # prints the table the README quotes
+    python tools/memory_estimate.py            # prints the table the README quotes
 
 SDXL base's UNet and VAE are built from their published configs on the `meta` device, and one
 reward-backprop step is traced: the last UNet call on the CFG-doubled batch, then the VAE decode.
@@ -90,8 +90,14 @@ def main():
     weights = {p.untyped_storage()._cdata for p in itertools.chain(unet.parameters(), vae.parameters())}
     # resident in bf16: UNet 2.57 B, both text encoders 0.82 B (123 M + 695 M), VAE 84 M, an aesthetic
     # CLIP ViT-L/14 reward 0.43 B; LoRA weights and AdamW state are a few MB
-    resident = (sum(p.numel() for p in unet.parameters()) + 0.818e9 + sum(p.numel() for p in vae.parameters()) + 0.428e9) * 2
-    unet_blocks = [(f"down{i}", b) for i, b in enumerate(unet.down_blocks)] + [("mid", unet.mid_block)] + [(f"up{i}", b) for i, b in enumerate(unet.up_blocks)]
+    resident = (
+        sum(p.numel() for p in unet.parameters()) + 0.818e9 + sum(p.numel() for p in vae.parameters()) + 0.428e9
+    ) * 2
+    unet_blocks = (
+        [(f"down{i}", b) for i, b in enumerate(unet.down_blocks)]
+        + [("mid", unet.mid_block)]
+        + [(f"up{i}", b) for i, b in enumerate(unet.up_blocks)]
+    )
     vae_blocks = [("mid", vae.decoder.mid_block)] + [(f"up{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
 
     def trace(batch, latent, blocks_mode):
@@ -107,7 +113,7 @@ def main():
             with SavedBytes(weights, unet_blocks) as u:
                 eps = unet(x, torch.full((n,), 500), **cond).sample
             with SavedBytes(weights, vae_blocks) as v:
-                vae.decode(eps[:batch]).sample
+                _ = vae.decode(eps[:batch]).sample
         return u, v
 
     print("| resolution | batch | UNet call | VAE decode | peak `call` | peak `blocks` | peak `none` |")
@@ -118,7 +124,9 @@ def main():
         call = resident + max(u.total, v.total)
         blocks = resident + ub.total + vb.total + max(max(v.by_block.values()), max(u.by_block.values()))
         none = resident + u.total + v.total
-        print(f"| {px} | {batch} | {u.total / GiB:.1f} | {v.total / GiB:.1f} | {call / GiB:.0f} | {blocks / GiB:.0f} | {none / GiB:.0f} |")
+        print(
+            f"| {px} | {batch} | {u.total / GiB:.1f} | {v.total / GiB:.1f} | {call / GiB:.0f} | {blocks / GiB:.0f} | {none / GiB:.0f} |"
+        )
     print(f"(GiB; resident weights {resident / GiB:.1f} GiB; estimates by shape accounting, not measured)")
 
 

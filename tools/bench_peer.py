@@ -4,7 +4,7 @@
     python bench_peer.py                        # 3 repeats x {32 px / 4 steps, 64 px / 10 steps} x {DDPO, AlignProp}
     python bench_peer.py --repeats 1 --sizes 32x4 --epochs 1     # a quick smoke run
 
-One tiny SD pipeline (tests/tiny.py's make_tiny_sd) is saved to a temporary directory and both sides
+One tiny SD pipeline (tools/tiny.py's make_tiny_sd) is saved to a temporary directory and both sides
 load that same directory. Every measured run is its own subprocess (so thread pools and allocator
 state never carry over), on the CPU, fp32, with `--threads` intra-op threads and OMP_WAIT_POLICY=PASSIVE.
 The settings are matched: 2 batches of 4 samples per epoch, one optimizer step per epoch, CFG 5,
@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root
+sys.path.insert(0, str(ROOT))  # `python tools/bench_peer.py` from anywhere imports the project's modules
 TRL_VERSION = "0.23.1"
 TRL_MISSING = f"error: bench_peer.py needs trl: pip install trl=={TRL_VERSION}"
 
@@ -54,8 +55,11 @@ SEED = 0
 
 SIDES = ("trl", "ours", "ours+diffexp", "ours+compile", "ours+diffexp+compile")
 SIDE_LABEL = {
-    "trl": f"trl {TRL_VERSION}", "ours": "ours, DiffExp off", "ours+diffexp": "ours, DiffExp on (defaults)",
-    "ours+compile": "ours --compile, DiffExp off", "ours+diffexp+compile": "ours --compile, DiffExp on (defaults)",
+    "trl": f"trl {TRL_VERSION}",
+    "ours": "ours, DiffExp off",
+    "ours+diffexp": "ours, DiffExp on (defaults)",
+    "ours+compile": "ours --compile, DiffExp off",
+    "ours+diffexp+compile": "ours --compile, DiffExp on (defaults)",
 }
 
 
@@ -135,11 +139,36 @@ def parse_size(text: str) -> tuple[int, int]:
 def our_argv(spec: dict) -> list[str]:
     """The command line of our trainer for this run (the flags a user would type)."""
     common = [
-        "--pretrained", spec["pretrained"], "--resolution", spec["res"], "--num-steps", spec["steps"],
-        "--num-epochs", spec["num_epochs"], "--samples-per-epoch", BATCH * BATCHES_PER_EPOCH,
-        "--gradient-accumulation-steps", BATCHES_PER_EPOCH, "--mixed-precision", "no",
-        "--lora-rank", LORA_RANK, "--lora-alpha", LORA_ALPHA, "--w-high", GUIDANCE, "--prompts", PROMPTS,
-        "--eval-every", 0, "--save-every", 10**6, "--seed", SEED, "--output-dir", spec["out"],
+        "--pretrained",
+        spec["pretrained"],
+        "--resolution",
+        spec["res"],
+        "--num-steps",
+        spec["steps"],
+        "--num-epochs",
+        spec["num_epochs"],
+        "--samples-per-epoch",
+        BATCH * BATCHES_PER_EPOCH,
+        "--gradient-accumulation-steps",
+        BATCHES_PER_EPOCH,
+        "--mixed-precision",
+        "no",
+        "--lora-rank",
+        LORA_RANK,
+        "--lora-alpha",
+        LORA_ALPHA,
+        "--w-high",
+        GUIDANCE,
+        "--prompts",
+        PROMPTS,
+        "--eval-every",
+        0,
+        "--save-every",
+        10**6,
+        "--seed",
+        SEED,
+        "--output-dir",
+        spec["out"],
     ]
     if "diffexp" in spec["side"]:
         # DiffExp's own defaults (t_sw, w_low, prompt-weight range, stopwords); exploring in every epoch,
@@ -151,8 +180,22 @@ def our_argv(spec: dict) -> list[str]:
         common += ["--compile"]
     if spec["trainer"] == "ddpo":
         specific = [
-            "--reward", "jpeg", "--sample-batch-size", BATCH, "--train-batch-size", BATCH, "--eta", DDPO_ETA,
-            "--lr", DDPO_LR, "--clip-range", DDPO_CLIP, "--inner-epochs", 1, "--timestep-fraction", 1.0,
+            "--reward",
+            "jpeg",
+            "--sample-batch-size",
+            BATCH,
+            "--train-batch-size",
+            BATCH,
+            "--eta",
+            DDPO_ETA,
+            "--lr",
+            DDPO_LR,
+            "--clip-range",
+            DDPO_CLIP,
+            "--inner-epochs",
+            1,
+            "--timestep-fraction",
+            1.0,
             "--no-per-prompt-stat-tracking",
         ]
     else:
@@ -160,8 +203,16 @@ def our_argv(spec: dict) -> list[str]:
         # by the brightness reward in run_ours, as the tests do. Gradient checkpointing stays at its
         # default (each UNet call that carries gradient is recomputed in backward, as trl does).
         specific = [
-            "--reward", "aesthetic", "--batch-size", BATCH, "--eta", ALIGNPROP_ETA, "--lr", ALIGNPROP_LR,
-            "--backprop-steps", 1,
+            "--reward",
+            "aesthetic",
+            "--batch-size",
+            BATCH,
+            "--eta",
+            ALIGNPROP_ETA,
+            "--lr",
+            ALIGNPROP_LR,
+            "--backprop-steps",
+            1,
         ]
     return [str(a) for a in common + specific]
 
@@ -169,20 +220,36 @@ def our_argv(spec: dict) -> list[str]:
 def trl_config_fields(spec: dict) -> dict:
     """The trl config fields set for this run (everything else at trl's defaults)."""
     fields = dict(
-        num_epochs=spec["num_epochs"], save_freq=10**9, mixed_precision="no", seed=SEED,
-        sample_num_steps=spec["steps"], sample_guidance_scale=GUIDANCE, train_batch_size=BATCH, train_max_grad_norm=1.0,
+        num_epochs=spec["num_epochs"],
+        save_freq=10**9,
+        mixed_precision="no",
+        seed=SEED,
+        sample_num_steps=spec["steps"],
+        sample_guidance_scale=GUIDANCE,
+        train_batch_size=BATCH,
+        train_max_grad_norm=1.0,
     )
     if spec["trainer"] == "ddpo":
         fields |= dict(
-            sample_eta=DDPO_ETA, sample_batch_size=BATCH, sample_num_batches_per_epoch=BATCHES_PER_EPOCH,
-            train_gradient_accumulation_steps=BATCHES_PER_EPOCH, train_learning_rate=DDPO_LR, train_clip_range=DDPO_CLIP,
-            train_num_inner_epochs=1, train_timestep_fraction=1.0, train_cfg=True, per_prompt_stat_tracking=False,
+            sample_eta=DDPO_ETA,
+            sample_batch_size=BATCH,
+            sample_num_batches_per_epoch=BATCHES_PER_EPOCH,
+            train_gradient_accumulation_steps=BATCHES_PER_EPOCH,
+            train_learning_rate=DDPO_LR,
+            train_clip_range=DDPO_CLIP,
+            train_num_inner_epochs=1,
+            train_timestep_fraction=1.0,
+            train_cfg=True,
+            per_prompt_stat_tracking=False,
             async_reward_computation=False,
         )
     else:
         fields |= dict(
-            sample_eta=ALIGNPROP_ETA, train_gradient_accumulation_steps=BATCHES_PER_EPOCH, train_learning_rate=ALIGNPROP_LR,
-            truncated_backprop_rand=False, truncated_backprop_timestep=spec["steps"] - 1,  # gradient through the last step only
+            sample_eta=ALIGNPROP_ETA,
+            train_gradient_accumulation_steps=BATCHES_PER_EPOCH,
+            train_learning_rate=ALIGNPROP_LR,
+            truncated_backprop_rand=False,
+            truncated_backprop_timestep=spec["steps"] - 1,  # gradient through the last step only
         )
     return fields
 
@@ -213,7 +280,9 @@ def run_ours(spec: dict) -> dict:
         return score
 
     rewards.load_reward = load_checked
-    if spec["trainer"] == "alignprop":  # the brightness reward needs no checkpoint: skip the up-front check of aesthetic's
+    if (
+        spec["trainer"] == "alignprop"
+    ):  # the brightness reward needs no checkpoint: skip the up-front check of aesthetic's
         rewards.checkpoints_needed = lambda *args, **kwargs: []
     trainer = importlib.import_module(f"train_{spec['trainer']}")
     trainer.main(tyro.cli(trainer.Args, args=our_argv(spec)))
@@ -221,11 +290,13 @@ def run_ours(spec: dict) -> dict:
     epochs = [r for r in log if r.get("epoch", -1) >= 0]
     if len(epochs) != spec["num_epochs"]:
         raise RuntimeError(f"log.jsonl has {len(epochs)} epochs, expected {spec['num_epochs']}")
-    timed = epochs[spec["warmup"]:]
+    timed = epochs[spec["warmup"] :]
     return {
         "sec_per_sample": [r["sec_per_sample"] for r in timed],
         "warmup_sec_per_sample": [r["sec_per_sample"] for r in epochs[: spec["warmup"]]],
-        "samples_per_epoch": [r["samples"] - p["samples"] for p, r in zip([{"samples": 0}] + epochs, epochs)][spec["warmup"]:],
+        "samples_per_epoch": [r["samples"] - p["samples"] for p, r in zip([{"samples": 0}] + epochs, epochs)][
+            spec["warmup"] :
+        ],
         "exploring": [r["exploring"] for r in timed],
         "w_low_share": [r["w_low_share"] for r in timed],
     }
@@ -259,6 +330,7 @@ def run_trl(spec: dict) -> dict:
 
     fields = trl_config_fields(spec)
     if spec["trainer"] == "ddpo":
+
         def reward_fn(images, prompts_, metadata):
             scores = -jpeg_kb(images)
             seen(images, scores)
@@ -266,6 +338,7 @@ def run_trl(spec: dict) -> dict:
 
         trainer = DDPOTrainer(DDPOConfig(**fields), reward_fn, prompt_fn, pipe)
     else:
+
         def reward_fn(images, prompts_, metadata):
             scores = brightness(images)
             seen(images, scores)
@@ -280,8 +353,10 @@ def run_trl(spec: dict) -> dict:
         global_step = trainer.step(epoch, global_step)
         seconds.append(time.perf_counter() - t0)
     if global_step != spec["num_epochs"]:  # trl counts optimizer steps
-        raise RuntimeError(f"trl made {global_step} optimizer steps in {spec['num_epochs']} epochs, expected one per epoch")
-    timed = seconds[spec["warmup"]:]
+        raise RuntimeError(
+            f"trl made {global_step} optimizer steps in {spec['num_epochs']} epochs, expected one per epoch"
+        )
+    timed = seconds[spec["warmup"] :]
     return {"sec_per_sample": [s / samples for s in timed], "samples_per_epoch": [samples] * len(timed)}
 
 
@@ -301,28 +376,47 @@ def worker(spec_path: str):
 def child_env(threads: int) -> dict:
     env = dict(os.environ)
     env.update(
-        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE",
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        OMP_WAIT_POLICY="PASSIVE",
         CUDA_VISIBLE_DEVICES="",  # the CPU on both sides, even on a machine with a GPU
-        HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
         PYTHONWARNINGS="ignore::DeprecationWarning",  # trl's "DDPOTrainer is deprecated" on every run
     )
     return env
 
 
-def run_one(args: Args, work: Path, pretrained: Path, trainer: str, res: int, steps: int, side: str, repeat: int) -> dict:
+def run_one(
+    args: Args, work: Path, pretrained: Path, trainer: str, res: int, steps: int, side: str, repeat: int
+) -> dict:
     run_dir = work / "runs" / f"{trainer}_{res}x{steps}_{side}_r{repeat}"
     run_dir.mkdir(parents=True)
     spec = dict(
-        side=side, trainer=trainer, res=res, steps=steps, num_epochs=args.warmup_epochs + args.epochs, warmup=args.warmup_epochs,
-        threads=args.threads, pretrained=str(pretrained), out=str(run_dir / "out"), result=str(run_dir / "result.json"),
+        side=side,
+        trainer=trainer,
+        res=res,
+        steps=steps,
+        num_epochs=args.warmup_epochs + args.epochs,
+        warmup=args.warmup_epochs,
+        threads=args.threads,
+        pretrained=str(pretrained),
+        out=str(run_dir / "out"),
+        result=str(run_dir / "result.json"),
     )
     (run_dir / "spec.json").write_text(json.dumps(spec))
     t0 = time.time()
     with open(run_dir / "output.txt", "w") as out:
         try:
             proc = subprocess.run(
-                [sys.executable, str(ROOT / "bench_peer.py"), "_worker", str(run_dir / "spec.json")],
-                cwd=run_dir, env=child_env(args.threads), stdout=out, stderr=subprocess.STDOUT, timeout=args.run_timeout,
+                [sys.executable, str(ROOT / "tools" / "bench_peer.py"), "_worker", str(run_dir / "spec.json")],
+                cwd=run_dir,
+                env=child_env(args.threads),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                timeout=args.run_timeout,
             )
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -332,8 +426,12 @@ def run_one(args: Args, work: Path, pretrained: Path, trainer: str, res: int, st
         return {"failed": f"exit {rc}", "tail": tail, "wall": time.time() - t0}
     result = json.loads((run_dir / "result.json").read_text()) | {"wall": time.time() - t0}
     if result["image_sizes"] != [[res, res]] or result["threads"] != args.threads:
-        return {"failed": f"the reward saw images of {result['image_sizes']} (expected {res} x {res}), "
-                          f"{result['threads']} threads (expected {args.threads})", "tail": [], "wall": result["wall"]}
+        return {
+            "failed": f"the reward saw images of {result['image_sizes']} (expected {res} x {res}), "
+            f"{result['threads']} threads (expected {args.threads})",
+            "tail": [],
+            "wall": result["wall"],
+        }
     return result
 
 
@@ -351,8 +449,14 @@ def summarise(results: dict, args: Args, sizes) -> list[dict]:
                 ok = [r for r in runs if "failed" not in r]
                 values = [v for r in ok for v in r["sec_per_sample"]]
                 per_side[side] = dict(
-                    trainer=trainer, size=f"{res} px / {steps} steps", side=side, runs=len(ok), failed=len(runs) - len(ok),
-                    epochs=len(values), min=min(values) if values else None, median=statistics.median(values) if values else None,
+                    trainer=trainer,
+                    size=f"{res} px / {steps} steps",
+                    side=side,
+                    runs=len(ok),
+                    failed=len(runs) - len(ok),
+                    epochs=len(values),
+                    min=min(values) if values else None,
+                    median=statistics.median(values) if values else None,
                     note=note(ok, side, trainer),
                 )
             ref = per_side["trl"]
@@ -369,7 +473,9 @@ def note(runs: list[dict], side: str, trainer: str) -> str:
     if "diffexp" in side and runs:
         exploring = all(all(r.get("exploring", [])) for r in runs)
         share = statistics.mean(v for r in runs for v in r.get("w_low_share", [0.0]))
-        notes.append(f"exploring every timed epoch: {'yes' if exploring else 'NO'}; share of steps at w_low {share:.2f}")
+        notes.append(
+            f"exploring every timed epoch: {'yes' if exploring else 'NO'}; share of steps at w_low {share:.2f}"
+        )
     if "compile" in side and runs:
         first = [r["warmup_sec_per_sample"][0] for r in runs if r.get("warmup_sec_per_sample")]
         if first:
@@ -382,14 +488,39 @@ def fmt(v, spec=".4f"):
 
 
 def table(rows: list[dict]) -> list[str]:
-    head = ["trainer", "size", "side", "runs", "timed epochs", "s/sample min", "s/sample median", "ours/trl min", "ours/trl median", "notes"]
+    head = [
+        "trainer",
+        "size",
+        "side",
+        "runs",
+        "timed epochs",
+        "s/sample min",
+        "s/sample median",
+        "ours/trl min",
+        "ours/trl median",
+        "notes",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         runs = f"{r['runs']}" + (f" ({r['failed']} failed)" if r["failed"] else "")
-        lines.append("| " + " | ".join([
-            r["trainer"], r["size"], SIDE_LABEL[r["side"]], runs, str(r["epochs"]), fmt(r["min"]), fmt(r["median"]),
-            fmt(r["ratio_min"], ".2f"), fmt(r["ratio_median"], ".2f"), r["note"],
-        ]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    r["trainer"],
+                    r["size"],
+                    SIDE_LABEL[r["side"]],
+                    runs,
+                    str(r["epochs"]),
+                    fmt(r["min"]),
+                    fmt(r["median"]),
+                    fmt(r["ratio_min"], ".2f"),
+                    fmt(r["ratio_median"], ".2f"),
+                    r["note"],
+                ]
+            )
+            + " |"
+        )
     return lines
 
 
@@ -413,12 +544,31 @@ def settings_markdown(args: Args, sizes) -> list[str]:
         "",
     ]
     for trainer in args.trainers:
-        spec = dict(side="ours", trainer=trainer, res=res, steps=steps, num_epochs=args.warmup_epochs + args.epochs, pretrained="<tiny-sd>", out="<tmp>")
-        reward = " (rewards.load_reward replaced by mean brightness, in-process as the tests do)" if trainer == "alignprop" else ""
-        lines += [f"- `train_{trainer}.py {' '.join(our_argv(spec))}`{reward}; the DiffExp row drops "
-                  "`--no-cfg-schedule --no-prompt-weighting` and adds `--explore-frac 1.0`" + ("; the --compile rows add `--compile`" if args.compile else "")]
-    lines += ["", f"trl {TRL_VERSION} side (config fields set; the rest at trl's defaults; `DefaultDDPOStableDiffusionPipeline(dir, use_lora=True)` "
-              "with height = width = the size passed to its sampling calls):", ""]
+        spec = dict(
+            side="ours",
+            trainer=trainer,
+            res=res,
+            steps=steps,
+            num_epochs=args.warmup_epochs + args.epochs,
+            pretrained="<tiny-sd>",
+            out="<tmp>",
+        )
+        reward = (
+            " (rewards.load_reward replaced by mean brightness, in-process as the tests do)"
+            if trainer == "alignprop"
+            else ""
+        )
+        lines += [
+            f"- `train_{trainer}.py {' '.join(our_argv(spec))}`{reward}; the DiffExp row drops "
+            "`--no-cfg-schedule --no-prompt-weighting` and adds `--explore-frac 1.0`"
+            + ("; the --compile rows add `--compile`" if args.compile else "")
+        ]
+    lines += [
+        "",
+        f"trl {TRL_VERSION} side (config fields set; the rest at trl's defaults; `DefaultDDPOStableDiffusionPipeline(dir, use_lora=True)` "
+        "with height = width = the size passed to its sampling calls):",
+        "",
+    ]
     for trainer in args.trainers:
         spec = dict(trainer=trainer, steps=steps, num_epochs=args.warmup_epochs + args.epochs)
         cls = "DDPOConfig" if trainer == "ddpo" else "AlignPropConfig"
@@ -500,7 +650,10 @@ def check_trl():
         from trl import AlignPropTrainer, DDPOTrainer  # noqa: F401
     except Exception as e:  # noqa: BLE001 - a newer trl without them, or a broken install
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"{TRL_MISSING} (trl {getattr(trl, '__version__', '?')} has no usable DDPOTrainer/AlignPropTrainer: {first})", file=sys.stderr)
+        print(
+            f"{TRL_MISSING} (trl {getattr(trl, '__version__', '?')} has no usable DDPOTrainer/AlignPropTrainer: {first})",
+            file=sys.stderr,
+        )
         sys.exit(2)
 
 
@@ -508,13 +661,19 @@ def main(args: Args):
     try:
         sizes = [parse_size(s) for s in args.sizes]
         if args.repeats < 1 or args.epochs < 1 or args.warmup_epochs < 0 or args.threads < 1 or not args.trainers:
-            raise ValueError("--repeats, --epochs and --threads must be >= 1, --warmup-epochs >= 0, and --trainers not empty")
+            raise ValueError(
+                "--repeats, --epochs and --threads must be >= 1, --warmup-epochs >= 0, and --trainers not empty"
+            )
         if args.compile and args.warmup_epochs < 1:
-            raise ValueError("--compile needs --warmup-epochs >= 1: the first epoch compiles the UNet and must not be timed")
+            raise ValueError(
+                "--compile needs --warmup-epochs >= 1: the first epoch compiles the UNet and must not be timed"
+            )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    os.environ.update(OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    os.environ.update(
+        OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"
+    )
     check_trl()
 
     tmp = None
@@ -531,8 +690,8 @@ def main(args: Args):
         import torch
 
         torch.set_num_threads(args.threads)
-        sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-        from tiny import make_tiny_sd
+        sys.path[:0] = [str(ROOT)]
+        from tools.tiny import make_tiny_sd
 
         pretrained = make_tiny_sd(work / "tiny-sd")
         if args.compile:
@@ -551,10 +710,16 @@ def main(args: Args):
                         done += 1
                         head = f"[{done}/{total}] repeat {repeat + 1} {trainer} {res}px/{steps} steps {side}:"
                         if "failed" in r:
-                            print(f"{head} FAILED ({r['failed']}, {r['wall']:.0f} s)\n    " + "\n    ".join(r["tail"]), flush=True)
+                            print(
+                                f"{head} FAILED ({r['failed']}, {r['wall']:.0f} s)\n    " + "\n    ".join(r["tail"]),
+                                flush=True,
+                            )
                         else:
-                            print(f"{head} s/sample {' '.join(f'{v:.4f}' for v in r['sec_per_sample'])} "
-                                  f"(mean reward {r['reward_mean']:.4f}, {r['threads']} threads, run {r['wall']:.0f} s)", flush=True)
+                            print(
+                                f"{head} s/sample {' '.join(f'{v:.4f}' for v in r['sec_per_sample'])} "
+                                f"(mean reward {r['reward_mean']:.4f}, {r['threads']} threads, run {r['wall']:.0f} s)",
+                                flush=True,
+                            )
         rows = summarise(results, args, sizes)
         lines = table(rows)
         print("\n" + "\n".join(lines))
@@ -562,8 +727,25 @@ def main(args: Args):
         md.parent.mkdir(parents=True, exist_ok=True)
         notes = ["What the two sides do differently (S = denoising steps):", "", *[f"- {d}" for d in DIFFERENCES]]
         if args.compile:
-            notes += [f"- {COMPILE_DIFFERENCE}", "", f"Inductor against eager on the tiny UNet (LoRA r{LORA_RANK}, fp32): {check}"]
-        md.write_text("\n".join(["# bench_peer: our trainers vs trl " + TRL_VERSION, "", *settings_markdown(args, sizes), "", *lines, "", *notes, ""]))
+            notes += [
+                f"- {COMPILE_DIFFERENCE}",
+                "",
+                f"Inductor against eager on the tiny UNet (LoRA r{LORA_RANK}, fp32): {check}",
+            ]
+        md.write_text(
+            "\n".join(
+                [
+                    "# bench_peer: our trainers vs trl " + TRL_VERSION,
+                    "",
+                    *settings_markdown(args, sizes),
+                    "",
+                    *lines,
+                    "",
+                    *notes,
+                    "",
+                ]
+            )
+        )
         print(f"\nwrote {md}" + (f"; runs kept in {work}" if args.keep_dir else ""))
         failed = sum(r["failed"] for r in rows)
         if failed:
@@ -580,4 +762,10 @@ if __name__ == "__main__":
     else:
         import tyro
 
-        main(tyro.cli(Args, description=__doc__.split("\n\nOne tiny")[0] + "\n\nWhat is matched and what is timed: the docstring of bench_peer.py."))
+        main(
+            tyro.cli(
+                Args,
+                description=__doc__.split("\n\nOne tiny")[0]
+                + "\n\nWhat is matched and what is timed: the docstring of bench_peer.py.",
+            )
+        )

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,8 @@ import torch.nn.functional as F  # noqa: E402
 import tyro  # noqa: E402
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root
+sys.path.insert(0, str(ROOT))  # `python tools/toy.py` from anywhere imports the project's modules
 
 
 @dataclass
@@ -201,7 +203,10 @@ def render(n: int, gen: torch.Generator, two_frac: float = 0.5, objects=OBJECTS,
         ia = torch.randint(len(objects), (n,), generator=gen)
         ib = (ia + torch.randint(1, len(objects), (n,), generator=gen)) % len(objects)  # never the same object
         rel = torch.randint(len(RELATIONS), (n,), generator=gen)
-        pairs = [(objects[a], RELATIONS[r], objects[b]) if t else (objects[a], None, None) for a, b, r, t in zip(ia.tolist(), ib.tolist(), rel.tolist(), two.tolist())]
+        pairs = [
+            (objects[a], RELATIONS[r], objects[b]) if t else (objects[a], None, None)
+            for a, b, r, t in zip(ia.tolist(), ib.tolist(), rel.tolist(), two.tolist())
+        ]
     else:
         pairs = list(pairs)
         n = len(pairs)
@@ -308,7 +313,9 @@ def build_clip(text_width: int):
         vocab_size=49408, hidden_size=text_width, intermediate_size=4 * text_width, num_hidden_layers=3,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
     )  # fmt: skip
-    vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=4)
+    vision = dict(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=3, num_attention_heads=4, image_size=SIZE, patch_size=4
+    )
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
@@ -379,9 +386,13 @@ def train_clip(args, images, captions, tokenizer, gen):
     clip = build_clip(args.text_width)
     decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=args.clip_lr)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=args.clip_lr
+    )
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.clip_lr, total_steps=args.clip_steps, pct_start=0.1)
-    bar = tqdm(batches(images, args.clip_batch, args.clip_steps, gen), total=args.clip_steps, desc="clip", mininterval=2)
+    bar = tqdm(
+        batches(images, args.clip_batch, args.clip_steps, gen), total=args.clip_steps, desc="clip", mininterval=2
+    )
     for idx in bar:
         caps = [captions[i] for i in idx.tolist()]
         texts = list(dict.fromkeys(caps))
@@ -416,7 +427,7 @@ def text_tower(clip):
 
     text_encoder = CLIPTextModel(clip.config.text_config)
     prefix = "text_model."
-    state = {k[len(prefix):]: v for k, v in clip.state_dict().items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in clip.state_dict().items() if k.startswith(prefix)}
     missing, unexpected = text_encoder.load_state_dict(state, strict=False)
     if missing or unexpected:  # the two classes must share the tower's parameter names
         raise RuntimeError(f"text tower does not fit CLIPTextModel: missing {missing[:4]}, unexpected {unexpected[:4]}")
@@ -439,10 +450,19 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.unet_lr, total_steps=args.unet_steps, pct_start=0.05)
-    betas = torch.linspace(scheduler_config["beta_start"] ** 0.5, scheduler_config["beta_end"] ** 0.5, scheduler_config["num_train_timesteps"]) ** 2
+    betas = (
+        torch.linspace(
+            scheduler_config["beta_start"] ** 0.5,
+            scheduler_config["beta_end"] ** 0.5,
+            scheduler_config["num_train_timesteps"],
+        )
+        ** 2
+    )
     ab = torch.cumprod(1 - betas, 0)  # SD's scaled_linear alphas_cumprod
     T = len(ab)
-    bar = tqdm(batches(latents, args.unet_batch, args.unet_steps, gen), total=args.unet_steps, desc="unet", mininterval=2)
+    bar = tqdm(
+        batches(latents, args.unet_batch, args.unet_steps, gen), total=args.unet_steps, desc="unet", mininterval=2
+    )
     for step, idx in enumerate(bar):
         x0 = latents[idx]
         B = len(idx)
@@ -483,8 +503,7 @@ def save(args, vae, clip, text_encoder, unet, tokenizer):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from transformers import CLIPImageProcessor, CLIPProcessor
 
-    sys_path_tests()
-    from tiny import SD_SCHEDULER_CONFIG
+    from tools.tiny import SD_SCHEDULER_CONFIG
 
     dtype = torch.float16 if args.fp16 else torch.float32
     pipe = StableDiffusionPipeline(
@@ -498,14 +517,6 @@ def save(args, vae, clip, text_encoder, unet, tokenizer):
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(args.scorer_out)
 
 
-def sys_path_tests():
-    # tests/tiny.py holds SD v1.5's scheduler config; one definition for the tests and the toy build.
-    import sys
-
-    if str(ROOT / "tests") not in sys.path:
-        sys.path.insert(0, str(ROOT / "tests"))
-
-
 # ---------------------------------------------------------------------------------------------
 # 6. Quality, measured through the project's own loaders (what the trainers will see).
 
@@ -515,7 +526,9 @@ def scorer_accuracy(reward, images, captions, candidates, batch=256) -> float:
     """How often the scorer's best caption among `candidates` is the image's own."""
     pick = reward.parts[0][2]  # the PickScoreReward module: text embeddings computed once
     tok = pick.tokenizer(candidates, padding=True, return_tensors="pt")
-    txt = F.normalize(pick.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output, dim=-1)
+    txt = F.normalize(
+        pick.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask).pooler_output, dim=-1
+    )
     from rewards import clip_preprocess
 
     hits = 0
@@ -541,7 +554,9 @@ def evaluate(args, out_dir: str, scorer_dir: str) -> dict:
     imgs, caps = render(n, gen, two_frac=1.0)
     res["scorer_acc_two_heldout_images"] = scorer_accuracy(reward, imgs, caps, ALL_TWO)
     unseen_caps = single_captions(UNSEEN) * (4 if args.smoke else 50)
-    res["scorer_acc_unseen_single_images"] = scorer_accuracy(reward, render_captions(unseen_caps, gen), unseen_caps, ALL_SINGLE)
+    res["scorer_acc_unseen_single_images"] = scorer_accuracy(
+        reward, render_captions(unseen_caps, gen), unseen_caps, ALL_SINGLE
+    )
 
     pipe = load_pipeline(out_dir)
     steps = 4 if args.smoke else args.eval_steps
@@ -560,14 +575,20 @@ def evaluate(args, out_dir: str, scorer_dir: str) -> dict:
     for key, prompts, cands in [
         ("single_seen", single_captions(SEEN), ALL_SINGLE),
         ("single_unseen", single_captions(UNSEEN), ALL_SINGLE),
-        ("two_seen", random.Random(args.seed).sample(two_captions(SEEN), 4 if args.smoke else args.eval_two_prompts), ALL_TWO),
+        (
+            "two_seen",
+            random.Random(args.seed).sample(two_captions(SEEN), 4 if args.smoke else args.eval_two_prompts),
+            ALL_TWO,
+        ),
     ]:
         acc, mean_reward, images = gen_and_score(prompts, cands)
         res[f"gen_match_{key}"], res[f"gen_reward_{key}"] = acc, mean_reward
         if key == "two_seen":  # a looser test of the relation: own caption beats its order-swapped twin
             prompts = [p for p in prompts for _ in range(k)]
             swapped = [swap_negatives(p)[0] for p in prompts]
-            res["gen_order_right_two_seen"] = (reward(images, prompts)[0] > reward(images, swapped)[0]).float().mean().item()
+            res["gen_order_right_two_seen"] = (
+                (reward(images, prompts)[0] > reward(images, swapped)[0]).float().mean().item()
+            )
         if key == "single_seen":
             save_grid(images, Path(out_dir) / "samples.png", nrow=len(prompts))
     res["gen_settings"] = f"DDIM {steps} steps, eta 0, CFG {args.eval_cfg}, {k} image(s) per prompt"
@@ -700,7 +721,9 @@ def evaluate_detector(args) -> dict:
     unseen_pairs = [c for c in ALL_TWO if any(f"{name(u)} " in c + " " for u in UNSEEN)]
     caps = [unseen_pairs[i] for i in torch.randint(len(unseen_pairs), (n,), generator=gen).tolist()]
     lookup = {name(o): o for o in OBJECTS}
-    pairs = [(lookup[a], r, lookup[b]) for c in caps for r in RELATIONS if f" {r} " in c for a, b in [c.split(f" {r} ")]]
+    pairs = [
+        (lookup[a], r, lookup[b]) for c in caps for r in RELATIONS if f" {r} " in c for a, b in [c.split(f" {r} ")]
+    ]
     images, captions, layout = render(n, gen, pairs=pairs, layout=True)
     res["unseen_pair_exact_set"] = sets_right(images, layout)
     res["unseen_pair_reward_over_half"] = (score(images, captions) > 0.5).float().mean().item()
@@ -713,7 +736,9 @@ def evaluate_detector(args) -> dict:
     other_rel = {RELATIONS[0]: RELATIONS[1], RELATIONS[1]: RELATIONS[0]}
     wrong = {
         "missing_shape": [f"{name(a)} {r} {name(pick(x))}" for (a, r, b), x in zip(pairs, absent)],
-        "wrong_colour": [f"{name(pick([o for o in x if o[1] == a[1]]))} {r} {name(b)}" for (a, r, b), x in zip(pairs, absent)],
+        "wrong_colour": [
+            f"{name(pick([o for o in x if o[1] == a[1]]))} {r} {name(b)}" for (a, r, b), x in zip(pairs, absent)
+        ],
         "swapped_order": [f"{name(b)} {r} {name(a)}" for a, r, b in pairs],
         "other_relation": [f"{name(a)} {other_rel[r]} {name(b)}" for a, r, b in pairs],
     }
@@ -723,11 +748,15 @@ def evaluate_detector(args) -> dict:
     # drawn one scores highest; and the soft-argmax positions' error against the drawn centres.
     four = [[f"{name(x)} {rr} {name(y)}" for rr in RELATIONS for x, y in [(a, b), (b, a)]] for a, _, b in pairs]
     scores = torch.stack([score(images, [f[k] for f in four]) for k in range(4)], 1)
-    res["pair_relation_right"] = (scores.argmax(1) == torch.tensor([f.index(c) for f, c in zip(four, captions)])).float().mean().item()
+    res["pair_relation_right"] = (
+        (scores.argmax(1) == torch.tensor([f.index(c) for f, c in zip(four, captions)])).float().mean().item()
+    )
     _, xy = ours.net(images)
     rows = torch.arange(len(pairs))
     ia, ib = torch.tensor([index[a] for a, _, _ in pairs]), torch.tensor([index[b] for _, _, b in pairs])
-    res["pair_position_error_px"] = torch.cat([(xy[rows, ia] - a_xy).norm(dim=-1), (xy[rows, ib] - b_xy).norm(dim=-1)]).mean().item()
+    res["pair_position_error_px"] = (
+        torch.cat([(xy[rows, ia] - a_xy).norm(dim=-1), (xy[rows, ib] - b_xy).norm(dim=-1)]).mean().item()
+    )
     res["renders_per_measure"] = n
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in res.items()}
 
@@ -747,7 +776,9 @@ def base_model_success(args) -> dict:
     from rewards import load_reward
 
     ours = load_reward("toy-compose", toy_detector=args.detector_out).parts[0][2]
-    res = {"settings": f"sample.py generate: DDIM {args.detector_eval_steps} steps, eta 0, CFG {args.eval_cfg}, {args.detector_eval_per_prompt} images per prompt (seeds {args.seed}..{args.seed + args.detector_eval_per_prompt - 1})"}
+    res = {
+        "settings": f"sample.py generate: DDIM {args.detector_eval_steps} steps, eta 0, CFG {args.eval_cfg}, {args.detector_eval_per_prompt} images per prompt (seeds {args.seed}..{args.seed + args.detector_eval_per_prompt - 1})"
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for prompt_set in ("toy_shapes", "toy_two_shapes", "toy_unseen"):
             out = Path(tmp) / prompt_set
@@ -762,7 +793,9 @@ def base_model_success(args) -> dict:
                 raise RuntimeError(f"sample.py generate failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
             rows = list(csv.DictReader(open(out / "scores.csv")))
             value = torch.tensor([float(r["toy-compose"]) for r in rows])
-            pixels = [torch.from_numpy(np.array(Image.open(out / f"{int(r['index']):04d}.png").convert("RGB"))) for r in rows]
+            pixels = [
+                torch.from_numpy(np.array(Image.open(out / f"{int(r['index']):04d}.png").convert("RGB"))) for r in rows
+            ]
             images = torch.stack(pixels).permute(0, 3, 1, 2).float() / 255
             prompts = [r["prompt"] for r in rows]
             with torch.no_grad():
@@ -775,7 +808,9 @@ def base_model_success(args) -> dict:
                              "success": round((value[sel] > 0.5).float().mean().item(), 4), "mean_reward": round(value[sel].mean().item(), 4)}  # fmt: skip
                     if key == "pair":  # what fails: a shape missing (or mis-coloured), or the relation
                         entry["both_shapes_detected"] = round(both[sel].float().mean().item(), 4)
-                        entry["relation_right_when_both"] = round((p_rel[sel & both] > 0.5).float().mean().item(), 4) if (sel & both).any() else None
+                        entry["relation_right_when_both"] = (
+                            round((p_rel[sel & both] > 0.5).float().mean().item(), 4) if (sel & both).any() else None
+                        )
                     res[f"{prompt_set}_{key}"] = entry
     return res
 
@@ -812,7 +847,10 @@ def main(args: Args):
         gen = torch.Generator().manual_seed(args.seed)
         t0 = time.time()
         objects = SEEN if args.holdout_from_data else OBJECTS
-        chunks = [render(min(2000, args.num_images - i), gen, args.two_shape_frac, objects) for i in range(0, args.num_images, 2000)]
+        chunks = [
+            render(min(2000, args.num_images - i), gen, args.two_shape_frac, objects)
+            for i in range(0, args.num_images, 2000)
+        ]
         images = torch.cat([c[0] for c in chunks])
         captions = [c for ch in chunks for c in ch[1]]
         timings["data"] = time.time() - t0
@@ -828,7 +866,9 @@ def main(args: Args):
             check = images[:256]
             rec = (vae.decode(encode_latents(vae, check)).sample / 2 + 0.5).clamp(0, 1)
         timings["vae"] = time.time() - t0
-        print(f"vae: reconstruction MAE {(rec - check).abs().mean():.4f}, scaling_factor {scale:.4f} ({timings['vae']:.0f} s)")
+        print(
+            f"vae: reconstruction MAE {(rec - check).abs().mean():.4f}, scaling_factor {scale:.4f} ({timings['vae']:.0f} s)"
+        )
 
         t0 = time.time()
         with tempfile.TemporaryDirectory() as tmp:
@@ -843,13 +883,14 @@ def main(args: Args):
         empty = encode_text(text_encoder, tokenizer, [""])
         lookup = {c: i for i, c in enumerate(distinct)}
         caption_ids = torch.tensor([lookup[c] for c in captions])
-        sys_path_tests()
-        from tiny import SD_SCHEDULER_CONFIG
+        from tools.tiny import SD_SCHEDULER_CONFIG
 
         unet = train_unet(args, latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen)
         timings["unet"] = time.time() - t0
         save(args, vae, clip, text_encoder, unet, tokenizer)
-        print(f"saved {args.out} ({dir_size_mb(args.out):.1f} MB) and {args.scorer_out} ({dir_size_mb(args.scorer_out):.1f} MB)")
+        print(
+            f"saved {args.out} ({dir_size_mb(args.out):.1f} MB) and {args.scorer_out} ({dir_size_mb(args.scorer_out):.1f} MB)"
+        )
 
         t0 = time.time()
         save_detector(args, train_detector(args))
@@ -861,11 +902,18 @@ def main(args: Args):
         quality["detector"] = measure_detector(args)
     timings["eval"] = time.time() - t0
     quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    quality["sizes_mb"] = {"pipeline": round(dir_size_mb(args.out), 2), "scorer": round(dir_size_mb(args.scorer_out), 2)}
+    quality["sizes_mb"] = {
+        "pipeline": round(dir_size_mb(args.out), 2),
+        "scorer": round(dir_size_mb(args.scorer_out), 2),
+    }
     print(json.dumps(quality, indent=2))
     report = Path(args.out) / "quality.json"
     if args.eval_only and report.is_file():  # keep the build's own timings next to the new measurements
-        quality = {**quality, "timings_s": json.loads(report.read_text()).get("timings_s", {}), "eval_only_s": round(timings["eval"], 1)}
+        quality = {
+            **quality,
+            "timings_s": json.loads(report.read_text()).get("timings_s", {}),
+            "eval_only_s": round(timings["eval"], 1),
+        }
     if not args.smoke:
         report.write_text(json.dumps(quality, indent=2) + "\n")
     return quality
@@ -887,7 +935,9 @@ def detector_stage(args, train: bool) -> dict:
     t0 = time.time()
     if train:
         save_detector(args, train_detector(args))
-        print(f"detector: {time.time() - t0:.0f} s, saved {args.detector_out} ({dir_size_mb(args.detector_out) * 1000:.0f} kB)")
+        print(
+            f"detector: {time.time() - t0:.0f} s, saved {args.detector_out} ({dir_size_mb(args.detector_out) * 1000:.0f} kB)"
+        )
     t1 = time.time()
     res = measure_detector(args)
     if train:

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import tyro
 
-ROOT = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent  # the project root
+sys.path.insert(0, str(ROOT))  # `python tools/bench_toy.py` from anywhere imports the project's modules
 ARMS = {  # DiffExp parts switched on: (a) CFG schedule, (b) prompt weighting
     "baseline": ["--no-cfg-schedule", "--no-prompt-weighting"],
     "diffexp": ["--cfg-schedule", "--prompt-weighting"],
@@ -65,13 +66,36 @@ def command(args: Args, method: str, arm: str, seed: int, out: Path) -> list[str
     cmd = [sys.executable, str(ROOT / f"train_{method}.py"), "--pretrained", "toy", "--reward", args.reward]
     cmd += ["--reward-models", "pickscore_model", "toy-scorer", "pickscore_processor", "toy-scorer"]
     cmd += ["--prompts", args.prompts, "--eval-prompts", args.eval_prompts, "--num-steps", str(args.num_steps)]
-    cmd += ["--num-epochs", str(args.epochs), "--samples-per-epoch", str(args.samples_per_epoch), "--mixed-precision", "no"]
-    cmd += ["--eval-every", str(args.eval_every), "--eval-num", str(args.eval_num), "--seed", str(seed), "--output-dir", str(out)]
+    cmd += [
+        "--num-epochs",
+        str(args.epochs),
+        "--samples-per-epoch",
+        str(args.samples_per_epoch),
+        "--mixed-precision",
+        "no",
+    ]
+    cmd += [
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-num",
+        str(args.eval_num),
+        "--seed",
+        str(seed),
+        "--output-dir",
+        str(out),
+    ]
     batch = min(8, args.samples_per_epoch)
     if method == "alignprop":
         cmd += ["--batch-size", str(batch), "--gradient-accumulation-steps", str(args.samples_per_epoch // batch)]
     else:
-        cmd += ["--sample-batch-size", str(batch), "--train-batch-size", str(batch), "--gradient-accumulation-steps", str(args.samples_per_epoch // batch)]
+        cmd += [
+            "--sample-batch-size",
+            str(batch),
+            "--train-batch-size",
+            str(batch),
+            "--gradient-accumulation-steps",
+            str(args.samples_per_epoch // batch),
+        ]
     return cmd + ARMS[arm] + list(args.extra)
 
 
@@ -85,7 +109,9 @@ def _read_curve(run: Path, key: str) -> list[tuple[int, float]]:
 
 def finished(run: Path, epochs: int) -> bool:
     log = run / "log.jsonl"
-    return log.is_file() and any(json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip())
+    return log.is_file() and any(
+        json.loads(line).get("epoch") == epochs - 1 for line in log.read_text().splitlines() if line.strip()
+    )
 
 
 @functools.cache
@@ -147,7 +173,10 @@ def report(args: Args):
 
     fig, axes = plt.subplots(1, len(args.methods), figsize=(5 * len(args.methods), 4), squeeze=False)
     for ax, method in zip(axes[0], args.methods):
-        runs = {arm: {s: c for s in args.seeds if (c := read_curve(out / method / arm / f"seed{s}", args.key))} for arm in args.arms}
+        runs = {
+            arm: {s: c for s in args.seeds if (c := read_curve(out / method / arm / f"seed{s}", args.key))}
+            for arm in args.arms
+        }
         curves = {arm: mean_curve(list(by_seed.values())) for arm, by_seed in runs.items()}
         base = curves.get("baseline") or []
         # "Samples to reach the baseline's final" only means something when the baseline gained.
@@ -163,12 +192,23 @@ def report(args: Args):
             diffs = [gains[arm][s] - gains["baseline"][s] for s in gains[arm] if s in gains.get("baseline", {})]
             paired = (
                 f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}"
-                if arm != "baseline" and len(diffs) > 1 else "—"
+                if arm != "baseline" and len(diffs) > 1
+                else "—"
             )
-            rates = [r for s in runs[arm] if (r := success_rates(out / method / arm / f"seed{s}", args.epochs)) is not None]
-            success = (f"{100 * statistics.fmean(a for a, _ in rates):.1f}% → {100 * statistics.fmean(b for _, b in rates):.1f}%"
-                       f" ({len(rates)} × {args.eval_num} images)" if rates else "—")
-            reach = next((s for s, m, _ in curve if m >= base_final), "not reached") if base_final is not None else "— (baseline did not gain)"
+            rates = [
+                r for s in runs[arm] if (r := success_rates(out / method / arm / f"seed{s}", args.epochs)) is not None
+            ]
+            success = (
+                f"{100 * statistics.fmean(a for a, _ in rates):.1f}% → {100 * statistics.fmean(b for _, b in rates):.1f}%"
+                f" ({len(rates)} × {args.eval_num} images)"
+                if rates
+                else "—"
+            )
+            reach = (
+                next((s for s, m, _ in curve if m >= base_final), "not reached")
+                if base_final is not None
+                else "— (baseline did not gain)"
+            )
             lines.append(
                 f"| {method} | {arm} | {len(g)} | {curve[-1][1]:.3f} ± {curve[-1][2]:.3f} | {g_mean:+.3f} ± {statistics.pstdev(g):.3f} | {paired} | {reach} | {success} |"
             )
