@@ -1,7 +1,10 @@
-"""Loading Stable Diffusion and prompt sets: the one code path for hub ids and local directories.
+"""The model side, shared by train_ddpo.py, train_alignprop.py, sample.py and train_reward.py: loading
+a base model (the one code path for hub ids and local directories, checked before anything loads),
+prompt sets, the conditioning a model family needs (`Conditioning`, `TextConditioner`), the guided
+denoiser call (`cfg_unet`), sampling without gradients (`generate`), decoding, and LoRA adapters.
 
-Shared by train_ddpo.py, train_alignprop.py, sample.py and train_reward.py. The tests build tiny
-random-initialised models, save them in the hub layout and load them through these same functions.
+The tests build tiny random-initialised models, save them in the hub layout and load them through these
+same functions. Run directories, logs and checkpoints are in runs.py.
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ def from_pretrained(cls, name: str, what: str, **kwargs):
     if _looks_like_path(name) and not os.path.exists(name):
         raise CheckpointError(f"{what}: local directory '{name}' does not exist")
     try:
-        with _quiet_hub_fallback():
+        with _quiet_hub_fallback(), _quiet_loading_bars():
             return cls.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:  # hub errors (offline, 404, bad id) are OSError/ValueError subclasses
         if os.path.isdir(name):
@@ -79,6 +81,28 @@ def _quiet_hub_fallback():
     finally:
         for h in handlers:
             h.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars():
+    """No "Loading pipeline components" / "Loading weights" bars from diffusers and transformers: the
+    console tells the run's story. DIFFEXP_LOADING_BARS=1 shows them."""
+    if os.environ.get("DIFFEXP_LOADING_BARS", "") not in ("", "0"):
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    before = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before[0]:
+            diffusers_logging.enable_progress_bar()
+        if before[1]:
+            transformers_logging.enable_progress_bar()
 
 
 def hub_offline() -> bool:
@@ -700,30 +724,6 @@ def seeded(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence(list(keys)).generate_state(1)[0]))
 
 
-@torch.no_grad()
-def evaluate_held_out(
-    pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None
-) -> dict:
-    """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
-    time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
-    `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
-    from torchvision.utils import save_image
-
-    text = TextConditioner(pipe, resolution)
-    cond = text.encode(prompts)
-    guidance = torch.full((num_steps,), float(w_high))
-    images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend, negative=text.negative)
-    scores, components = reward_fn(images, prompts)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        save_image(image, out_dir / f"{i:03d}.png")
-    (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
-    return {"eval_reward_mean": scores.float().mean().item()} | {
-        f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()
-    }
-
-
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1] (differentiable), run at the VAE's own precision: a float32 VAE
     (SDXL's, kept in float32 under fp16 because it overflows there) runs with autocast off, so
@@ -736,8 +736,7 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# LoRA and checkpoints (both trainers). A checkpoint is a directory written under a temporary
-# name and renamed into place, so a crash mid-write never leaves a half checkpoint behind.
+# LoRA: the trainable weights (checkpoints of them are written by runs.py).
 
 
 def add_lora(unet, rank: int, alpha: float):
@@ -760,465 +759,3 @@ def lora_state_dict(unet) -> dict:
     from peft.utils import get_peft_model_state_dict
 
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
-def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3) -> Path:
-    """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state) atomically, with the
-    permissions of every other output (the umask's), and byte-identical for identical training; keep
-    the last `keep` checkpoints (0: keep all)."""
-    import shutil
-
-    from diffusers import StableDiffusionPipeline
-
-    ckpt_root = Path(output_dir) / "checkpoints"
-    final = ckpt_root / f"epoch_{epoch:04d}"
-    tmp = ckpt_root / f".tmp_epoch_{epoch:04d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = unet.peft_config["default"].to_dict()  # so load_lora_weights rebuilds rank *and* alpha
-    # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
-    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_adapter_metadata=metadata, unet_lora_layers=weights)
-    _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
-    torch.save(state, tmp / "training_state.pt")
-    mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
-    for f in tmp.iterdir():
-        os.chmod(f, mode)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoints(output_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old)
-    return final
-
-
-def _canonical_safetensors_header(path: Path):
-    """Rewrite a .safetensors file's JSON header with the metadata keys sorted and the tensors in the
-    order of their data: safetensors writes the metadata map in the (per-process random) order of a
-    hash map, so two identical runs would otherwise write different bytes. The tensor data is untouched."""
-    data = path.read_bytes()
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    meta = header.pop("__metadata__", None)
-    tensors = sorted(header.items(), key=lambda kv: kv[1]["data_offsets"])
-    canonical = ({"__metadata__": dict(sorted(meta.items()))} if meta is not None else {}) | dict(tensors)
-    text = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False).encode()
-    text += b" " * (
-        -len(text) % 8
-    )  # the data starts 8-byte aligned, the header padded with spaces (as safetensors does)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints of a run, oldest first (by epoch number, not by name)."""
-    found = []
-    for path in (Path(output_dir) / "checkpoints").glob("epoch_*"):
-        try:
-            found.append((int(path.name.split("_", 1)[1]), path))
-        except ValueError:
-            continue
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
-
-
-def load_checkpoint(ckpt: Path, unet) -> dict:
-    """Load LoRA weights into `unet` (which already has adapters) and return the training state."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
-        state = torch.load(ckpt / "training_state.pt", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any read failure means the same thing to the user
-        raise CheckpointError(
-            f"--resume: checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            f"delete that directory to resume from the one before it"
-        ) from None
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
-    peft_weights = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in weights.items()})
-    incompatible = set_peft_model_state_dict(unet, peft_weights)
-    if getattr(incompatible, "unexpected_keys", None):
-        raise CheckpointError(
-            f"--resume: checkpoint '{ckpt}' does not match this model's LoRA layout (check --lora-rank and --pretrained)"
-        )
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# Logs: one JSON line per epoch (plain files always; Weights & Biases with --track).
-
-
-class RunLog:
-    """A run's files: args.json (the run's current arguments), args.jsonl (every invocation's arguments,
-    appended: the history of the run), log.jsonl (one JSON line per epoch); Weights & Biases with --track."""
-
-    def __init__(
-        self,
-        output_dir: str | Path,
-        args,
-        track: bool = False,
-        project: str = "diffexp",
-        enabled: bool = True,
-        invocation: dict | None = None,
-    ):
-        self.dir, self.enabled, self.wandb = Path(output_dir), enabled, None
-        if not enabled:
-            return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        current = _jsonable(vars(args))
-        (self.dir / "args.json").write_text(json.dumps(current, indent=2))
-        import datetime
-
-        entry = {"time": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "argv": sys.argv[1:]}
-        with open(self.dir / "args.jsonl", "a") as f:
-            f.write(json.dumps(entry | _jsonable(invocation or {}) | {"args": current}) + "\n")
-        if track:
-            import wandb
-
-            self.wandb = wandb.init(project=project, config=current, dir=str(self.dir))
-
-    def log(self, record: dict, images: dict | None = None):
-        if not self.enabled:
-            return
-        with open(self.dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
-        if self.wandb is not None:
-            import wandb
-
-            extra = {k: wandb.Image(str(v)) for k, v in (images or {}).items()}
-            self.wandb.log(
-                {k: v for k, v in record.items() if isinstance(v, (int, float))} | extra, step=record.get("samples")
-            )
-
-    def truncate_after(self, epoch: int):
-        """On resume, drop what epochs after the checkpoint wrote (log lines, eval/ and images/ of those
-        epochs): they will be redone."""
-        import shutil
-
-        path = self.dir / "log.jsonl"
-        if not self.enabled:
-            return
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip() and _log_epoch(ln) <= epoch]
-            path.write_text("".join(ln + "\n" for ln in lines))
-        for old in [*(self.dir / "eval").glob("epoch_*"), *(self.dir / "images").glob("epoch_*.png")]:
-            try:
-                later = int(old.name.split("_", 1)[1].split(".")[0]) > epoch
-            except ValueError:
-                continue
-            if later:
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
-
-
-# ---------------------------------------------------------------------------------------------
-# The output directory: one run per directory, never two mixed, nothing computed deleted unasked.
-
-RUN_OUTPUTS = ("checkpoints", "log.jsonl", "eval", "images")  # what a run computed
-ARGS_FILES = ("args.json", "args.jsonl")
-# Arguments that can change on --resume without changing what the run is (when it evaluates, saves,
-# logs, how it computes the same numbers). Every other argument differing from the run's is refused,
-# except --num-epochs when DiffExp's exploration window stays where it was (see _same_exploration).
-HARMLESS_ARGS = frozenset(
-    {
-        "output_dir",
-        "resume",
-        "overwrite",
-        "allow_changed_args",
-        "config",
-        "eval_every",
-        "save_every",
-        "keep_checkpoints",
-        "track",
-        "wandb_project",
-        "kernels",
-        "gradient_checkpointing",
-        "compile",
-    }
-)
-
-
-@dataclass
-class RunPlan:
-    """What a trainer does with --output-dir (decided by check_run_dir before anything is loaded):
-    'new' (empty or no directory), 'overwrite' (delete the old run's files first), 'restart' (--resume of
-    a run that stopped before its first checkpoint: clear its partial files, start at epoch 0) or
-    'resume' (continue from `checkpoint`). `changed`: argument -> [run's value, new value] accepted
-    with --allow-changed-args; `finished`: a resumed run already holds its last epoch."""
-
-    mode: str
-    checkpoint: Path | None = None
-    changed: dict | None = None
-    found: tuple[str, ...] = ()
-    finished: bool = False
-
-    def record(self) -> dict:
-        return {"mode": self.mode, "from_checkpoint": self.checkpoint.name if self.checkpoint else None} | (
-            {"changed": self.changed} if self.changed else {}
-        )
-
-
-def _flag_value(v) -> str:
-    return v if isinstance(v, str) else json.dumps(v)
-
-
-def check_run_dir(args) -> RunPlan:
-    """Decide what to do with args.output_dir given --resume / --overwrite / --allow-changed-args, reading
-    only; a ValueError (one line, naming the flags and the fix) when the directory holds another run, when
-    --resume has nothing to resume, or when --resume's arguments differ from the run's (args.json) in
-    anything but HARMLESS_ARGS."""
-    out = Path(args.output_dir)
-    resume, overwrite, allow = (
-        args.resume,
-        getattr(args, "overwrite", False),
-        getattr(args, "allow_changed_args", False),
-    )
-    if resume and overwrite:
-        raise ValueError(
-            "--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite deletes it; pass one"
-        )
-    found = tuple(n + ("/" if (out / n).is_dir() else "") for n in RUN_OUTPUTS if (out / n).exists())
-    if found == ("checkpoints/",) and not any((out / "checkpoints").iterdir()):
-        found = ()  # an empty checkpoints/ (a run stopped while writing its first checkpoint leaves .tmp_*)
-    ckpt = latest_checkpoint(out)
-    if overwrite:
-        return RunPlan("overwrite", found=found)
-    if not resume:
-        if ckpt is not None:
-            raise ValueError(
-                f"--output-dir {out} already holds a run (checkpoints up to {ckpt.name}): pass --resume to continue it, "
-                f"choose another --output-dir, or pass --overwrite to delete its files and start again"
-            )
-        if found:
-            raise ValueError(
-                f"--output-dir {out} already holds a run that stopped before its first checkpoint ({', '.join(found)}): pass --resume "
-                f"to restart it there from scratch, choose another --output-dir, or pass --overwrite to delete its files"
-            )
-        return RunPlan("new")
-    if ckpt is None:
-        if not found:
-            raise ValueError(
-                f"--resume: --output-dir {out} holds no run to resume (no checkpoints/, log.jsonl, eval/ or images/); drop --resume to start one there"
-            )
-        return RunPlan("restart", found=found)
-    changed = {}
-    recorded = out / "args.json"
-    if recorded.is_file():
-        try:
-            old = json.loads(recorded.read_text())
-        except ValueError:
-            raise ValueError(
-                f"--resume: {recorded} is not valid JSON; restore it, or pass --overwrite to start the run again"
-            ) from None
-        new = _jsonable(vars(args))
-        changed = {k: [old[k], v] for k, v in new.items() if k not in HARMLESS_ARGS and k in old and old[k] != v}
-        if "num_epochs" in changed and _same_exploration(old, new):
-            del changed["num_epochs"]  # only the run's length changes: extending or shortening it is harmless
-    if changed and not allow:
-        listed = ", ".join(
-            f"--{k.replace('_', '-')} {_flag_value(a)} -> {_flag_value(b)}" for k, (a, b) in changed.items()
-        )
-        raise ValueError(
-            f"--resume: these arguments differ from the run's ({recorded}): {listed}; rerun with the run's values, "
-            f"or pass --allow-changed-args to continue it with the new ones"
-        )
-    epoch = int(ckpt.name.split("_", 1)[1])
-    return RunPlan("resume", ckpt, changed, found, finished=epoch >= args.num_epochs - 1)
-
-
-def _same_exploration(old: dict, new: dict) -> bool:
-    """--num-epochs changes what a run is only through DiffExp's exploration window (the first
-    explore_frac of the epochs): True when every epoch both runs have explores (or not) alike."""
-    frac = new.get("explore_frac")
-    if frac is None or old.get("explore_frac") != frac:
-        return False
-    a, b = int(old["num_epochs"]), int(new["num_epochs"])
-    return all((e < frac * a) == (e < frac * b) for e in range(min(a, b)))
-
-
-def prepare_run_dir(output_dir: str | Path, plan: RunPlan) -> list[str]:
-    """Carry out a RunPlan's deletions (main process only): 'overwrite' deletes the old run's files
-    (RUN_OUTPUTS and its argument history), 'restart' its partial outputs (the history is kept and the new
-    invocation appended). Files the trainers did not write are left alone. Returns what was deleted."""
-    import shutil
-
-    out = Path(output_dir)
-    names = (
-        RUN_OUTPUTS + (ARGS_FILES if plan.mode == "overwrite" else ()) if plan.mode in ("overwrite", "restart") else ()
-    )
-    deleted = []
-    for name in names:
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
-        else:
-            continue
-        deleted.append(name)
-    return deleted
-
-
-def run_dir_notes(output_dir: str | Path, plan: RunPlan, deleted: list[str]) -> list[str]:
-    """The lines a trainer prints about what it did to --output-dir (restart, overwrite, accepted changes)."""
-    notes = []
-    if plan.mode == "restart":
-        notes.append(
-            f"note: --resume: {output_dir} holds a run that stopped before its first checkpoint: restarting it from epoch 0 (deleted {', '.join(deleted)})"
-        )
-    elif plan.mode == "overwrite" and deleted:
-        notes.append(f"note: --overwrite: deleted the previous run's files in {output_dir} ({', '.join(deleted)})")
-    if plan.changed:
-        notes.append(
-            "note: --allow-changed-args: continuing with "
-            + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in plan.changed.items())
-        )
-    return notes
-
-
-def parse_args_with_presets(cls, presets: dict[str, dict], args: list[str] | None = None):
-    """tyro.cli(cls), where `--config NAME` makes the preset's values the defaults: every other flag
-    still overrides them one by one, and --help shows them (a dict flag's KEY VALUE pairs override the
-    preset's entries key by key). ValueError for an unknown preset."""
-    import dataclasses
-
-    import tyro
-
-    argv = list(sys.argv[1:] if args is None else args)
-    name = None
-    for i, a in enumerate(argv):
-        if a == "--config":
-            name = argv[i + 1] if i + 1 < len(argv) else ""
-        elif a.startswith("--config="):
-            name = a.split("=", 1)[1]
-    if name is not None and name not in presets:
-        raise ValueError(f"--config: unknown preset '{name}'; known: {', '.join(presets)}")
-    preset = presets[name] if name else {}
-    # A dict field (--reward-models) with a non-empty default would change tyro's flag for it
-    # (--reward-models.KEY VALUE), so the preset's entries are merged in after parsing instead: the
-    # flag's KEY VALUE pairs override them key by key.
-    dicts = {k: v for k, v in preset.items() if isinstance(v, dict)}
-    default = (
-        dataclasses.replace(cls(), config=name, **{k: v for k, v in preset.items() if k not in dicts}) if name else None
-    )
-    args = tyro.cli(cls, args=argv, default=default)
-    for k, v in dicts.items():
-        setattr(args, k, {**v, **getattr(args, k)})
-    return args
-
-
-def cfg_switch_warning(timesteps, num_train_timesteps: int, t_sw: float) -> str:
-    """The one-line warning for a DiffExp CFG schedule that never switches: no sampling timestep reaches
-    t_sw * T (every step at w_high), or every one does (every step at w_low)."""
-    ts = [int(t) for t in timesteps]
-    shown = ", ".join(map(str, ts[:6])) + (", ..." if len(ts) > 6 else "")
-    threshold = f"t_sw*T = {t_sw * num_train_timesteps:g}"
-    if all(t < t_sw * num_train_timesteps for t in ts):
-        return (
-            f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
-            f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
-        )
-    return (
-        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
-        f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
-    )
-
-
-def resolve_mixed_precision(value: str) -> tuple[str, str]:
-    """('no' | 'fp16' | 'bf16', a one-line note) for --mixed-precision, where 'auto' is bf16 on a CUDA
-    device that supports it and float32 ('no') elsewhere (bf16 on a CPU is several times slower)."""
-    if value != "auto":
-        return value, f"mixed precision: {value}"
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16", "mixed precision: bf16 (--mixed-precision auto: CUDA)"
-    return (
-        "no",
-        "mixed precision: no, float32 (--mixed-precision auto: no CUDA device with bf16; pass --mixed-precision bf16 to force it)",
-    )
-
-
-def save_sample_grid(
-    images: torch.Tensor,
-    prompts: list[str],
-    path: str | Path,
-    columns: int | None = None,
-    tile: tuple[int, int] = (128, 256),
-):
-    """A PNG grid of `images` (N x 3 x H x W, uint8 or floats in [0, 1]) with each prompt written under
-    its image. Tiles are scaled to between tile[0] and tile[1] pixels (small images by a whole factor,
-    nearest neighbour, so pixels stay sharp)."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    images = images.detach().cpu()
-    if images.is_floating_point():
-        images = (images.float().clamp(0, 1) * 255).round().to(torch.uint8)
-    n, _, h, w = images.shape
-    scale = max(1, -(-tile[0] // max(h, w))) if max(h, w) < tile[0] else min(1.0, tile[1] / max(h, w))
-    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
-    font = ImageFont.load_default()
-    line_h = int(font.getbbox("Ag")[3]) + 2
-    caption_h = 2 * line_h + 4
-    columns = columns or int(math.ceil(math.sqrt(n)))
-    rows = int(math.ceil(n / columns))
-    grid = Image.new("RGB", (columns * (tw + 4) + 4, rows * (th + caption_h + 4) + 4), "white")
-    draw = ImageDraw.Draw(grid)
-    for i in range(n):
-        x, y = 4 + (i % columns) * (tw + 4), 4 + (i // columns) * (th + caption_h + 4)
-        img = Image.fromarray(images[i].permute(1, 2, 0).numpy())
-        img = img.resize((tw, th), Image.NEAREST if scale >= 1 else Image.LANCZOS)
-        grid.paste(img, (x, y))
-        for k, line in enumerate(_wrap(draw, str(prompts[i]) if i < len(prompts) else "", font, tw)[:2]):
-            draw.text((x, y + th + 2 + k * line_h), line, fill="black", font=font)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(path)
-    return path
-
-
-def _wrap(draw, text: str, font, width: int, max_lines: int = 2) -> list[str]:
-    """`text` in at most `max_lines` lines no wider than `width` pixels (cut with '...' where it does not fit)."""
-    words, lines = text.split(), []
-    while words and len(lines) < max_lines:
-        line = words.pop(0)
-        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
-            line += " " + words.pop(0)
-        lines.append(line)
-    if words:
-        lines[-1] += " " + " ".join(words)
-    for i, line in enumerate(lines):
-        if draw.textlength(line, font=font) > width:
-            while line and draw.textlength(line + "...", font=font) > width:
-                line = line[:-1]
-            lines[i] = line + "..."
-    return lines
-
-
-def _log_epoch(line: str) -> float:
-    """A log line's epoch; a torn line (the run was killed while writing it) counts as after every epoch."""
-    try:
-        return json.loads(line).get("epoch", -1)
-    except ValueError:
-        return float("inf")
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)

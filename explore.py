@@ -17,7 +17,7 @@ Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
     tokenizer treats '!' as a special token, so positions can differ after a '!'), with e_empty each
     encoder's own output for "" (not CFG's all-zeros negative). The pooled embedding is left alone
     by default — the paper's formula is about token states, and this is what compel computes for
-    SDXL; `weight_pooled` applies the same blend to it (p' = p_empty + w (p - p_empty)).
+    SDXL; `prompt_weight_pooled` applies the same blend to it (p' = p_empty + w (p - p_empty)).
 
 Exploration is applied only during the first `explore_frac` of fine-tuning (`is_exploring`).
 """
@@ -39,26 +39,28 @@ STOPWORDS = frozenset(
 
 @dataclass
 class DiffExpConfig:
-    """Everything that defines DiffExp's behaviour; both trainers build one from their flags."""
+    """DiffExp: a low guidance scale on the noisiest steps and one randomly emphasised word per prompt,
+    while exploring (the first --explore-frac of the epochs). Both trainers and sample.py embed this one
+    dataclass; its fields are the command-line flags."""
 
     cfg_schedule: bool = True
-    """(a) dynamic CFG schedule on/off."""
+    """DiffExp (a), the dynamic CFG schedule: guidance w_low on the noisy steps t >= t_sw*T, w_high after"""
     prompt_weighting: bool = True
-    """(b) random prompt weighting on/off."""
+    """DiffExp (b), random prompt weighting: one random word of each prompt emphasised by a random weight"""
     t_sw: float = 0.8
-    """switch point in [0, 1]: steps with t >= t_sw * T use w_low."""
+    """switch point in [0, 1]: steps with t >= t_sw*T (the first ~(1 - t_sw) of the steps, the noisiest) use w_low"""
     w_low: float = 1.0
-    """guidance scale of the noisy steps (extremely low)."""
+    """guidance scale of the noisy steps (extremely low)"""
     w_high: float = 7.5
-    """the ordinary guidance scale (after the switch, and everywhere when not exploring)."""
-    weight_range: tuple[float, float] = (1.0, 2.0)
-    """prompt weight w ~ U(w_min, w_max) for the chosen word."""
+    """the ordinary guidance scale: after the switch, everywhere when not exploring, and in evaluation (paper: 5 for DDPO, 7.5 for AlignProp)"""
+    prompt_weight_range: tuple[float, float] = (1.0, 2.0)
+    """the chosen word's weight w ~ U(w_min, w_max)"""
     exclude_stopwords: bool = True
-    """never pick function words such as 'a', 'the', 'of'."""
+    """never emphasise function words ('a', 'the', 'of', ...)"""
     explore_frac: float = 0.75
-    """explore only during the first explore_frac of the epochs."""
-    weight_pooled: bool = False
-    """SDXL: also blend the pooled text embedding with the sample's weight (off: token states only)."""
+    """explore during the first explore_frac of the epochs, then sample plainly (w_high, unweighted prompts)"""
+    prompt_weight_pooled: bool = False
+    """SDXL: also blend the pooled text embedding with the chosen word's weight (off: the token states only)"""
 
     def validate(self) -> DiffExpConfig:
         """Raise ValueError naming the command-line flag and the fix for any bad value."""
@@ -68,7 +70,7 @@ class DiffExpConfig:
             raise ValueError(f"--explore-frac must be in [0, 1], got {self.explore_frac}")
         if self.w_low < 0 or self.w_high < 0:
             raise ValueError(f"--w-low and --w-high must be >= 0, got {self.w_low} and {self.w_high}")
-        lo, hi = self.weight_range
+        lo, hi = self.prompt_weight_range
         if not 0.0 <= lo <= hi:
             raise ValueError(f"--prompt-weight-range must be two numbers 0 <= w_min <= w_max, got {lo} {hi}")
         return self
@@ -211,11 +213,11 @@ def diffexp_conditioning(
     corresponding output is the plain one: unweighted conditioning, constant w_high.
     """
     if exploring and cfg.prompt_weighting:
-        weights = choose_words(prompts, text.tokenizers, generator, cfg.weight_range, cfg.exclude_stopwords)
+        weights = choose_words(prompts, text.tokenizers, generator, cfg.prompt_weight_range, cfg.exclude_stopwords)
         empty = text.empty.to(cond.embeds.device)
         embeds = apply_prompt_weights(cond.embeds, empty.embeds[0], weights, text.widths)
         pooled = cond.pooled
-        if cfg.weight_pooled and pooled is not None:
+        if cfg.prompt_weight_pooled and pooled is not None:
             w = torch.tensor([c.weight for c in weights], dtype=pooled.dtype).to(pooled.device).unsqueeze(-1)
             pooled = empty.pooled + w * (pooled - empty.pooled)
         cond = replace(cond, embeds=embeds, pooled=pooled)
@@ -225,3 +227,39 @@ def diffexp_conditioning(
         timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule
     )
     return cond, guidance, weights
+
+
+def cfg_switch_warning(timesteps, num_train_timesteps: int, t_sw: float) -> str:
+    """The one-line warning for a DiffExp CFG schedule that never switches: no sampling timestep reaches
+    t_sw * T (every step at w_high), or every one does (every step at w_low)."""
+    ts = [int(t) for t in timesteps]
+    shown = ", ".join(map(str, ts[:6])) + (", ..." if len(ts) > 6 else "")
+    threshold = f"t_sw*T = {t_sw * num_train_timesteps:g}"
+    if all(t < t_sw * num_train_timesteps for t in ts):
+        return (
+            f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
+            f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
+        )
+    return (
+        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
+        f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
+    )
+
+
+def schedule_note(cfg: DiffExpConfig, timesteps, num_train_timesteps: int, say=print) -> float:
+    """Say at start-up which sampling steps run at w_low while exploring (or warn, on stderr, that the CFG
+    schedule never switches at this many steps); returns the share of steps at w_low."""
+    import sys
+
+    low = [int(t) for t in timesteps if t >= cfg.t_sw * num_train_timesteps]
+    share = len(low) / len(timesteps)
+    if not cfg.cfg_schedule or cfg.explore_frac == 0 or cfg.w_low == cfg.w_high:
+        return share
+    if share in (0.0, 1.0):
+        say(cfg_switch_warning(timesteps, num_train_timesteps, cfg.t_sw), file=sys.stderr)
+    else:
+        say(
+            f"DiffExp CFG schedule: {len(low)} of {len(timesteps)} steps at w_low {cfg.w_low:g} (t >= t_sw*T = "
+            f"{cfg.t_sw * num_train_timesteps:g}: t = {', '.join(map(str, low))}), w_high {cfg.w_high:g} after"
+        )
+    return share

@@ -521,6 +521,43 @@ def load_toy_detector(name: str, what: str = "--reward-models toy_detector"):
     return net.requires_grad_(False).eval(), config
 
 
+class ToyGrammar:
+    """The toy captions toy-compose reads, from the detector's config.json alone (so every prompt can be
+    checked before any weights load): 'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>'."""
+
+    def __init__(self, config: dict):
+        import re
+
+        self.index = {tuple(o): i for i, o in enumerate(config["objects"])}
+        colours = sorted({o[0] for o in self.index}, key=len, reverse=True)
+        shapes = sorted({o[1] for o in self.index}, key=len, reverse=True)
+        self.relations = list(config["relations"])
+        if not set(self.relations) <= {"left of", "above"}:
+            raise CheckpointError(f"toy-compose: the detector's relations {self.relations} are not 'left of' / 'above'")
+        obj = f"an? ({'|'.join(map(re.escape, colours))}) ({'|'.join(map(re.escape, shapes))})"
+        self.pattern = re.compile(f"{obj}(?: ({'|'.join(map(re.escape, self.relations))}) {obj})?")
+        self.text = (
+            f"'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>' (two different objects), "
+            f"colours {', '.join(sorted(colours))}; shapes {', '.join(sorted(shapes))}; relations {', '.join(self.relations)}"
+        )
+
+    def parse(self, prompt: str) -> tuple[int, int, int]:
+        """(object index A, relation: 0 none / 1 + index into relations, object index B; B = A when alone)."""
+        m = self.pattern.fullmatch(" ".join(str(prompt).lower().strip().rstrip(".").split()))
+        if m is None:
+            raise ValueError(f"toy-compose: prompt {prompt!r} is not in the toy grammar; it scores {self.text}")
+        ca, sa, rel, cb, sb = m.groups()
+        a = self.index.get((ca, sa))
+        b = a if rel is None else self.index.get((cb, sb))
+        if a is None or b is None:
+            raise ValueError(f"toy-compose: prompt {prompt!r} names an object the detector does not know")
+        if rel is not None and a == b:
+            raise ValueError(
+                f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.text})"
+            )
+        return a, 0 if rel is None else 1 + self.relations.index(rel), b
+
+
 class ToyComposeReward(nn.Module):
     """The probability that an image shows everything its toy caption asks for, in the stated relation.
 
@@ -536,39 +573,14 @@ class ToyComposeReward(nn.Module):
 
     def __init__(self, name: str):
         super().__init__()
-        import re
-
         self.net, self.config = load_toy_detector(name)
-        self.index = {tuple(o): i for i, o in enumerate(self.config["objects"])}
-        colours = sorted({o[0] for o in self.index}, key=len, reverse=True)
-        shapes = sorted({o[1] for o in self.index}, key=len, reverse=True)
-        self.relations = list(self.config["relations"])
-        if not set(self.relations) <= {"left of", "above"}:
-            raise CheckpointError(f"toy-compose: the detector's relations {self.relations} are not 'left of' / 'above'")
-        obj = f"an? ({'|'.join(map(re.escape, colours))}) ({'|'.join(map(re.escape, shapes))})"
-        self.pattern = re.compile(f"{obj}(?: ({'|'.join(map(re.escape, self.relations))}) {obj})?")
-        self.grammar = (
-            f"'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>' (two different objects), "
-            f"colours {', '.join(sorted(colours))}; shapes {', '.join(sorted(shapes))}; relations {', '.join(self.relations)}"
-        )
+        self.grammar = ToyGrammar(self.config)
+        self.index, self.relations = self.grammar.index, self.grammar.relations
         self.size = int(self.config["image_size"])
         self.scale = float(self.config["relation_scale_px"])
 
     def parse(self, prompt: str) -> tuple[int, int, int]:
-        """(object index A, relation: 0 none / 1 + index into relations, object index B; B = A when alone)."""
-        m = self.pattern.fullmatch(" ".join(str(prompt).lower().strip().rstrip(".").split()))
-        if m is None:
-            raise ValueError(f"toy-compose: prompt {prompt!r} is not in the toy grammar; it scores {self.grammar}")
-        ca, sa, rel, cb, sb = m.groups()
-        a = self.index.get((ca, sa))
-        b = a if rel is None else self.index.get((cb, sb))
-        if a is None or b is None:
-            raise ValueError(f"toy-compose: prompt {prompt!r} names an object the detector does not know")
-        if rel is not None and a == b:
-            raise ValueError(
-                f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.grammar})"
-            )
-        return a, 0 if rel is None else 1 + self.relations.index(rel), b
+        return self.grammar.parse(prompt)
 
     def factors(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """P(A present), P(B present), P(relation holds), each [N]; 1 for B and the relation when alone."""
@@ -843,3 +855,24 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
         if name in HPS_FILES and str(m["hps_arch"]).startswith("local-dir:"):
             out.append(("--reward-models hps_arch", str(m["hps_arch"])[len("local-dir:") :], ()))
     return out
+
+
+def check_prompts(spec: str, prompts: list[str], flag: str = "--prompts", **model_overrides):
+    """A one-line ValueError naming the first prompt of `prompts` that a reward of `spec` cannot read
+    (toy-compose reads only its toy grammar), and what it accepts; read from the rewards' configs, before
+    any weights load. Rewards that read any prompt (or whose config is not at hand yet) pass."""
+    for name, _ in parse_reward_spec(spec):
+        if name != "toy-compose":
+            continue
+        where = os.path.expanduser(str(model_overrides.get("toy_detector") or DEFAULT_MODELS["toy_detector"]))
+        try:
+            grammar = ToyGrammar(json.loads((Path(where) / TOY_DETECTOR_FILES[0]).read_text()))
+        except (OSError, ValueError, KeyError):
+            continue  # not a local directory: checked (and reported) with the checkpoints
+        for prompt in prompts:
+            try:
+                grammar.parse(prompt)
+            except ValueError:
+                raise ValueError(
+                    f"{flag}: prompt {prompt!r} is outside what --reward {name} reads: {grammar.text}"
+                ) from None

@@ -70,7 +70,7 @@ def check_sampling_args(
 
 def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     """The weights' dtype; 'auto' is bf16 on CUDA and fp32 on the CPU (where bf16 is ~10x slower), said once."""
-    from diffusion import resolve_mixed_precision
+    from runs import resolve_mixed_precision
 
     resolved, _ = resolve_mixed_precision(
         mixed_precision
@@ -346,7 +346,7 @@ def _setting_key(cfg) -> tuple:
         cfg.prompt_weighting,
         (cfg.t_sw, cfg.w_low) if cfg.cfg_schedule else None,
         cfg.w_high,
-        tuple(cfg.weight_range) if cfg.prompt_weighting else None,
+        tuple(cfg.prompt_weight_range) if cfg.prompt_weighting else None,
     )
 
 
@@ -767,7 +767,7 @@ def explore(
     # explore.json: the statistics and what they were computed from.
     settings_info = [
         {"setting": label, "cfg_schedule": cfg.cfg_schedule, "prompt_weighting": cfg.prompt_weighting, "t_sw": cfg.t_sw, "w_low": cfg.w_low,
-         "w_high": cfg.w_high, "weight_range": list(cfg.weight_range),
+         "w_high": cfg.w_high, "weight_range": list(cfg.prompt_weight_range),
          "steps_at_w_low": int((timesteps >= cfg.t_sw * T).sum()) if cfg.cfg_schedule else 0}
         for label, cfg in chosen
     ]  # fmt: skip

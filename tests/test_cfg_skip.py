@@ -5,9 +5,9 @@ import sys
 
 import pytest
 import torch
-from conftest import read_log
 
 import diffusion
+from conftest import read_log
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,6 @@ def test_ddpo_skips_in_sampling_and_training_and_keeps_the_main_threads(monkeypa
     """DiffExp at w_low = 1 on half the steps: DDPO's sampling and training passes both run the
     smaller UNet batches (the ratio-is-one tests show they compute the same thing), and scoring in
     the reward worker leaves the main thread's intra-op thread count alone."""
-    import tyro
 
     import train_ddpo
 
@@ -92,7 +91,7 @@ def test_ddpo_skips_in_sampling_and_training_and_keeps_the_main_threads(monkeypa
             "--explore-frac", 1.0, "--t-sw", 0.5, "--w-low", 1.0, "--num-epochs", 1, "--reward", "jpeg"]  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["train_ddpo.py", *map(str, argv)])
     threads = torch.get_num_threads()
-    train_ddpo.main(tyro.cli(train_ddpo.Args))
+    train_ddpo.main(train_ddpo.cli())
     assert torch.get_num_threads() == threads
     assert worker_threads == [1]  # the worker's own team is one thread, so it never takes the sampler's cores
     sampling = [n for grad, n in seen if not grad]

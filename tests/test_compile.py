@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from conftest import lora_weights, read_log
 
 import diffusion
+from conftest import lora_weights, read_log
 
 
 @pytest.fixture
@@ -36,11 +36,9 @@ def aot_eager(monkeypatch):
 def run(monkeypatch, trainer: str, argv: list):
     import importlib
 
-    import tyro
-
     module = importlib.import_module(trainer)
     monkeypatch.setattr(sys, "argv", [f"{trainer}.py", *[str(a) for a in argv]])
-    module.main(tyro.cli(module.Args))
+    module.main(module.cli())
 
 
 def last_lora(run_dir):
@@ -174,10 +172,9 @@ def test_compile_without_a_cpp_compiler_is_one_line(monkeypatch, tmp_path, capsy
             str(tmp_path / "out"),
         ],
     )
-    import tyro
 
     with pytest.raises(SystemExit) as e:
-        train_ddpo.main(tyro.cli(train_ddpo.Args))
+        train_ddpo.main(train_ddpo.cli())
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and loaded == []
     assert err == [

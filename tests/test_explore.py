@@ -48,7 +48,7 @@ def test_config_validation_messages():
     with pytest.raises(ValueError, match="--explore-frac"):
         DiffExpConfig(explore_frac=2).validate()
     with pytest.raises(ValueError, match="--prompt-weight-range"):
-        DiffExpConfig(weight_range=(2.0, 1.0)).validate()
+        DiffExpConfig(prompt_weight_range=(2.0, 1.0)).validate()
     with pytest.raises(ValueError, match="--w-low"):
         DiffExpConfig(w_low=-1).validate()
 

@@ -17,12 +17,15 @@ from io import StringIO
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, read_log, run_script
+import torch
+from safetensors.torch import save_file
 
 import diffusion
 import rewards
+import runs
 import train_alignprop
 import train_ddpo
+from conftest import ROOT, read_log, run_script
 
 
 def alignprop_argv(sd, models, out, *extra):
@@ -266,13 +269,16 @@ def fake_run(out: Path, args: dict | None = None, checkpoints=(), partial=True):
     and the given checkpoint folders."""
     out.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        (out / "args.json").write_text(json.dumps(diffusion._jsonable(args)))
+        (out / "args.json").write_text(json.dumps(runs._jsonable(args)))
     if partial:
         (out / "log.jsonl").write_text(json.dumps({"epoch": -1, "samples": 0}) + "\n")
         (out / "eval" / "initial").mkdir(parents=True)
         (out / "images").mkdir()
-    for name in checkpoints:
-        (out / "checkpoints" / name).mkdir(parents=True)
+    for name in checkpoints:  # complete files (the trainers check them before loading), not real weights
+        ckpt = out / "checkpoints" / name
+        ckpt.mkdir(parents=True)
+        save_file({"x": torch.zeros(1)}, ckpt / "pytorch_lora_weights.safetensors")
+        torch.save({}, ckpt / "training_state.pt")
 
 
 def test_a_run_killed_before_its_first_checkpoint_is_not_mixed_with_a_new_one(
@@ -303,7 +309,7 @@ def test_resume_with_changed_arguments_is_refused_in_one_line(
     first = train_alignprop.cli(
         [str(a) for a in alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4)]
     )
-    fake_run(out, vars(first), checkpoints=["epoch_0000"])
+    fake_run(out, runs.flat_args(first), checkpoints=["epoch_0000"])
     changed = [
         "--lr",
         "0.01",
@@ -324,7 +330,7 @@ def test_resume_with_changed_arguments_is_refused_in_one_line(
     code, _, err = run_main(train_alignprop, argv, monkeypatch, capsys)
     assert_one_error_line(code, err, "--resume: these arguments differ from the run's")
     assert (
-        "--prompts simple_animals -> animals_activities, --num-epochs 4 -> 8, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
+        "--num-epochs 4 -> 8, --prompts simple_animals -> animals_activities, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
     )
     assert "--eval-every" not in err and "--keep-checkpoints" not in err  # harmless ones
     assert "--allow-changed-args" in err
@@ -335,13 +341,13 @@ def test_check_run_dir_decisions(tmp_path):
     base = train_ddpo.cli(["--output-dir", str(tmp_path / "run"), "--num-epochs", "4", "--explore-frac", "1.0"])
 
     def plan(**kw):
-        return diffusion.check_run_dir(train_ddpo.Args(**{**vars(base), **kw}))
+        return runs.check_run_dir(runs.replace_flat(base, **kw))
 
     assert plan().mode == "new"
-    fake_run(tmp_path / "run", vars(base))
+    fake_run(tmp_path / "run", runs.flat_args(base))
     assert plan(resume=True).mode == "restart"  # killed before its first checkpoint: start again in place
     assert plan(overwrite=True).mode == "overwrite"
-    (tmp_path / "run" / "checkpoints" / "epoch_0001").mkdir(parents=True)
+    fake_run(tmp_path / "run", checkpoints=["epoch_0001"], partial=False)
     p = plan(resume=True, eval_every=1, track=True)
     assert (p.mode, p.checkpoint.name, p.changed, p.finished) == ("resume", "epoch_0001", {}, False)
     assert plan(resume=True, compile=True, kernels="eager").changed == {}  # how, not what, it computes
@@ -349,9 +355,7 @@ def test_check_run_dir_decisions(tmp_path):
     assert plan(resume=True, num_epochs=10).changed == {}
     assert plan(resume=True, num_epochs=2).finished  # ... and a run that holds its last epoch has nothing left to do
     # ... but not when it moves DiffExp's exploration window (explore_frac 0.75 of 4 vs 8 epochs)
-    diffusion.RunLog(
-        tmp_path / "run", train_ddpo.Args(**{**vars(base), "explore_frac": 0.75})
-    )  # args.json = the run's current args
+    runs.RunLog(tmp_path / "run", runs.replace_flat(base, explore_frac=0.75))  # args.json = the run's current args
     with pytest.raises(ValueError, match=r"--num-epochs 4 -> 8"):
         plan(resume=True, num_epochs=8, explore_frac=0.75)
     p = plan(resume=True, num_epochs=8, explore_frac=0.75, lr=1.0, allow_changed_args=True)
@@ -367,7 +371,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     (out / "args.jsonl").write_text("{}\n")
     (out / "notes.txt").write_text("mine")
     args = train_ddpo.cli(["--output-dir", str(out), "--overwrite"])
-    deleted = diffusion.prepare_run_dir(out, diffusion.check_run_dir(args))
+    deleted = runs.prepare_run_dir(out, runs.check_run_dir(args))
     assert deleted == ["checkpoints", "log.jsonl", "eval", "images", "args.json", "args.jsonl"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
@@ -375,7 +379,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
 def test_resume_of_a_finished_run_loads_nothing(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = ddpo_argv(tiny_sd_dir, out, "--num-epochs", 2)
-    fake_run(out, vars(train_ddpo.cli([str(a) for a in argv])), checkpoints=["epoch_0000", "epoch_0001"])
+    fake_run(out, runs.flat_args(train_ddpo.cli([str(a) for a in argv])), checkpoints=["epoch_0000", "epoch_0001"])
     monkeypatch.setattr(diffusion, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     train_ddpo.main(train_ddpo.cli([str(a) for a in [*argv, "--resume"]]))
     assert "nothing to do: the run in" in capsys.readouterr().out
@@ -388,18 +392,18 @@ def test_checkpoints_are_sorted_by_epoch_and_keep_zero_keeps_all(tiny_sd_dir, tm
     pipe = diffusion.load_pipeline(str(tiny_sd_dir))
     diffusion.add_lora(pipe.unet, 4, 4.0)
     for epoch in (9, 10, 11, 12):
-        diffusion.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
-        diffusion.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
+        runs.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
+        runs.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
     (tmp_path / "all" / "checkpoints" / "epoch_10000").mkdir()  # past 9999 the names no longer sort as numbers
-    assert [p.name for p in diffusion.checkpoints(tmp_path / "all")] == [
+    assert [p.name for p in runs.checkpoints(tmp_path / "all")] == [
         "epoch_0009",
         "epoch_0010",
         "epoch_0011",
         "epoch_0012",
         "epoch_10000",
     ]
-    assert [p.name for p in diffusion.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
-    mode = 0o666 & ~diffusion._umask()
+    assert [p.name for p in runs.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
+    mode = 0o666 & ~runs._umask()
     for f in (tmp_path / "two" / "checkpoints" / "epoch_0012").iterdir():
         assert f.stat().st_mode & 0o777 == mode, f  # like every other output (safetensors alone would give 0600)
     from safetensors import safe_open
@@ -422,8 +426,9 @@ def test_vae_downsampling_is_read_without_loading(tiny_sd_dir):
 
 
 def parse_help(trainer, monkeypatch, capsys) -> dict[str, str]:
-    """{flag: its help text without '(default: ...)'} from `--help`, as printed to a 200-column terminal."""
-    monkeypatch.setenv("COLUMNS", "200")
+    """{flag: its help text without '(default: ...)'} from `--help`, as printed to a 120-column terminal
+    (one column of sections)."""
+    monkeypatch.setenv("COLUMNS", "120")
     capsys.readouterr()
     with pytest.raises(SystemExit):
         trainer.cli(["--help"])
@@ -441,7 +446,7 @@ def parse_help(trainer, monkeypatch, capsys) -> dict[str, str]:
 @pytest.mark.parametrize("trainer", [train_alignprop, train_ddpo], ids=["alignprop", "ddpo"])
 def test_help_documents_every_flag(trainer, monkeypatch, capsys):
     helps = parse_help(trainer, monkeypatch, capsys)
-    for name in vars(trainer.Args()):
+    for name in runs.flat_args(trainer.Args()):
         flag = "--" + name.replace("_", "-")
         text = helps.get(flag)
         assert text is not None, f"{flag} is not in --help"
@@ -472,10 +477,13 @@ TOY_LONG = {
 def test_toy_preset_is_the_long_toy_command_and_flags_override_it(trainer):
     name = trainer.__name__.removeprefix("train_")
     preset, long = trainer.cli(["--config", "toy"]), trainer.cli(TOY_LONG[name].split())
-    assert {**vars(preset), "config": None} == vars(long)
+    assert {**runs.flat_args(preset), "config": None} == runs.flat_args(long)
     tweaked = trainer.cli(["--config=toy", "--num-epochs", "2", "--reward-models", "pickscore_model", "/elsewhere"])
-    assert (tweaked.num_epochs, tweaked.pretrained) == (2, "toy")
-    assert tweaked.reward_models == {"pickscore_model": "/elsewhere", "pickscore_processor": "toy-scorer"}  # key by key
+    assert (tweaked.num_epochs, tweaked.model.pretrained) == (2, "toy")
+    assert tweaked.model.reward_models == {
+        "pickscore_model": "/elsewhere",
+        "pickscore_processor": "toy-scorer",
+    }  # key by key
 
 
 def test_toy_preset_runs_offline_end_to_end(tmp_path):
@@ -543,7 +551,7 @@ def test_a_run_says_what_it_does(ddpo_runs):
         "warning: --t-sw 0.8 with --num-steps 4: no sampling timestep (751, 501, 251, 1) reaches t_sw*T = 800, so the CFG schedule "
         "never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
     ]
-    assert re.search(r"epoch 0 samples 4 reward \S+ eval -?\d+\.\d{4} kl", stdout), stdout  # the held-out reward
+    assert re.search(r"epoch 0 samples 4 reward \S+ eval -?\d+\.\d{4} approx_kl", stdout), stdout  # the held-out reward
     # eval/ and checkpoints/ use the same numbers; the initial evaluation has its own name
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["epoch_0000", "initial"]
     assert len(json.loads((out / "eval" / "initial" / "prompts.json").read_text())["prompts"]) == 6
@@ -568,7 +576,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_
             tiny_sd_dir, out, "--num-epochs", 1, "--num-steps", 2, "--samples-per-epoch", 2, "--train-batch-size", 1
         )
     ]
-    fake_run(out, vars(train_ddpo.cli(argv)))
+    fake_run(out, runs.flat_args(train_ddpo.cli(argv)))
     (out / "images" / "epoch_0000.png").write_bytes(b"old")
     (out / "args.jsonl").write_text(json.dumps({"mode": "new"}) + "\n")
     train_ddpo.main(train_ddpo.cli(argv + ["--resume"]))
@@ -581,10 +589,8 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_
 
 def test_resume_drops_a_torn_log_line(tmp_path):
     """A run killed while writing log.jsonl leaves half a line: resuming drops it with the later epochs."""
-    from types import SimpleNamespace
-
-    from diffusion import RunLog
+    from runs import RunLog
 
     (tmp_path / "log.jsonl").write_text('{"epoch": -1}\n{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "rew')
-    RunLog(tmp_path, SimpleNamespace(seed=0)).truncate_after(0)
+    RunLog(tmp_path).truncate_after(0)
     assert (tmp_path / "log.jsonl").read_text() == '{"epoch": -1}\n{"epoch": 0}\n'

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tiny_rewards import IR_VISION, make_tiny_aesthetic, make_tiny_clip, make_tiny_hps, make_tiny_imagereward
 
 import rewards
 from diffusion import CheckpointError
+from tiny_rewards import IR_VISION, make_tiny_aesthetic, make_tiny_clip, make_tiny_hps, make_tiny_imagereward
 
 PROMPTS = ["a photo of a cat", "a dog riding a bike", "a red tree in the snow"]
 

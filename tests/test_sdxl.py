@@ -9,9 +9,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import ROOT, lora_weights, read_log, run_script
 
 import diffusion
+import runs
+from conftest import ROOT, lora_weights, read_log, run_script
 from explore import DiffExpConfig, PromptWeight, apply_prompt_weights, choose_words, diffexp_conditioning
 
 
@@ -126,14 +127,14 @@ def test_prompt_weighting_blends_each_encoder_at_its_own_positions(pipe):
     assert not torch.allclose(out[5, 32:], e0[5, 32:] + w * (e[5, 32:] - e0[5, 32:]))
 
     # through diffexp_conditioning: the pooled embedding is untouched unless asked for
-    cfg = DiffExpConfig(cfg_schedule=False, weight_range=(w, w))
+    cfg = DiffExpConfig(cfg_schedule=False, prompt_weight_range=(w, w))
     cond = text.encode(["a red dog"])
     out_cond, _, rec = diffexp_conditioning(
         cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0)
     )
     assert torch.equal(out_cond.pooled, cond.pooled) and not torch.equal(out_cond.embeds, cond.embeds)
     assert rec[0].record()["positions_2"] == rec[0].positions_2
-    pooled_cfg = DiffExpConfig(cfg_schedule=False, weight_range=(w, w), weight_pooled=True)
+    pooled_cfg = DiffExpConfig(cfg_schedule=False, prompt_weight_range=(w, w), prompt_weight_pooled=True)
     out_cond, _, _ = diffexp_conditioning(
         pooled_cfg, True, ["a red dog"], cond, text, torch.tensor([999, 1]), 1000, torch.Generator().manual_seed(0)
     )
@@ -215,7 +216,6 @@ def test_ddpo_ratio_is_one_on_sdxl_and_breaks_with_other_pooled_or_time_ids(monk
     """DiffExp on (CFG schedule with w_low = 1, i.e. the conditional-only shortcut, and prompt
     weighting): the training pass recomputes exactly the sampling log-probs. Feeding the training
     pass another pooled embedding or other time ids breaks that, so the check can fail."""
-    import tyro
 
     import train_ddpo
 
@@ -231,7 +231,7 @@ def test_ddpo_ratio_is_one_on_sdxl_and_breaks_with_other_pooled_or_time_ids(monk
         argv = sdxl_args(tiny_sdxl_dir, tmp_path / name, "--reward", "jpeg", "--samples-per-epoch", 4, "--sample-batch-size", 2,
                          "--train-batch-size", 2, "--gradient-accumulation-steps", 2, "--eval-every", 0)  # fmt: skip
         monkeypatch.setattr(sys, "argv", ["train_ddpo.py", *map(str, argv)])
-        train_ddpo.main(tyro.cli(train_ddpo.Args))
+        train_ddpo.main(train_ddpo.cli())
         r = read_log(tmp_path / name)[-1]
         return max(abs(r["ratio_min"] - 1), abs(r["ratio_max"] - 1))
 
@@ -244,6 +244,7 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     """One epoch of AlignProp on tiny SDXL (alpha != rank), then StableDiffusionXLPipeline's
     load_lora_weights gives the UNet we trained; --resume continues the run; sample.py loads it."""
     from diffusers import StableDiffusionXLPipeline
+
     from tiny_rewards import make_tiny_aesthetic, make_tiny_clip
 
     out = tmp_path / "run"
@@ -258,7 +259,7 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     oracle.load_lora_weights(ckpt)
     ours = diffusion.load_pipeline(str(tiny_sdxl_dir))
     diffusion.add_lora(ours.unet, rank=4, alpha=16)
-    diffusion.load_checkpoint(ckpt, ours.unet)
+    runs.load_checkpoint(ckpt, ours.unet)
     base = diffusion.load_pipeline(str(tiny_sdxl_dir)).unet
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     cond = diffusion.TextConditioner(ours).encode(["a cat"])

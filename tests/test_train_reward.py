@@ -15,12 +15,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
 from PIL import Image, ImageDraw
 
 import diffusion
 import rewards
 import train_reward as tr
+from conftest import ROOT
 
 
 def procedural_images(folder, n, size=32, seed=0):
