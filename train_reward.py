@@ -606,8 +606,12 @@ def prepare(args: Args, data: Path):
     """load_dataset, the checks that need the dataset, and the train/val split; all before any model loads."""
     paths, targets, groups, origins, task, source = load_dataset(args, data)
     check_reward_mode(args, task)
-    if len(set(targets)) < 2:
-        raise ValueError(f"--data {source}: every label is {targets[0]:g}: a reward model needs labels that differ")
+    if len(set(targets)) < 2:  # a classifier's targets are class indices: name the class, not its index
+        if task["task"] == "classification":
+            found = f"every label is {task['classes'][targets[0]]} (a single class)"
+        else:
+            found = f"every label is {targets[0]:g}"
+        raise ValueError(f"--data {source}: {found}: a reward model needs labels that differ")
     if len(set(groups)) < 2:
         raise ValueError(
             f"--data {source}: all images share one group: validation holds out whole groups, so give at least two"

@@ -261,6 +261,21 @@ def test_bad_datasets_name_the_file_and_line(case, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written for a bad dataset
 
 
+@pytest.mark.parametrize("task, score", [("regression", "1"), ("classification", "1"), ("classification", "3")])
+def test_constant_labels_name_the_label_found(task, score, tmp_path, capsys):
+    """Labels all equal: the message names that label (a classifier's one class by its name, which for a
+    CSV is the score, not the class index 0 it is stored as)."""
+    write_folder(tmp_path / "d", ["imgs"], n=3)
+    rows = "".join(f"imgs/{i}.png,{score}\n" for i in range(3))
+    (tmp_path / "d" / "labels.csv").write_text("path,score\n" + rows)
+    message = fails(capsys, tr.Args(data=str(tmp_path / "d"), task=task, out=str(tmp_path / "o")))
+    single = " (a single class)" if task == "classification" else ""
+    assert message == (
+        f"error: --data {tmp_path / 'd' / 'labels.csv'}: every label is {score}{single}: "
+        "a reward model needs labels that differ"
+    )
+
+
 def test_reward_mode_must_fit_the_task(tmp_path, capsys):
     write_folder(tmp_path / "d", ["imgs"], n=2)
     (tmp_path / "d" / "labels.csv").write_text("path,score\nimgs/0.png,0.1\nimgs/1.png,0.9\n")
