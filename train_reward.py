@@ -227,7 +227,16 @@ def check_out(args: Args):
         raise ValueError(
             f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out"
         )
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    chain = (out.absolute(), *out.absolute().parents)
+    # A dangling symlink on the way (--out itself or a folder above it) makes the final mkdir fail with
+    # FileExistsError after training, whoever runs it: refuse it now.
+    dangling = next((p for p in chain if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise ValueError(
+            f"--out '{out}': '{dangling}' is a symlink to '{os.readlink(dangling)}', which does not exist, so the "
+            "directory cannot be made: create the link's target or choose another --out"
+        )
+    existing = next(p for p in chain if p.exists())
     if not existing.is_dir():
         raise ValueError(
             f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out"
