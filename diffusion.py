@@ -513,6 +513,8 @@ def load_prompts(name_or_path: str, flag: str = "--prompts") -> list[str]:
     - `NAME`: a built-in set, `prompts/NAME.txt` or an entry of TABULAR_SETS (`parti`: the 150
       PartiPrompts of the "Imagination" challenge).
     - `FILE` (any extension but .csv/.tsv): UTF-8 text, one prompt a line (stripped; blank lines skipped).
+      A line whose first non-blank character is `#` is a comment and skipped, so a prompt file can carry
+      notes; a `#` later in a line is part of the prompt. A file of only comments and blank lines is an error.
     - `FILE.csv[:COLUMN][?COL=V1|V2;COL2=V3]` (or .tsv): a UTF-8 table with a header row (.csv: comma,
       "-quoting; .tsv: tab, no quoting), prompts verbatim from COLUMN (default: the one column named
       Prompt or Prompts, any case), only the rows where COL is one of V1, V2, ... and COL2 is V3. Values
@@ -534,9 +536,11 @@ def load_prompts(name_or_path: str, flag: str = "--prompts") -> list[str]:
         return _load_table(PROMPTS_DIR / file, column, filters, flag, name_or_path)
     path = builtin if builtin.is_file() else Path(os.path.expanduser(name_or_path))
     if path.is_file() and path.suffix.lower() not in (".csv", ".tsv"):
-        prompts = [line.strip() for line in _read_utf8(path, flag).splitlines() if line.strip()]
+        prompts = _text_prompts(_read_utf8(path, flag))
         if not prompts:
-            raise ValueError(f"{flag} file '{path}' has no prompts: write one prompt per line")
+            raise ValueError(
+                f"{flag} file '{path}' has no prompts: write one prompt per line (lines starting with # are comments)"
+            )
         return prompts
     try:
         table = (str(path), None, []) if path.is_file() else _parse_table_spec(name_or_path)
@@ -559,6 +563,11 @@ TABULAR_SETS = {
     # Our reading of the DiffExp paper's "150 challenging Parti prompts": the only Challenge with 150.
     "parti": "PartiPrompts.tsv:Prompt?Challenge=Imagination",
 }
+
+
+def _text_prompts(text: str) -> list[str]:
+    """The prompts of a text prompt file: its lines stripped, without blank lines and `#` comment lines."""
+    return [line for line in (raw.strip() for raw in text.splitlines()) if line and not line.startswith("#")]
 
 
 def _read_utf8(path: Path, flag: str) -> str:

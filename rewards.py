@@ -18,7 +18,9 @@ weighted sum and keeps the autograd graph when every part is differentiable (`re
 Every checkpoint is a hub id or a local path, loaded through diffusion.from_pretrained (the same code
 path either way); `load_reward(..., pickscore_model="/some/dir")` etc. override the defaults in
 DEFAULT_MODELS. Nothing is loaded at import time. Preprocessing is done in torch (interpolate +
-normalise), never PIL, so gradients reach the pixels.
+normalise), never PIL, so gradients reach the pixels, and in float32 whatever the weights' precision
+(cast once to the model's dtype afterwards): the antialiased resizes have no bf16/fp16 CPU kernel, and
+the reference processors (PIL) resize in float too.
 """
 
 from __future__ import annotations
@@ -127,11 +129,25 @@ def require_differentiable(spec: str, flag: str = "--reward") -> list[tuple[str,
 # Shared pieces.
 
 
-def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+def _float32(images: torch.Tensor) -> torch.Tensor:
+    """Images to preprocess in: float32 (float64 stays), whatever the model's dtype. The antialiased
+    resizes have no bf16/fp16 CPU kernel, and the processors the rewards reproduce resize in float."""
+    return images if images.dtype == torch.float64 else images.float()
+
+
+def _dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a model's weights: what its preprocessed input is cast to, once."""
+    return next(module.parameters()).dtype
+
+
+def clip_preprocess(images: torch.Tensor, size: int, mean, std, dtype: torch.dtype | None = None) -> torch.Tensor:
     """What CLIP image processors do (short side to `size`, bicubic; centre crop; normalise), in torch.
 
-    Differentiable: interpolate (antialiased when shrinking, like PIL), crop by slicing, affine normalise.
+    Differentiable: interpolate (antialiased when shrinking, like PIL), crop by slicing, affine normalise,
+    all in float32 (see `_float32`); the result is cast once to `dtype` (default: the input's dtype).
     """
+    dtype = dtype or images.dtype
+    images = _float32(images)
     h, w = images.shape[-2:]
     # Same output size as transformers' shortest_edge resize: short side = size, long side floored.
     nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
@@ -142,7 +158,7 @@ def clip_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     images = images[..., top : top + size, left : left + size]
     mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - mean) / std
+    return ((images - mean) / std).to(dtype)
 
 
 def _size(s) -> int:
@@ -242,7 +258,7 @@ class AestheticReward(nn.Module):
         self.size = self.clip.config.vision_config.image_size
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dtype(self.clip))
         emb = self.clip.get_image_features(pixel_values=pixels).pooler_output  # transformers 5: an output object
         emb = emb / emb.norm(dim=-1, keepdim=True)
         return self.mlp(emb).squeeze(-1)
@@ -262,7 +278,7 @@ class PickScoreReward(nn.Module):
         self.size, self.mean, self.std = _size(ip.crop_size), tuple(ip.image_mean), tuple(ip.image_std)
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.size, self.mean, self.std)
+        pixels = clip_preprocess(images, self.size, self.mean, self.std, _dtype(self.model))
         tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(
             images.device
         )
@@ -273,7 +289,9 @@ class PickScoreReward(nn.Module):
         return self.model.logit_scale.exp() * (img * txt).sum(-1)
 
 
-def hps_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD) -> torch.Tensor:
+def hps_preprocess(
+    images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """What hpsv2's scoring transform does (long side to `size`, bicubic; zero-pad to a centred square;
     normalise), in torch. N x 3 x H x W in [0, 1] -> N x 3 x size x size.
 
@@ -281,8 +299,11 @@ def hps_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=O
     `size` (short side round(side * size / long)) and pads with 0 -- the extra pixel of an odd margin
     goes right/bottom -- and only then normalises, so the bands hold -mean/std. Unlike
     `clip_preprocess` nothing is cropped and nothing is clamped (torchvision's resize of a float
-    tensor leaves the bicubic overshoot). Differentiable: interpolate, pad, affine normalise.
+    tensor leaves the bicubic overshoot). Differentiable: interpolate, pad, affine normalise, all in
+    float32 (see `_float32`); the result is cast once to `dtype` (default: the input's dtype).
     """
+    dtype = dtype or images.dtype
+    images = _float32(images)
     h, w = images.shape[-2:]
     scale = size / max(h, w)
     nh, nw = round(h * scale), round(w * scale)  # hpsv2's arithmetic, Python's round included
@@ -295,7 +316,7 @@ def hps_preprocess(images: torch.Tensor, size: int, mean=OPENAI_CLIP_MEAN, std=O
     images = F.pad(images, (left, size - nw - left, top, size - nh - top), value=0.0)
     mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
     std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - mean) / std
+    return ((images - mean) / std).to(dtype)
 
 
 class HPSReward(nn.Module):
@@ -331,7 +352,7 @@ class HPSReward(nn.Module):
         self.mean, self.std = OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     def forward(self, images, prompts):
-        pixels = hps_preprocess(images, self.size, self.mean, self.std)
+        pixels = hps_preprocess(images, self.size, self.mean, self.std, _dtype(self.model))
         text = self.tokenizer(list(prompts)).to(images.device)
         img = self.model.encode_image(pixels, normalize=True)
         txt = self.model.encode_text(text, normalize=True)
@@ -436,7 +457,7 @@ class ImageRewardReward(nn.Module):
         self.size = grid * patch
 
     def forward(self, images, prompts):
-        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        pixels = clip_preprocess(images, self.size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _dtype(self.vision))
         tok = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=35, return_tensors="pt"
         ).to(images.device)
@@ -483,7 +504,8 @@ class ToyDetectorNet(nn.Module):
     """toy.py's detector: a small CNN whose last feature map (stride 4) gives, for every (colour, shape)
     object, a presence map and a location map. Presence logit: log-mean-exp of the presence map (a
     soft max over places); position: the location map's soft-argmax, (x, y) in pixels of the input
-    (x right, y down). Input: N x 3 x size x size in [0, 1]. Both outputs are differentiable."""
+    (x right, y down). Input: N x 3 x size x size in [0, 1], normalised in float32 and then cast to the
+    weights' dtype (see `_float32`). Both outputs are differentiable."""
 
     def __init__(self, num_objects: int, channels: list, size: int = 32):
         super().__init__()
@@ -503,7 +525,7 @@ class ToyDetectorNet(nn.Module):
         self.register_buffer("grid", torch.stack([gx.flatten(), gy.flatten()], -1), persistent=False)
 
     def forward(self, x):
-        maps = self.head(self.features((x - 0.5) / 0.5))
+        maps = self.head(self.features(((_float32(x) - 0.5) / 0.5).to(self.head.weight.dtype)))
         n, _, h, w = maps.shape
         presence, location = maps.reshape(n, 2, self.num_objects, h * w).unbind(1)
         logits = torch.logsumexp(presence, -1) - math.log(h * w)
@@ -587,9 +609,9 @@ class ToyComposeReward(nn.Module):
         parsed = torch.tensor([self.parse(p) for p in prompts], device=images.device).view(
             -1, 3
         )  # fail before any work
-        if images.shape[-2:] != (self.size, self.size):
+        if images.shape[-2:] != (self.size, self.size):  # in float32: see _float32
             images = F.interpolate(
-                images, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+                _float32(images), size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
             )
         logits, xy = self.net(images)
         prob = logits.sigmoid()
@@ -669,14 +691,17 @@ def build_custom_network(config: dict) -> nn.Module:
     return ClipHead(clip, outputs)
 
 
-def custom_preprocess(images: torch.Tensor, config: dict) -> torch.Tensor:
-    """The custom model's input: CLIP's preprocessing for the CLIP backbone, a plain resize for the CNN."""
+def custom_preprocess(images: torch.Tensor, config: dict, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The custom model's input: CLIP's preprocessing for the CLIP backbone, a plain resize for the CNN;
+    in float32 (see `_float32`), cast once to `dtype` (default: the input's dtype)."""
     if config["backbone"] == "clip":
-        return clip_preprocess(images, config["image_size"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        return clip_preprocess(images, config["image_size"], OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, dtype)
+    dtype = dtype or images.dtype
+    images = _float32(images)
     size = config["image_size"]
     if images.shape[-2:] != (size, size):
         images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return (images - 0.5) / 0.5
+    return ((images - 0.5) / 0.5).to(dtype)
 
 
 def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, target=None) -> torch.Tensor:
@@ -688,6 +713,7 @@ def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, t
     """
     mode = mode or config.get("reward_mode", "prediction")
     target = config.get("target") if target is None else target
+    outputs = _float32(outputs)  # a half-precision network's outputs: the value arithmetic in float32
     if config["task"] == "regression":
         # The network predicts standardised labels; undo that to get the label's own units.
         pred = outputs.squeeze(-1) * config.get("label_std", 1.0) + config.get("label_mean", 0.0)
@@ -696,7 +722,7 @@ def custom_value(outputs: torch.Tensor, config: dict, mode: str | None = None, t
                 "custom reward: reward mode 'class_prob' needs a classifier; a regression model gives 'prediction' or 'target'"
             )
     else:
-        probs = outputs.float().softmax(-1)
+        probs = outputs.softmax(-1)
         if mode == "class_prob":
             classes = config["classes"]
             if str(target) not in classes:
@@ -747,7 +773,8 @@ class CustomReward(nn.Module):
         )  # fail now on a bad mode/target
 
     def forward(self, images, prompts):
-        return custom_value(self.net(custom_preprocess(images, self.config)), self.config, self.mode, self.target)
+        pixels = custom_preprocess(images, self.config, _dtype(self.net))
+        return custom_value(self.net(pixels), self.config, self.mode, self.target)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -785,7 +812,8 @@ class Reward:
         total, components = 0.0, {}
         for name, weight, module in self.parts:
             p = next(module.parameters(), None)
-            x = images if p is None else images.to(device=p.device, dtype=p.dtype)
+            # The device only: each reward preprocesses in float32 and casts to its weights' dtype itself.
+            x = images if p is None else images.to(device=p.device)
             score = module(x, prompts).float().to(images.device)
             components[name] = score.detach()
             total = total + weight * score

@@ -227,7 +227,16 @@ def check_out(args: Args):
         raise ValueError(
             f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out"
         )
-    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    chain = (out.absolute(), *out.absolute().parents)
+    # A dangling symlink on the way (--out itself or a folder above it) makes the final mkdir fail with
+    # FileExistsError after training, whoever runs it: refuse it now.
+    dangling = next((p for p in chain if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise ValueError(
+            f"--out '{out}': '{dangling}' is a symlink to '{os.readlink(dangling)}', which does not exist, so the "
+            "directory cannot be made: create the link's target or choose another --out"
+        )
+    existing = next(p for p in chain if p.exists())
     if not existing.is_dir():
         raise ValueError(
             f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out"
@@ -606,8 +615,12 @@ def prepare(args: Args, data: Path):
     """load_dataset, the checks that need the dataset, and the train/val split; all before any model loads."""
     paths, targets, groups, origins, task, source = load_dataset(args, data)
     check_reward_mode(args, task)
-    if len(set(targets)) < 2:
-        raise ValueError(f"--data {source}: every label is {targets[0]:g}: a reward model needs labels that differ")
+    if len(set(targets)) < 2:  # a classifier's targets are class indices: name the class, not its index
+        if task["task"] == "classification":
+            found = f"every label is {task['classes'][targets[0]]} (a single class)"
+        else:
+            found = f"every label is {targets[0]:g}"
+        raise ValueError(f"--data {source}: {found}: a reward model needs labels that differ")
     if len(set(groups)) < 2:
         raise ValueError(
             f"--data {source}: all images share one group: validation holds out whole groups, so give at least two"

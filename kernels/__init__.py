@@ -7,8 +7,9 @@
     x_prev, lp = cfg_ddim_step(out_u, out_c, x_t, w, coeffs, noise=z, return_log_prob=True)  # DDPO sampling
     loss, stats = ddpo_clip_loss(out_u, out_c, x_t, x_prev, w, coeffs, lp_old, adv, clip_range)  # DDPO training
 
-The *_stacked variants take the UNet's output on cat([x, x]) with cat([uncond, cond]) embeddings as
-it comes ([2B, ...], unconditional half first) and read both halves in place.
+out_u and out_c are what diffusion.cfg_unet returns: the two .chunk(2) halves of the UNet's [2B, ...]
+output (views; the kernels read them in place, whatever their batch stride), or, where every sample's
+guidance is exactly 1, one tensor passed as both (autograd then sums the two halves' gradients).
 
 backend: None reads the environment variable DIFFEXP_KERNELS ("auto" by default, "triton", "eager").
 "auto" runs the Triton kernels on CUDA tensors (float32/bf16/fp16) when triton imports, and the eager
@@ -36,9 +37,7 @@ __all__ = [
     "DDIMSchedule",
     "DDIMCoefficients",
     "cfg_ddim_step",
-    "cfg_ddim_step_stacked",
     "ddpo_clip_loss",
-    "ddpo_clip_loss_stacked",
     "resolve_backend",
     "cfg_ddim_step_reference",
     "ddim_log_prob_reference",
@@ -105,25 +104,6 @@ def cfg_ddim_step(
     )
 
 
-def cfg_ddim_step_stacked(
-    model_out, x_t, guidance, coeffs: DDIMCoefficients, noise=None, return_log_prob=False, backend=None
-):
-    """cfg_ddim_step on the stacked [2B, ...] UNet output (unconditional half first), read in place;
-    its gradient comes back as one [2B, ...] tensor."""
-    if model_out.shape[0] != 2 * x_t.shape[0] or model_out.shape[1:] != x_t.shape[1:]:
-        raise ValueError(f"stacked output {tuple(model_out.shape)} is not [2B, ...] for x_t {tuple(x_t.shape)}")
-    _check_shapes(x_t, noise=noise)
-    if return_log_prob:
-        _check_log_prob_request(coeffs, noise)
-    w = _guidance_tensor(guidance, x_t)
-    if resolve_backend(backend, x_t) == "eager":
-        out_u, out_c = model_out.chunk(2)
-        return cfg_ddim_step_reference(out_u, out_c, x_t, w, coeffs, noise, return_log_prob)
-    return CfgDdimStepFunction.apply(
-        model_out, None, x_t, noise, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, return_log_prob
-    )
-
-
 def _stats(log_prob, ratio, approx_kl, clipfrac):
     return {"log_prob": log_prob, "ratio": ratio, "approx_kl": approx_kl, "clipfrac": clipfrac}
 
@@ -150,31 +130,5 @@ def ddpo_clip_loss(
         return ddpo_clip_loss_reference(out_u, out_c, x_t, x_prev, w, coeffs, old_log_prob, advantages, clip_range)
     loss, *stats = DdpoClipLossFunction.apply(
         out_u, out_c, x_t, x_prev, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, old_log_prob, advantages, clip_range
-    )
-    return loss, _stats(*stats)
-
-
-def ddpo_clip_loss_stacked(
-    model_out,
-    x_t,
-    x_prev,
-    guidance,
-    coeffs: DDIMCoefficients,
-    old_log_prob,
-    advantages,
-    clip_range: float,
-    backend=None,
-):
-    """ddpo_clip_loss on the stacked [2B, ...] UNet output (unconditional half first), read in place."""
-    if model_out.shape[0] != 2 * x_t.shape[0] or model_out.shape[1:] != x_t.shape[1:]:
-        raise ValueError(f"stacked output {tuple(model_out.shape)} is not [2B, ...] for x_t {tuple(x_t.shape)}")
-    _check_shapes(x_t, x_prev=x_prev)
-    coeffs.require_stochastic()
-    w = _guidance_tensor(guidance, x_t)
-    if resolve_backend(backend, x_t) == "eager":
-        out_u, out_c = model_out.chunk(2)
-        return ddpo_clip_loss_reference(out_u, out_c, x_t, x_prev, w, coeffs, old_log_prob, advantages, clip_range)
-    loss, *stats = DdpoClipLossFunction.apply(
-        model_out, None, x_t, x_prev, w, coeffs.c_x, coeffs.c_eps, coeffs.sigma, old_log_prob, advantages, clip_range
     )
     return loss, _stats(*stats)

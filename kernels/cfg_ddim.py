@@ -128,9 +128,9 @@ def ddim_log_prob_reference(out_u, out_c, x_t, x_prev, guidance, coeffs: DDIMCoe
 # Triton kernels
 #
 # Layout: every latent-shaped tensor is seen as [B, N] rows, N = C*H*W, with each row contiguous
-# and any batch stride. That covers the two halves of a stacked [2B, ...] UNet output (out[:B] and
-# out[B:] are such views of one buffer: no copy) and ordinary contiguous tensors. A tensor whose
-# rows are not contiguous (channels_last, an expanded gradient) is copied once by `_rows`.
+# and any batch stride. That covers the two .chunk(2) halves of the UNet's [2B, ...] output that
+# diffusion.cfg_unet returns (views of one buffer: no copy) and ordinary contiguous tensors. A tensor
+# whose rows are not contiguous (channels_last, an expanded gradient) is copied once by `_rows`.
 # Grid: (blocks per row, B). Per-sample scalars are loaded once per program; a scalar stride of 0
 # broadcasts one value (a single guidance scale) to the whole batch without materialising it.
 # Arithmetic runs in float32 whatever the storage dtype (float64 for float64 inputs, which is what
@@ -368,21 +368,11 @@ def finish_rows_cols(batch: int, nb: int):
     return rows, cols
 
 
-def _split_stacked(out_u, out_c, batch):
-    """(u rows, c rows) for either two [B, ...] tensors or one stacked [2B, ...] tensor (out_c=None):
-    the halves of the stacked rows are views into it, so the kernel reads it in place."""
-    if out_c is None:
-        rows = _rows(out_u, 2 * batch)
-        return rows[:batch], rows[batch:]
-    return _rows(out_u, batch), _rows(out_c, batch)
-
-
 def cfg_ddim_forward_triton(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob):
-    """Launches op 1. out_c=None: out_u is the stacked [2B, ...] output (unconditional half first).
-    Returns (x_prev, log_prob or None)."""
+    """Launches op 1. Returns (x_prev, log_prob or None)."""
     batch = x_t.shape[0]
     check_triton_device(_cfg_ddim_fwd_kernel, out_u, out_c, x_t, noise)
-    u, c = _split_stacked(out_u, out_c, batch)
+    u, c = _rows(out_u, batch), _rows(out_c, batch)
     x = _rows(x_t, batch)
     z = _rows(noise, batch) if noise is not None else x  # x is a placeholder pointer, never read
     n = x.shape[1]
@@ -433,8 +423,8 @@ def cfg_ddim_forward_triton(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigm
 
 
 def cfg_ddim_backward_triton(grad_x_prev, out_u, out_c, x_t, guidance, c_x, c_eps, need_uc, need_x):
-    """Gradients of op 1 wrt (out_u, out_c, x_t) from dL/dx_prev; (grad_out, None, grad_x) in the
-    stacked case, where grad_out is [2B, ...]. Only the metadata of out_u/out_c/x_t is used."""
+    """Gradients of op 1 wrt (out_u, out_c, x_t) from dL/dx_prev. Only the metadata of out_u/out_c/x_t
+    is used."""
     batch = x_t.shape[0]
     g = _rows(grad_x_prev, batch)
     n = g.shape[1]
@@ -443,12 +433,8 @@ def cfg_ddim_backward_triton(grad_x_prev, out_u, out_c, x_t, guidance, c_x, c_ep
     (cx, cx_sb), (ce, ce_sb), (w, w_sb) = (_per_sample_arg(v, batch, dev, cdt) for v in (c_x, c_eps, guidance))
     grad_u = grad_c = grad_x = None
     if need_uc:
-        if out_c is None:  # stacked: both halves land in one [2B, ...] gradient, written in place
-            grad_u = _empty(out_u.shape, out_u.dtype, dev)
-            gu, gc = grad_u.view(2 * batch, n)[:batch], grad_u.view(2 * batch, n)[batch:]
-        else:
-            grad_u, grad_c = _empty(out_u.shape, out_u.dtype, dev), _empty(out_c.shape, out_c.dtype, dev)
-            gu, gc = grad_u.view(batch, n), grad_c.view(batch, n)
+        grad_u, grad_c = _empty(out_u.shape, out_u.dtype, dev), _empty(out_c.shape, out_c.dtype, dev)
+        gu, gc = grad_u.view(batch, n), grad_c.view(batch, n)
     else:
         gu = gc = g  # placeholders, never written
     if need_x:
@@ -489,8 +475,8 @@ class _Meta:
 class CfgDdimStepFunction(torch.autograd.Function):
     """Op 1 on the Triton kernels: x_prev (and optionally the per-sample log-prob).
 
-    forward(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob); out_c=None means
-    out_u is the stacked [2B, ...] UNet output and its gradient comes back as one [2B, ...] tensor.
+    forward(out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob). out_u and out_c may
+    be views of one buffer or one tensor passed twice (autograd adds their two gradients).
 
     Backward saves no tensor: the step is affine with per-sample coefficients. The log-prob
     is returned as non-differentiable, and that loses nothing: x_prev - mean = sigma z does not depend
@@ -504,7 +490,7 @@ class CfgDdimStepFunction(torch.autograd.Function):
             out_u, out_c, x_t, noise, guidance, c_x, c_eps, sigma, return_log_prob
         )
         ctx.set_materialize_grads(False)
-        ctx.like = tuple(None if t is None else _Meta(t.shape, t.dtype) for t in (out_u, out_c, x_t))
+        ctx.like = tuple(_Meta(t.shape, t.dtype) for t in (out_u, out_c, x_t))
         ctx.save_for_backward(guidance, c_x, c_eps)  # [B] (or one-element) tensors: nothing latent-sized
         if return_log_prob:
             ctx.mark_non_differentiable(log_prob)

@@ -237,11 +237,11 @@ if triton is not None:
 
 
 def ddpo_forward_triton(out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, old_log_prob, advantages, clip_range):
-    """Launches op 2's forward. out_c=None: out_u is the stacked [2B, ...] output.
-    Returns (loss, log_prob, ratio, dloss_dlp, approx_kl, clipfrac); dloss_dlp [B] is for the backward."""
+    """Launches op 2's forward. Returns (loss, log_prob, ratio, dloss_dlp, approx_kl, clipfrac);
+    dloss_dlp [B] is for the backward."""
     batch = x_t.shape[0]
     _op1.check_triton_device(_ddpo_se_kernel, out_u, out_c, x_t, x_prev)
-    u, c = _op1._split_stacked(out_u, out_c, batch)
+    u, c = _op1._rows(out_u, batch), _op1._rows(out_c, batch)
     x, xp = _op1._rows(x_t, batch), _op1._rows(x_prev, batch)
     n = x.shape[1]
     cdt = _op1.compute_dtype(u, c, x, xp)
@@ -304,9 +304,9 @@ def ddpo_forward_triton(out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, 
 def ddpo_backward_triton(
     grad_loss, dlp, out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, need_uc, need_x, need_xp
 ):
-    """(grad_u, grad_c, grad_x_t, grad_x_prev) of op 2; in the stacked case grad_u is [2B, ...], grad_c None."""
+    """(grad_u, grad_c, grad_x_t, grad_x_prev) of op 2."""
     batch = x_t.shape[0]
-    u, c = _op1._split_stacked(out_u, out_c, batch)
+    u, c = _op1._rows(out_u, batch), _op1._rows(out_c, batch)
     x, xp = _op1._rows(x_t, batch), _op1._rows(x_prev, batch)
     n = x.shape[1]
     cdt = _op1.compute_dtype(u, c, x, xp)
@@ -316,12 +316,8 @@ def ddpo_backward_triton(
     )
     grad_u = grad_c = grad_x = grad_xp = None
     if need_uc:
-        if out_c is None:  # stacked: both halves of one [2B, ...] gradient
-            grad_u = _op1._empty(out_u.shape, out_u.dtype, dev)
-            gu, gc = grad_u.view(2 * batch, n)[:batch], grad_u.view(2 * batch, n)[batch:]
-        else:
-            grad_u, grad_c = _op1._empty(out_u.shape, out_u.dtype, dev), _op1._empty(out_c.shape, out_c.dtype, dev)
-            gu, gc = grad_u.view(batch, n), grad_c.view(batch, n)
+        grad_u, grad_c = _op1._empty(out_u.shape, out_u.dtype, dev), _op1._empty(out_c.shape, out_c.dtype, dev)
+        gu, gc = grad_u.view(batch, n), grad_c.view(batch, n)
     else:
         gu = gc = x  # placeholders, never written
     if need_x:
@@ -369,8 +365,8 @@ class DdpoClipLossFunction(torch.autograd.Function):
     """Op 2 on the Triton kernels.
 
     forward(out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, old_log_prob, advantages, clip_range)
-    -> (loss, log_prob, ratio, approx_kl, clipfrac); only the loss is differentiable. out_c=None means
-    out_u is the stacked [2B, ...] UNet output (its gradient is one [2B, ...] tensor).
+    -> (loss, log_prob, ratio, approx_kl, clipfrac); only the loss is differentiable. out_u and out_c
+    may be views of one buffer or one tensor passed twice (autograd adds their two gradients).
 
     Saved for backward: the four latent-sized inputs (references to tensors the caller holds anyway:
     the UNet outputs live in the graph already, x_t and x_prev in the rollout buffer; no copy) and
@@ -384,7 +380,6 @@ class DdpoClipLossFunction(torch.autograd.Function):
         loss, log_prob, ratio, dlp, approx_kl, clipfrac = ddpo_forward_triton(
             out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, old_log_prob, advantages, clip_range
         )
-        ctx.stacked = out_c is None
         ctx.save_for_backward(out_u, out_c, x_t, x_prev, guidance, c_x, c_eps, sigma, dlp)
         ctx.mark_non_differentiable(log_prob, ratio, approx_kl, clipfrac)
         ctx.set_materialize_grads(False)

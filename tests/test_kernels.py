@@ -119,23 +119,39 @@ def assert_close(actual, expected, tol, what):
 
 
 def step_inputs(shape, gen, dtype, out_dtype=None):
-    """The stacked UNet output [2B, ...] and its halves (views), x_t and z."""
+    """The UNet output [2B, ...] of an ordinary CFG call and the .chunk(2) halves diffusion.cfg_unet
+    returns of it (views of one buffer), x_t and z."""
     batch = shape[0]
     model_out = randn((2 * batch, *shape[1:]), gen, out_dtype or dtype)
     return model_out, model_out[:batch], model_out[batch:], randn(shape, gen, dtype), randn(shape, gen, dtype)
 
 
-def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4):
+def halves(model_out, shared):
+    """(out_u, out_c) as diffusion.cfg_unet returns them from the UNet output: its two .chunk(2) views,
+    or, where every sample's guidance is 1 and only the conditional half ran, the one tensor twice."""
+    return (model_out, model_out) if shared else model_out.chunk(2)
+
+
+def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4, shared=False, w=None):
     """A DDPO minibatch: x_prev drawn from the step's own distribution, the model moved a little since
     (so log-probs change), old log-probs chosen to give `ratios` (default: spread around the clip
-    range, inside and outside) and advantages of both signs."""
+    range, inside and outside) and advantages of both signs. shared: cfg_unet's w = 1 shortcut (one
+    [B, ...] output as both halves; guidance 1 unless `w` says otherwise)."""
     batch = shape[0]
     co = make_coeffs(batch, gen, dtype)
-    w = guidance_for(batch, gen, True, dtype)
-    model_out, out_u, out_c, x_t, z = step_inputs(shape, gen, dtype)
+    if w is None:
+        w = (
+            torch.ones(batch, device=DEVICE, dtype=f64(co.c_x).dtype)
+            if shared
+            else guidance_for(batch, gen, True, dtype)
+        )
+    model_out, _, _, x_t, z = step_inputs(shape, gen, dtype)
+    if shared:
+        model_out = model_out[:batch].clone()
+    out_u, out_c = halves(model_out, shared)
     x_prev = kernels.cfg_ddim_step_reference(f64(out_u), f64(out_c), f64(x_t), f64(w), coeffs64(co), f64(z))
     model_out = (f64(model_out) + randn(model_out.shape, gen, torch.float64, 1e-3)).to(dtype)
-    out_u, out_c = model_out[:batch], model_out[batch:]
+    out_u, out_c = halves(model_out, shared)
     x_prev = x_prev.to(dtype)
     lp = kernels.ddim_log_prob_reference(f64(out_u), f64(out_c), f64(x_t), f64(x_prev), f64(w), coeffs64(co))
     if ratios is None:
@@ -152,7 +168,18 @@ def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4):
     old = (lp - log_r.to(DEVICE)).to(torch.float32 if dtype != torch.float64 else dtype)
     adv = torch.randn(batch, generator=gen, dtype=torch.float64)
     adv = torch.where(torch.arange(batch) % 2 == 0, adv.abs(), -adv.abs()).to(DEVICE, old.dtype)
-    return dict(model_out=model_out, out_u=out_u, out_c=out_c, x_t=x_t, x_prev=x_prev, w=w, co=co, old=old, adv=adv)
+    return dict(
+        model_out=model_out,
+        shared=shared,
+        out_u=out_u,
+        out_c=out_c,
+        x_t=x_t,
+        x_prev=x_prev,
+        w=w,
+        co=co,
+        old=old,
+        adv=adv,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,27 +191,28 @@ def loss_inputs(shape, gen, dtype, ratios=None, clip_range=1e-4):
 @pytest.mark.parametrize("dtype", TRITON_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(3, 4, 17, 19), (1, 4, 17, 19), (5, 3, 7, 11)], ids=lambda s: "x".join(map(str, s)))
 def test_step_values_and_grads(dtype, shape, gen, request):
-    """x_prev, the log-prob and the gradients, two-input and stacked, per-sample and scalar guidance."""
+    """x_prev, the log-prob and the gradients (of x_t and of the UNet output) for what cfg_unet returns:
+    the .chunk(2) halves of one [2B, ...] output at per-sample guidance, and the w = 1 shortcut's one
+    tensor passed twice at a scalar guidance of 1."""
     if shape[0] != 1:  # batch 1 runs with the default block: one per row under the interpreter
         request.getfixturevalue("ragged_blocks")
     batch = shape[0]
     co = make_coeffs(batch, gen, dtype)
-    for stacked, per_sample in ((False, True), (True, False)):
-        model_out, out_u, out_c, x_t, z = step_inputs(shape, gen, dtype)
-        w = guidance_for(batch, gen, per_sample, dtype)
-        leaves = [t.detach().requires_grad_() for t in ((model_out,) if stacked else (out_u, out_c)) + (x_t,)]
-        if stacked:
-            x_prev, lp = kernels.cfg_ddim_step_stacked(leaves[0], leaves[1], w, co, z, True, backend="triton")
-        else:
-            x_prev, lp = kernels.cfg_ddim_step(leaves[0], leaves[1], leaves[2], w, co, z, True, backend="triton")
+    for shared in (False, True):
+        model_out, _, _, x_t, z = step_inputs(shape, gen, dtype)
+        if shared:
+            model_out = model_out[:batch].clone()
+        w = 1.0 if shared else guidance_for(batch, gen, True, dtype)
+        leaves = [t.detach().requires_grad_() for t in (model_out, x_t)]
+        x_prev, lp = kernels.cfg_ddim_step(*halves(leaves[0], shared), leaves[1], w, co, z, True, backend="triton")
         assert x_prev.dtype == dtype and x_prev.shape == x_t.shape
         assert lp.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and lp.shape == (batch,)
 
         ref_leaves = [f64(t).requires_grad_() for t in leaves]
-        ref_u, ref_c = ref_leaves[0].chunk(2) if stacked else ref_leaves[:2]
+        ref_u, ref_c = halves(ref_leaves[0], shared)
         w64 = torch.as_tensor(w, dtype=torch.float64, device=DEVICE)
         ref_x_prev = kernels.cfg_ddim_step_reference(ref_u, ref_c, ref_leaves[-1], w64, coeffs64(co), f64(z))
-        assert_close(x_prev, ref_x_prev, OUT_TOL[dtype], f"x_prev ({dtype}, stacked={stacked})")
+        assert_close(x_prev, ref_x_prev, OUT_TOL[dtype], f"x_prev ({dtype}, shared={shared})")
         # The log-prob is that of the x_prev as stored (see the kernel): compare with the reference's
         # log-prob of that stored x_prev.
         ref_lp = kernels.ddim_log_prob_reference(f64(ref_u), f64(ref_c), f64(x_t), f64(x_prev), w64, coeffs64(co))
@@ -193,9 +221,9 @@ def test_step_values_and_grads(dtype, shape, gen, request):
         g = randn(x_t.shape, gen, dtype)
         grads = torch.autograd.grad(x_prev, leaves, g)
         ref_grads = torch.autograd.grad(ref_x_prev, ref_leaves, f64(g))
-        for name, a, e in zip(("u/stacked", "c", "x_t") if not stacked else ("stacked", "x_t"), grads, ref_grads):
-            assert a.dtype == dtype
-            assert_close(a, e, OUT_TOL[dtype], f"grad {name} ({dtype}, stacked={stacked})")
+        for name, a, e in zip(("UNet output", "x_t"), grads, ref_grads):
+            assert a.dtype == dtype and a.shape == e.shape
+            assert_close(a, e, OUT_TOL[dtype], f"grad {name} ({dtype}, shared={shared})")
 
 
 @requires_triton
@@ -271,10 +299,9 @@ def test_step_gradcheck_triton():
     assert torch.autograd.gradcheck(
         lambda u, c, x: kernels.cfg_ddim_step(u, c, x, w, co, z, backend="triton"), (u, c, x)
     )
-    m = model_out.detach().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda m, x: kernels.cfg_ddim_step_stacked(m, x, w, co, z, backend="triton"), (m, x)
-    )
+    # One tensor as both halves (cfg_unet's w = 1 shortcut), here at guidance != 1 so that both
+    # halves' gradients are non-zero and must be added.
+    assert torch.autograd.gradcheck(lambda c, x: kernels.cfg_ddim_step(c, c, x, w, co, z, backend="triton"), (c, x))
 
 
 def test_step_gradcheck_eager():
@@ -317,9 +344,10 @@ def test_step_matches_diffusers(prediction_type, gen):
 
 
 @requires_triton
-def test_stacked_halves_are_read_in_place(gen):
+def test_cfg_halves_are_read_in_place(gen):
+    """The .chunk(2) halves of the UNet output reach the kernels as row views of it, not copies."""
     model_out = randn((6, 4, 5, 7), gen)
-    u, c = op1._split_stacked(model_out, None, 3)
+    u, c = (op1._rows(h, 3) for h in model_out.chunk(2))
     assert u.data_ptr() == model_out.data_ptr()
     assert c.data_ptr() == model_out.data_ptr() + 3 * 4 * 5 * 7 * model_out.element_size()
 
@@ -329,10 +357,11 @@ def test_stacked_halves_are_read_in_place(gen):
 # ------------------------------------------------------------------------------------------------
 
 
-def _ref_loss(inp, clip_range, stacked, leaves):
-    """The float64 reference on float64 copies of `leaves`, returning (loss, stats, ref leaves)."""
+def _ref_loss(inp, clip_range, leaves):
+    """The float64 reference on float64 copies of `leaves` (the UNet output, or its two halves),
+    returning (loss, stats, ref leaves)."""
     ref_leaves = [f64(t).requires_grad_() for t in leaves]
-    ref_u, ref_c = ref_leaves[0].chunk(2) if stacked else ref_leaves[:2]
+    ref_u, ref_c = halves(ref_leaves[0], inp["shared"]) if len(leaves) == 1 else ref_leaves
     loss, stats = kernels.ddpo_clip_loss_reference(
         ref_u,
         ref_c,
@@ -347,22 +376,11 @@ def _ref_loss(inp, clip_range, stacked, leaves):
     return loss, stats, ref_leaves
 
 
-def _triton_loss(inp, clip_range, stacked, leaves):
-    if stacked:
-        return kernels.ddpo_clip_loss_stacked(
-            leaves[0],
-            inp["x_t"],
-            inp["x_prev"],
-            inp["w"],
-            inp["co"],
-            inp["old"],
-            inp["adv"],
-            clip_range,
-            backend="triton",
-        )
+def _triton_loss(inp, clip_range, leaves):
+    out_u, out_c = halves(leaves[0], inp["shared"]) if len(leaves) == 1 else leaves
     return kernels.ddpo_clip_loss(
-        leaves[0],
-        leaves[1],
+        out_u,
+        out_c,
         inp["x_t"],
         inp["x_prev"],
         inp["w"],
@@ -380,21 +398,21 @@ def _triton_loss(inp, clip_range, stacked, leaves):
 def test_loss_values_and_grads(dtype, shape, gen, request):
     if shape[0] != 1:  # batch 1 runs with the default block: one per row under the interpreter
         request.getfixturevalue("ragged_blocks")
+    """The loss, its statistics and the gradient of the UNet output, for the .chunk(2) halves of one
+    [2B, ...] output at per-sample guidance and for the w = 1 shortcut's one tensor passed twice."""
     clip_range = 1e-4
-    for stacked in (False, True):
-        inp = loss_inputs(shape, gen, dtype, clip_range=clip_range)
-        leaves = [
-            t.detach().requires_grad_() for t in ((inp["model_out"],) if stacked else (inp["out_u"], inp["out_c"]))
-        ]
-        loss, stats = _triton_loss(inp, clip_range, stacked, leaves)
-        ref_loss, ref_stats, ref_leaves = _ref_loss(inp, clip_range, stacked, leaves)
+    for shared in (False, True):
+        inp = loss_inputs(shape, gen, dtype, clip_range=clip_range, shared=shared)
+        leaves = [inp["model_out"].detach().requires_grad_()]
+        loss, stats = _triton_loss(inp, clip_range, leaves)
+        ref_loss, ref_stats, ref_leaves = _ref_loss(inp, clip_range, leaves)
         assert loss.shape == () and loss.requires_grad
         assert set(stats) == {"log_prob", "ratio", "approx_kl", "clipfrac"}
         assert all(not s.requires_grad for s in stats.values())
         tol = ACC_TOL[dtype]
         assert_close(stats["log_prob"], ref_stats["log_prob"], tol, "log_prob")
         assert_close(stats["ratio"], ref_stats["ratio"], tol, "ratio")
-        assert_close(loss, ref_loss, 10 * tol, f"loss ({dtype}, stacked={stacked})")
+        assert_close(loss, ref_loss, 10 * tol, f"loss ({dtype}, shared={shared})")
         # approx_kl is a mean of squared log-prob differences (~1e-8 here): compare its root, the RMS
         # difference, against the log-prob's own error.
         rms, ref_rms = (torch.sqrt(2 * f64(k)).item() for k in (stats["approx_kl"], ref_stats["approx_kl"]))
@@ -404,7 +422,7 @@ def test_loss_values_and_grads(dtype, shape, gen, request):
         ref_grads = torch.autograd.grad(ref_loss, ref_leaves)
         for a, e in zip(grads, ref_grads):
             assert a.dtype == dtype and a.shape == e.shape
-            assert_close(a, e, max(OUT_TOL[dtype], 10 * tol), f"loss grad ({dtype}, stacked={stacked})")
+            assert_close(a, e, max(OUT_TOL[dtype], 10 * tol), f"loss grad ({dtype}, shared={shared})")
 
 
 @requires_triton
@@ -416,8 +434,8 @@ def test_loss_clipping_branches(gen, ragged_blocks):
     inp = loss_inputs((8, 3, 7, 11), gen, torch.float32, ratios=ratios, clip_range=clip_range)
     adv = inp["adv"]  # alternating signs: + - + - ...
     leaves = [inp["out_u"].detach().requires_grad_(), inp["out_c"].detach().requires_grad_()]
-    loss, stats = _triton_loss(inp, clip_range, False, leaves)
-    ref_loss, ref_stats, ref_leaves = _ref_loss(inp, clip_range, False, leaves)
+    loss, stats = _triton_loss(inp, clip_range, leaves)
+    ref_loss, ref_stats, ref_leaves = _ref_loss(inp, clip_range, leaves)
     assert_close(stats["ratio"], torch.tensor(ratios, dtype=torch.float64), 1e-5, "ratios as constructed")
     assert_close(loss, ref_loss, 1e-5, "loss")
     assert stats["clipfrac"].item() == pytest.approx(0.5) == ref_stats["clipfrac"].item()
@@ -511,11 +529,15 @@ def test_loss_gradcheck_triton():
     args = tuple(inp[k].detach().requires_grad_() for k in ("out_u", "out_c", "x_t", "x_prev"))
     assert torch.autograd.gradcheck(f, args)
 
+    # One tensor as both halves (cfg_unet's w = 1 shortcut), at guidance != 1 so both gradients count.
+    inp = loss_inputs((3, 1, 2, 2), gen, torch.float64, ratios=[0.8, 1.03, 1.3], clip_range=0.1, shared=True, w=w)
+    co, old, adv = inp["co"], inp["old"], inp["adv"]
+
     def g(m, x):
-        return kernels.ddpo_clip_loss_stacked(m, x, inp["x_prev"], w, co, old, adv, 0.1, backend="triton")[0]
+        return kernels.ddpo_clip_loss(m, m, x, inp["x_prev"], w, co, old, adv, 0.1, backend="triton")[0]
 
     args = (inp["model_out"].detach().requires_grad_(), inp["x_t"].detach().requires_grad_())
-    assert torch.autograd.gradcheck(g, args, fast_mode=True)
+    assert torch.autograd.gradcheck(g, args)
 
 
 def test_loss_gradcheck_eager():
@@ -538,10 +560,10 @@ def test_sampling_and_training_log_probs_agree(dtype, gen):
     shape = (3, 4, 9, 13)
     co = make_coeffs(3, gen, dtype)
     w = guidance_for(3, gen, True, dtype)
-    model_out, _, _, x_t, z = step_inputs(shape, gen, dtype)
-    x_prev, lp = kernels.cfg_ddim_step_stacked(model_out, x_t, w, co, z, True, backend="triton")
+    _, out_u, out_c, x_t, z = step_inputs(shape, gen, dtype)
+    x_prev, lp = kernels.cfg_ddim_step(out_u, out_c, x_t, w, co, z, True, backend="triton")
     adv = torch.randn(3, generator=gen).to(DEVICE)
-    loss, stats = kernels.ddpo_clip_loss_stacked(model_out, x_t, x_prev, w, co, lp, adv, 1e-4, backend="triton")
+    loss, stats = kernels.ddpo_clip_loss(out_u, out_c, x_t, x_prev, w, co, lp, adv, 1e-4, backend="triton")
     assert_close(stats["log_prob"], lp, 1e-6, "recomputed log-prob")
     assert (stats["ratio"] - 1).abs().max().item() < 1e-6
     assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6)
@@ -593,24 +615,52 @@ def test_no_host_sync_in_loop():
     t_all = (1 + 20 * torch.arange(49, -1, -1)).to(DEVICE)
     # Warm up (compiles the kernels) outside the checked region.
     co = schedule.coefficients(t_all[:1].expand(4), 1.0)
-    x1, lp = kernels.cfg_ddim_step_stacked(model_out, x, 7.5, co, torch.randn_like(x), True, backend="triton")
-    kernels.ddpo_clip_loss_stacked(model_out, x, x1, 7.5, co, lp, adv, 1e-4, backend="triton")[0].backward()
-    kernels.cfg_ddim_step_stacked(model_out, x, 7.5, co, torch.randn_like(x), backend="triton").sum().backward()
+    u, c = model_out.detach().chunk(2)
+    x1, lp = kernels.cfg_ddim_step(u, c, x, 7.5, co, torch.randn_like(x), True, backend="triton")
+    kernels.ddpo_clip_loss(*model_out.chunk(2), x, x1, 7.5, co, lp, adv, 1e-4, backend="triton")[0].backward()
+    kernels.cfg_ddim_step(*model_out.chunk(2), x, 7.5, co, torch.randn_like(x), backend="triton").sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for i in range(5):
             co = schedule.coefficients(t_all[i].expand(4), 1.0)
             w = torch.where(t_all[i] >= 800, 1.0, 7.5).expand(4)  # DiffExp's dynamic CFG, on the device
-            x_next, lp = kernels.cfg_ddim_step_stacked(
-                model_out.detach(), x, w, co, torch.randn_like(x), True, backend="triton"
+            x_next, lp = kernels.cfg_ddim_step(
+                *model_out.detach().chunk(2), x, w, co, torch.randn_like(x), True, backend="triton"
             )
-            loss, stats = kernels.ddpo_clip_loss_stacked(model_out, x, x_next, w, co, lp, adv, 1e-4, backend="triton")
+            loss, stats = kernels.ddpo_clip_loss(*model_out.chunk(2), x, x_next, w, co, lp, adv, 1e-4, backend="triton")
             loss.backward()
-            x_step = kernels.cfg_ddim_step_stacked(model_out, x, w, co, torch.randn_like(x), backend="triton")
+            x_step = kernels.cfg_ddim_step(*model_out.chunk(2), x, w, co, torch.randn_like(x), backend="triton")
             x_step.sum().backward()
             x = x_next
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     assert torch.isfinite(x).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Benchmark script
+# ------------------------------------------------------------------------------------------------
+
+
+@requires_triton
+def test_bench_cpu_smoke_prints_the_table():
+    """`kernels/bench.py --cpu-smoke` runs the benchmark's own code on tiny shapes (Triton through the
+    interpreter) to the end: a row per op mode, input layout (cfg_unet's CFG halves, its w = 1 tensor
+    passed twice), batch and dtype with a time for each backend, the end-to-end loops and the targets."""
+    from conftest import run_script
+
+    out = run_script("kernels/bench.py", "--cpu-smoke", "--no-compile", timeout=300).stdout
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    modes = ("op1 fwd", "op1 fwd+lp", "op1 fwd+bwd", "op2 fwd", "op2 fwd+bwd")
+    rows = {(r[0], r[1], r[2], r[4]): r for r in cells if r[0] in modes}
+    expected = {(m, i, b, d) for m in modes for i in ("halves", "w=1") for b in ("1", "2") for d in ("fp32", "bf16")}
+    assert set(rows) == expected, out
+    for r in rows.values():
+        eager_ms, triton_ms = float(r[5]), float(r[7])
+        assert eager_ms > 0 and triton_ms > 0, r
+    loops = {r[0]: r for r in cells if r[0] in ("sampling step", "DDPO train step")}
+    assert set(loops) == {"sampling step", "DDPO train step"}, out
+    assert all(float(v) > 0 for r in loops.values() for v in r[1:4]), out
+    assert "\nTargets:" in out

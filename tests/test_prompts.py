@@ -94,6 +94,24 @@ def test_txt_sets_unchanged(tmp_path):
     assert load_prompts(str(f)) == ["a café", "a dog"]
 
 
+def test_hash_lines_in_a_text_file_are_comments(tmp_path):
+    """A line whose first non-blank character is # is skipped; a # elsewhere belongs to the prompt."""
+    f = tmp_path / "p.txt"
+    f.write_text("# animals, v2\n\na cat\n   # indented note\n\ta dog #cute\n#\n  a horse  \n", encoding="utf-8")
+    assert load_prompts(str(f)) == ["a cat", "a dog #cute", "a horse"]
+
+
+def test_a_text_file_of_only_comments_is_an_error(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("# prompts to write later\n\n   # one more note\n", encoding="utf-8")
+    one_line_error(
+        ValueError,
+        str(f),
+        "--prompts",
+        r"--prompts file '.*notes\.txt' has no prompts: write one prompt per line \(lines starting with # are comments\)$",
+    )
+
+
 def test_column_selection():
     rows = parti_rows()
     spec = str(PARTI)

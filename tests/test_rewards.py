@@ -448,3 +448,95 @@ def test_hps_score_of_non_square_image_is_the_model_on_hpsv2_pixels(hw, models):
     assert (got.detach() - (cropped * txt).sum(-1)).abs().max() > 1e-3
     got.sum().backward()  # gradients still reach the pixels through the resize and the pad
     assert images.grad.abs().sum() > 0 and torch.isfinite(images.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Half-precision weights: preprocessing runs in float32, then casts once to the model's dtype.
+
+
+@pytest.fixture(scope="module")
+def custom_dirs(tmp_path_factory, models):
+    """custom:DIR rewards as train_reward.py saves them (config.json + model.safetensors), random
+    weights: a CNN regressor and a classifier head on the tiny CLIP."""
+    import json
+
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("custom")
+    configs = {
+        "cnn": dict(task="regression", backbone="cnn", image_size=32, width=8, reward_mode="prediction",
+                    target=None, label_mean=0.5, label_std=0.2),
+        "clip": dict(task="classification", classes=["0", "1"], class_values=[0.0, 1.0], backbone="clip",
+                     image_size=32, clip_model=models["aesthetic_clip"], reward_mode="prediction", target=None),
+    }  # fmt: skip
+    out = {}
+    for kind, config in configs.items():
+        torch.manual_seed(0)
+        net = rewards.build_custom_network(config)
+        module = net.head if kind == "clip" else net  # train_reward.py saves only the head on CLIP
+        (root / kind).mkdir()
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(root / kind / "model.safetensors"))
+        (root / kind / "config.json").write_text(json.dumps(config))
+        out[kind] = f"custom:{root / kind}"
+    return out
+
+
+def _half_precision_case(name, models, custom_dirs):
+    """(reward spec, images in [0, 1] at a size each reward must resize, prompts)."""
+    if name == "toy-compose":
+        from tools import toy
+
+        images, prompts = toy.render(4, torch.Generator().manual_seed(11), two_frac=0.5)
+        return name, F.interpolate(images, size=(48, 48), mode="bilinear").clamp(0, 1), prompts
+    spec = custom_dirs[name.removeprefix("custom-")] if name.startswith("custom-") else name
+    return spec, uint8_images(4, (40, 56), seed=12), PROMPTS + ["a cat on a horse"]
+
+
+@pytest.mark.parametrize(
+    "name, atol",  # bf16 weights against fp32, in the reward's units; measured 2026-12-03, CPU, fixed seeds
+    [
+        ("aesthetic", 0.01),  # measured max difference 0.0013 (scores -0.15 +- 0.01)
+        ("pickscore", 0.2),  # 0.044 (100 x cosine: scores -0.01 ... 1.7)
+        ("hps", 0.01),  # 0.0032 (cosine: -0.16 ... 0.17)
+        ("hpsv2", 0.01),  # 0.0029
+        ("imagereward", 0.05),  # 0.028 (0.64 ... 0.73)
+        ("custom-cnn", 1e-3),  # 5e-5 (the random CNN's prediction barely moves: 0.515)
+        ("custom-clip", 2e-3),  # 1.2e-4 (expected class value ~0.49)
+        ("toy-compose", 0.02),  # 0.0036 (probabilities 0.94 ... 0.98)
+    ],
+)
+def test_bf16_weights_score_bf16_images_on_cpu(name, atol, models, custom_dirs):
+    """--mixed-precision bf16 on a CPU: bf16 images through bf16 weights score without error (the
+    antialiased resize has no bf16 CPU kernel, so preprocessing must run in float32), close to the
+    float32 score of the same pixels, with a gradient reaching every image."""
+    spec, images, prompts = _half_precision_case(name, models, custom_dirs)
+    extra = {} if name == "toy-compose" else models
+    low = rewards.load_reward(spec, dtype=torch.bfloat16, **extra)
+    assert all(p.dtype == torch.bfloat16 for _, _, m in low.parts for p in m.parameters())
+    x = images.to(torch.bfloat16).requires_grad_(True)
+    scores, _ = low(x, prompts)
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad).all()
+    assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
+    with torch.no_grad():
+        full, _ = rewards.load_reward(spec, **extra)(x.detach().float(), prompts)
+    torch.testing.assert_close(scores.detach(), full, atol=atol, rtol=0)
+
+
+def test_preprocessing_runs_in_float32_and_casts_once():
+    """bf16 in, bf16 out, and bitwise the float32 computation on the same pixels rounded once at the
+    end; also for a float32 input asked for bf16 (what the rewards do with half weights)."""
+    images = uint8_images(2, (40, 56), seed=13).to(torch.bfloat16)
+    mean, std = rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD
+    config = dict(backbone="cnn", image_size=32)
+    for fn in (
+        lambda x, **kw: rewards.clip_preprocess(x, 32, mean, std, **kw),
+        lambda x, **kw: rewards.hps_preprocess(x, 32, **kw),
+        lambda x, **kw: rewards.custom_preprocess(x, config, **kw),
+    ):
+        reference = fn(images.float())
+        assert reference.dtype == torch.float32
+        got = fn(images)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, reference.to(torch.bfloat16))
+        assert torch.equal(fn(images.float(), dtype=torch.bfloat16), got)

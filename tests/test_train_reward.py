@@ -11,6 +11,7 @@ import re
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -261,6 +262,21 @@ def test_bad_datasets_name_the_file_and_line(case, message, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing written for a bad dataset
 
 
+@pytest.mark.parametrize("task, score", [("regression", "1"), ("classification", "1"), ("classification", "3")])
+def test_constant_labels_name_the_label_found(task, score, tmp_path, capsys):
+    """Labels all equal: the message names that label (a classifier's one class by its name, which for a
+    CSV is the score, not the class index 0 it is stored as)."""
+    write_folder(tmp_path / "d", ["imgs"], n=3)
+    rows = "".join(f"imgs/{i}.png,{score}\n" for i in range(3))
+    (tmp_path / "d" / "labels.csv").write_text("path,score\n" + rows)
+    message = fails(capsys, tr.Args(data=str(tmp_path / "d"), task=task, out=str(tmp_path / "o")))
+    single = " (a single class)" if task == "classification" else ""
+    assert message == (
+        f"error: --data {tmp_path / 'd' / 'labels.csv'}: every label is {score}{single}: "
+        "a reward model needs labels that differ"
+    )
+
+
 def test_reward_mode_must_fit_the_task(tmp_path, capsys):
     write_folder(tmp_path / "d", ["imgs"], n=2)
     (tmp_path / "d" / "labels.csv").write_text("path,score\nimgs/0.png,0.1\nimgs/1.png,0.9\n")
@@ -475,12 +491,32 @@ def test_truncated_image_fails_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
-def test_unwritable_out_fails_in_one_line(inputs, tmp_path, monkeypatch, capsys):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    code, err = run_cli(["--data", str(inputs / "folder"), "--out", str(locked / "out")], monkeypatch, capsys)
-    assert code == 2 and len(err.splitlines()) == 1 and "--out" in err and "permission denied" in err
+@pytest.mark.parametrize("case", ["inside_a_file", "dangling_symlink", "under_a_dangling_symlink", "permission_denied"])
+def test_unwritable_out_fails_in_one_line(case, inputs, tmp_path, monkeypatch, capsys):
+    """An --out the run could not make stops it with one line naming --out, before any model is built
+    and without creating anything. Root writes through any permission, so the real paths here are ones
+    nobody can make a directory at (inside a regular file; at or under a symlink to nothing); the
+    permission check itself sees a directory that os.access reports unwritable."""
+    monkeypatch.setattr(rewards, "build_custom_network", lambda *a, **k: pytest.fail("a model was built"))
+    (tmp_path / "file").write_text("not a directory")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "locked").mkdir()
+    out, expected = {
+        "inside_a_file": (tmp_path / "file" / "out", f"'{tmp_path / 'file'}' is a file, so the directory cannot be made"),
+        "dangling_symlink": (tmp_path / "link", f"'{tmp_path / 'link'}' is a symlink to '{tmp_path / 'nowhere'}', which does not exist"),
+        "under_a_dangling_symlink": (tmp_path / "link" / "out", f"'{tmp_path / 'link'}' is a symlink to"),
+        "permission_denied": (tmp_path / "locked" / "out", f"cannot write in '{tmp_path / 'locked'}' (permission denied)"),
+    }[case]  # fmt: skip
+    if case == "permission_denied":
+        access = os.access
+        monkeypatch.setattr(
+            os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "locked" and access(p, mode, **kw)
+        )
+    code, err = run_cli(["--data", str(inputs / "folder"), "--out", str(out)], monkeypatch, capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith(f"error: --out '{out}': "), err
+    assert expected in err and err.rstrip().endswith("choose another --out"), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "locked"]  # nothing made
+    assert not (tmp_path / "nowhere").exists() and not any((tmp_path / "locked").iterdir())
 
 
 def test_wrong_invocation_in_a_subprocess(tmp_path):
