@@ -148,3 +148,28 @@ def test_peak_model_matches_a_real_backward(mode):
     tape = me.Tape(weights)
     tiny_step(unet, vae, mode, tape)
     assert tape.peak() <= live.peak <= 1.25 * tape.peak(), (mode, tape.peak(), live.peak)
+
+
+def test_autocast_emulation_casts_as_autocast_does(monkeypatch):
+    """The script replays CUDA autocast's casts on meta tensors (no GPU here to compare with). Given the
+    CPU's policy instead (CPU autocast keeps norms and softmax in bf16: the fp32 list emptied), the replay
+    saves exactly the bytes real CPU autocast saves, on a tiny bf16 UNet + VAE with fp32 LoRA."""
+
+    def saved(context):
+        unet, vae = tiny_models()
+        unet.to(torch.bfloat16), vae.to(torch.bfloat16)
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # the adapters stay fp32, as diffusion.add_lora leaves them
+        weights = {t.untyped_storage()._cdata for m in (unet, vae) for t in [*m.parameters(), *m.buffers()]}
+        tape = me.Tape(weights)
+        x, c, t = torch.randn(2, 4, 16, 16), torch.randn(2, 7, 32, dtype=torch.bfloat16), torch.full((2,), 500.0)
+        with tape, context:
+            out = unet(torch.cat([x, x]).to(torch.bfloat16), torch.cat([t, t]), encoder_hidden_states=torch.cat([c, c]))
+            vae.decode(out.sample[:2])
+        return tape.total()
+
+    real = saved(torch.autocast("cpu", dtype=torch.bfloat16))
+    cuda = saved(me.Autocast(torch.bfloat16))  # CUDA's policy: fp32 copies for the norms on top
+    monkeypatch.setattr(me, "_FP32", set())
+    assert saved(me.Autocast(torch.bfloat16)) == real < cuda
