@@ -1,30 +1,154 @@
-"""Estimate AlignProp's peak GPU memory on SDXL (bf16, K = 1) by shape accounting: no GPU, no weights.
+"""Estimate the trainers' peak GPU memory by shape accounting: no GPU, no weights, no download.
 
-    python tools/memory_estimate.py            # prints the table the README quotes
+    python tools/memory_estimate.py                                   # SDXL at 1024 px, batch 1 and 4
+    python tools/memory_estimate.py --model sd3.5-medium sd3.5-large --resolution 512 1024 --batch 1 4
+    python tools/memory_estimate.py --model sdxl --resolution 512 1024 --no-autocast --lora-rank 0  # the old modelling
 
-SDXL base's UNet and VAE are built from their published configs on the `meta` device, and one
-reward-backprop step is traced: the last UNet call on the CFG-doubled batch, then the VAE decode.
-Every tensor autograd saves for backward is counted once (by storage; the frozen weights are
-counted separately as resident memory). Attention is counted as a memory-efficient kernel keeps it
-(q, k, v, output, row log-sum-exp), as PyTorch's SDPA does on a GPU. Peak = resident weights +
-what backward must hold at once:
-  call    the UNet call is recomputed in backward, after the VAE's backward has freed the decode's
-          activations: resident + max(UNet call, VAE decode)
-  blocks  both keep only block boundaries; backward recomputes one block at a time:
-          resident + UNet boundaries + VAE boundaries + max(largest VAE block, largest UNet block)
-  none    resident + UNet call + VAE decode
-Gradient buffers, the reward model's activations and allocator slack come on top (a few GiB), so
-these are estimates until measured on a GPU.
+The denoiser (UNet or SD3 transformer) and the VAE are built from their published configs (the dicts
+below) on PyTorch's `meta` device, with LoRA adapters where the trainers put them, and one training
+step is traced:
+  alignprop  K denoiser calls on the CFG-doubled batch with gradient (K = --backprop-steps), then the
+             VAE decode of the batch (reward backprop; the reward model's own activations are not counted)
+  ddpo       one denoiser call on the CFG-doubled batch at one timestep (no VAE in the graph)
+Every tensor autograd saves for backward is counted once (by storage; weights are resident memory,
+counted separately). Attention is counted as a memory-efficient kernel keeps it (q, k, v, output, row
+log-sum-exp), as PyTorch's SDPA does on a GPU. With a half --dtype the trace follows CUDA autocast as
+the trainers run it (weights in half, LoRA in fp32): matmuls and convolutions take half copies of
+their inputs, layer/group norms and softmax run in fp32 and keep fp32 copies.
+
+Backward walks the traced pieces in reverse; a checkpointed piece keeps only its inputs until then
+and is recomputed whole, so the activations at the peak are max over pieces i of (what pieces 1..i
+keep + what piece i saves when recomputed). The modes checkpoint:
+  call    each denoiser call carrying gradient (torch.utils.checkpoint on the whole call; the VAE is not)
+  blocks  what diffusers 0.42 checkpoints when enable_gradient_checkpointing() is on: each UNet resnet
+          and each BasicTransformerBlock (attention projections in/out are not), each SD3 joint
+          transformer block, the VAE decoder's mid block and each of its up blocks
+  none    nothing
+Resident = frozen denoiser + VAE + text encoders + reward model (all in --dtype; SDXL's VAE in fp32
+under fp16, as the loader does) + LoRA weights, gradients and AdamW moments (fp32, 16 bytes per
+parameter). Not counted: gradient buffers of activations during backward, the reward model's
+activations, the CUDA context, allocator slack and fragmentation, the sampling phase (no graph) and
+DDPO's stored trajectories. These are estimates, not measurements.
 """
 
-import itertools
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from torch.overrides import TorchFunctionMode
 
 GiB = 2**30
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MODES = ("call", "blocks", "none")
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusion.add_lora's target_modules
+
+# --- published configs (diffusers layout; keys that only name versions or paths left out) ---------------
+
+# runwayml/stable-diffusion-v1-5 unet/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, use_linear_projection=False,
+)  # fmt: skip
+# stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)  # fmt: skip
+# stabilityai/stable-diffusion-3.5-medium transformer/config.json (MMDiT-X: dual attention in blocks 0-12)
+SD35M_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)  # fmt: skip
+# stabilityai/stable-diffusion-3.5-large transformer/config.json (no dual attention)
+SD35L_TRANSFORMER = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38, attention_head_dim=64,
+    num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
+    pos_embed_max_size=192, qk_norm="rms_norm",
+)  # fmt: skip
+# vae/config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (SDXL:
+# sample_size 1024, scaling 0.13025; the shapes are the same) and of both SD3.5 repos (16 latent channels,
+# no quant convs)
+VAE_4CH = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+)  # fmt: skip
+VAE_16CH = VAE_4CH | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+
+# Text encoders (transformers configs; frozen, forward only): text_encoder[_2|_3]/config.json of the repos.
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
+CLIP_G = dict(
+    hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280,
+    hidden_act="gelu",
+)  # fmt: skip
+T5_XXL = dict(
+    d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vocab_size=32128, feed_forward_proj="gated-gelu",
+)  # fmt: skip
+# The default reward, `aesthetic`: openai/clip-vit-large-patch14 (CLIPModel) + the LAION MLP head.
+AESTHETIC_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                        patch_size=14, image_size=224)  # fmt: skip
+AESTHETIC_MLP = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
+
+
+@dataclass(frozen=True)
+class Family:
+    label: str
+    kind: str  # "unet" or "sd3"
+    denoiser: dict
+    vae: dict
+    text_encoders: tuple  # (name, builder kind, config) of the encoders always loaded
+    native: int  # px
+    tokens: int  # text tokens the denoiser attends to
+    t5: bool = False  # has an optional T5-XXL (text_encoder_3)
+    extra: dict = field(default_factory=dict)
+
+
+FAMILIES = {
+    "sd15": Family("SD 1.5", "unet", SD15_UNET, VAE_4CH, (("CLIP-L", "clip", CLIP_L),), 512, 77),
+    "sdxl": Family(
+        "SDXL", "unet", SDXL_UNET, VAE_4CH, (("CLIP-L", "clip", CLIP_L), ("CLIP-G", "clip_proj", CLIP_G)), 1024, 77
+    ),
+    # SD3's denoiser sees 77 CLIP tokens + 256 T5 tokens; without T5 the pipeline feeds zeros in their place,
+    # so the sequence (and the activations) are the same with and without T5.
+    "sd3.5-medium": Family(
+        "SD3.5 Medium",
+        "sd3",
+        SD35M_TRANSFORMER,
+        VAE_16CH,
+        (("CLIP-L", "clip_proj", CLIP_L), ("CLIP-G", "clip_proj", CLIP_G)),
+        1024,
+        77 + 256,
+        t5=True,
+    ),
+    "sd3.5-large": Family(
+        "SD3.5 Large",
+        "sd3",
+        SD35L_TRANSFORMER,
+        VAE_16CH,
+        (("CLIP-L", "clip_proj", CLIP_L), ("CLIP-G", "clip_proj", CLIP_G)),
+        1024,
+        77 + 256,
+        t5=True,
+    ),
+}
+
+
+# --- what autograd keeps ------------------------------------------------------------------------------------
+
 _sdpa = F.scaled_dot_product_attention
+_autocast: list[torch.dtype] = []  # the half dtype while an emulated autocast region is active
 
 
 class EfficientAttention(torch.autograd.Function):
@@ -38,96 +162,386 @@ class EfficientAttention(torch.autograd.Function):
         return out
 
 
-F.scaled_dot_product_attention = lambda q, k, v, *args, **kwargs: EfficientAttention.apply(q, k, v)
+def _attention(q, k, v, *args, **kwargs):
+    if _autocast:  # SDPA is on autocast's lower-precision list
+        q, k, v = (x.to(_autocast[0]) for x in (q, k, v))
+    return EfficientAttention.apply(q, k, v)
 
 
-class SavedBytes:
-    """Bytes saved for backward, once per storage, excluding weights, attributed to the running block."""
+# CUDA autocast's op lists (torch.amp docs), as far as these models call them.
+_LOW = {F.linear, F.conv2d, F.conv_transpose2d, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__,
+        torch.bmm, torch.Tensor.bmm, torch.baddbmm, torch.Tensor.baddbmm, torch.mm, torch.addmm}  # fmt: skip
+_FP32 = {F.group_norm, F.layer_norm, F.softmax, torch.softmax, torch.Tensor.softmax, F.log_softmax, torch.exp,
+         torch.Tensor.exp, torch.pow, torch.Tensor.pow, torch.rsqrt, torch.Tensor.rsqrt, torch.sum, torch.Tensor.sum,
+         F.normalize, torch.norm, torch.Tensor.norm}  # fmt: skip
+_PROMOTE = {torch.cat, torch.stack}
 
-    def __init__(self, weights, blocks):
-        self.weights, self.seen, self.total, self.by_block, self.block = weights, set(), 0, {}, None
-        self.handles = [h for name, m in blocks for h in (
-            m.register_forward_pre_hook(lambda m, a, name=name: setattr(self, "block", name)),
-            m.register_forward_hook(lambda m, a, o: setattr(self, "block", None)),
-        )]  # fmt: skip
 
-    def pack(self, t):
-        key = t.untyped_storage()._cdata
-        if key not in self.seen and key not in self.weights:
-            self.seen.add(key)
-            self.total += t.untyped_storage().nbytes()
-            if self.block is not None:
-                self.by_block[self.block] = self.by_block.get(self.block, 0) + t.untyped_storage().nbytes()
-        return t
+class Autocast(TorchFunctionMode):
+    """CUDA autocast's casts, on any device (meta tensors have no autocast dispatch key): each cast is a
+    new tensor, so what an op saves after a cast is counted as the copy it is on a GPU."""
+
+    def __init__(self, dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _LOW or func in _FP32:
+            to = self.dtype if func in _LOW else torch.float32
+            cast = lambda x: x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            args, kwargs = [cast(a) for a in args], {k: cast(v) for k, v in kwargs.items()}
+        elif func in _PROMOTE and args and isinstance(args[0], (list, tuple)):
+            ts = args[0]
+            if len({t.dtype for t in ts}) > 1:
+                to = torch.float32 if any(t.dtype == torch.float32 for t in ts) else ts[0].dtype
+                args = ([t.to(to) for t in ts], *args[1:])
+        return func(*args, **kwargs)
 
     def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
+        _autocast.append(self.dtype)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        _autocast.pop()
+        return super().__exit__(*exc)
+
+
+class Tape:
+    """Bytes autograd saves, once per storage, as pieces in forward order: a tensor saved outside any
+    checkpointed segment is its own piece (kept until backward reaches it); a checkpointed segment is one
+    piece that keeps its inputs and, when backward recomputes it, saves what it saved in forward."""
+
+    def __init__(self, weights: set[int]):
+        self.weights, self.seen, self.pieces, self.segment = weights, set(), [], None
+        self.held = []  # every tensor counted stays referenced, so no later storage can reuse its address
+
+    def _count(self, t) -> int:
+        self.held.append(t)
+        return t.untyped_storage().nbytes()
+
+    @staticmethod
+    def _key(t):
+        return t.untyped_storage()._cdata
+
+    def pack(self, t):
+        key = self._key(t)
+        if key in self.weights or key in self.seen:
+            return t
+        if self.segment is None:
+            self.seen.add(key)
+            self.pieces.append((self._count(t), 0))
+        elif key not in self.segment["keys"]:
+            self.segment["keys"].add(key)
+            self.segment["inner"] += self._count(t)
+        return t
+
+    def checkpoint(self, fn, *args, **kwargs):
+        """Run fn as a checkpointed segment (diffusers' gradient_checkpointing_func signature)."""
+        if self.segment is not None:  # nested: part of the enclosing segment
+            return fn(*args, **kwargs)
+        kept = 0
+        for a in [*args, *kwargs.values()]:
+            for t in a.values() if isinstance(a, dict) else [a]:
+                if isinstance(t, torch.Tensor) and self._key(t) not in self.weights | self.seen:
+                    self.seen.add(self._key(t))
+                    kept += self._count(t)
+        self.segment = {"keys": set(), "inner": 0}
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            self.pieces.append((kept, self.segment["inner"]))
+            self.segment = None
+        return out
+
+    def total(self) -> int:
+        """Every byte saved, as if nothing were checkpointed."""
+        return sum(k + i for k, i in self.pieces)
+
+    def peak(self) -> int:
+        """Activations held at the worst moment of forward + backward."""
+        kept, worst = 0, 0
+        for k, i in self.pieces:
+            kept += k
+            worst = max(worst, kept + i)
+        return max(worst, kept)
+
+    def __enter__(self):
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-        for h in self.handles:
-            h.remove()
+        self.hooks.__exit__(*exc)
 
 
-def main():
-    dtype = torch.bfloat16
+class LoRALinear(nn.Module):
+    """A frozen linear plus a trainable rank-r adapter, computed as peft's lora.Linear does (the input cast
+    to the adapter's dtype first)."""
+
+    def __init__(self, base: nn.Linear, rank: int, dtype):
+        super().__init__()
+        self.base = base
+        self.down = nn.Linear(base.in_features, rank, bias=False, dtype=dtype)
+        self.up = nn.Linear(rank, base.out_features, bias=False, dtype=dtype)
+
+    def forward(self, x, *args, **kwargs):
+        return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype)))
+
+
+def add_lora(model: nn.Module, rank: int, dtype) -> int:
+    """Wrap diffusion.add_lora's targets; returns the number of LoRA parameters."""
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LORA_TARGETS)]
+    count = 0
+    for name, lin in targets:
+        count += rank * (lin.in_features + lin.out_features)
+        if rank:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(lin, rank, dtype))
+    return count
+
+
+# --- models -------------------------------------------------------------------------------------------------
+
+
+def count_text_encoder(kind: str, config: dict) -> int:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
     with torch.device("meta"):
-        unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-            sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-        ).to(dtype)  # fmt: skip
-        vae = AutoencoderKL(  # its vae/config.json
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=1024,
-        ).to(dtype)  # fmt: skip
-    unet.requires_grad_(False)
-    vae.requires_grad_(False)
-    weights = {p.untyped_storage()._cdata for p in itertools.chain(unet.parameters(), vae.parameters())}
-    # resident in bf16: UNet 2.57 B, both text encoders 0.82 B (123 M + 695 M), VAE 84 M, an aesthetic
-    # CLIP ViT-L/14 reward 0.43 B; LoRA weights and AdamW state are a few MB
-    resident = (
-        sum(p.numel() for p in unet.parameters()) + 0.818e9 + sum(p.numel() for p in vae.parameters()) + 0.428e9
-    ) * 2
-    unet_blocks = (
-        [(f"down{i}", b) for i, b in enumerate(unet.down_blocks)]
-        + [("mid", unet.mid_block)]
-        + [(f"up{i}", b) for i, b in enumerate(unet.up_blocks)]
-    )
-    vae_blocks = [("mid", vae.decoder.mid_block)] + [(f"up{i}", b) for i, b in enumerate(vae.decoder.up_blocks)]
-
-    def trace(batch, latent, blocks_mode):
-        if blocks_mode:
-            unet.enable_gradient_checkpointing(), vae.enable_gradient_checkpointing()
+        if kind == "t5":
+            model = T5EncoderModel(T5Config(**config))
         else:
-            unet.disable_gradient_checkpointing(), vae.disable_gradient_checkpointing()
-        n = 2 * batch  # the CFG-doubled UNet batch of the step that carries gradient (w_high != 1)
-        with torch.device("meta"):
-            x = torch.randn(n, 4, latent, latent, dtype=dtype, requires_grad=True)
-            cond = dict(encoder_hidden_states=torch.randn(n, 77, 2048, dtype=dtype),
-                        added_cond_kwargs={"text_embeds": torch.randn(n, 1280, dtype=dtype), "time_ids": torch.randn(n, 6, dtype=dtype)})  # fmt: skip
-            with SavedBytes(weights, unet_blocks) as u:
-                eps = unet(x, torch.full((n,), 500), **cond).sample
-            with SavedBytes(weights, vae_blocks) as v:
-                _ = vae.decode(eps[:batch]).sample
-        return u, v
+            cls = CLIPTextModelWithProjection if kind == "clip_proj" else CLIPTextModel
+            model = cls(CLIPTextConfig(**config))
+    return sum(p.numel() for p in model.parameters())
 
-    print("| resolution | batch | UNet call | VAE decode | peak `call` | peak `blocks` | peak `none` |")
-    print("|---|---|---|---|---|---|---|")
-    for px, batch in [(512, 1), (512, 4), (1024, 1), (1024, 4)]:
-        u, v = trace(batch, px // 8, False)
-        ub, vb = trace(batch, px // 8, True)
-        call = resident + max(u.total, v.total)
-        blocks = resident + ub.total + vb.total + max(max(v.by_block.values()), max(u.by_block.values()))
-        none = resident + u.total + v.total
-        print(
-            f"| {px} | {batch} | {u.total / GiB:.1f} | {v.total / GiB:.1f} | {call / GiB:.0f} | {blocks / GiB:.0f} | {none / GiB:.0f} |"
+
+def count_aesthetic() -> int:
+    from transformers import CLIPConfig, CLIPModel
+
+    with torch.device("meta"):
+        model = CLIPModel(CLIPConfig(text_config=CLIP_L, vision_config=AESTHETIC_VISION, projection_dim=768))
+    return sum(p.numel() for p in model.parameters()) + AESTHETIC_MLP
+
+
+@dataclass
+class Built:
+    family: Family
+    denoiser: nn.Module
+    vae: nn.Module
+    weights: set
+    params: dict  # name -> (parameter count, bytes per parameter)
+    lora_params: int
+
+
+def build(name: str, dtype, lora_rank: int, autocast: bool, reward: str) -> Built:
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers.utils import logging
+
+    logging.set_verbosity_error()  # casting a meta model with .to() warns about fp32 modules it does not have
+    fam = FAMILIES[name]
+    half = dtype != torch.float32
+    vae_dtype = torch.float32 if name == "sdxl" and dtype == torch.float16 else dtype  # diffusion.load_pipeline
+    with torch.device("meta"):
+        cls = UNet2DConditionModel if fam.kind == "unet" else SD3Transformer2DModel
+        # eval(), as diffusion.load_pipeline leaves them: dropout (p = 0) then keeps no masks
+        den = cls(**fam.denoiser).to(dtype).requires_grad_(False).eval()
+        vae = AutoencoderKL(**fam.vae).to(vae_dtype).requires_grad_(False).eval()
+        frozen = sum(t.numel() for t in [*den.parameters(), *den.buffers()])  # SD3's position table is a buffer
+        # LoRA trains in fp32 (diffusion.add_lora); without autocast a half trace keeps it in half
+        lora = add_lora(den, lora_rank, torch.float32 if (autocast or not half) else dtype)
+    weights = {t.untyped_storage()._cdata for m in (den, vae) for t in [*m.parameters(), *m.buffers()]}
+    size = dtype.itemsize
+    vae_n = sum(t.numel() for t in [*vae.parameters(), *vae.buffers()])
+    params = {"denoiser": (frozen, size), "VAE": (vae_n, vae_dtype.itemsize)}
+    for label, kind, config in fam.text_encoders:
+        params[label] = (count_text_encoder(kind, config), size)
+    if fam.t5:
+        params["T5-XXL"] = (count_text_encoder("t5", T5_XXL), size)
+    if reward == "aesthetic":
+        params["reward (aesthetic CLIP-L)"] = (count_aesthetic(), size)
+    params["LoRA + grad + AdamW (fp32)"] = (lora, 16)
+    return Built(fam, den, vae, weights, params, lora)
+
+
+def resident_bytes(b: Built, t5: bool, offload_text: bool) -> int:
+    text = {label for label, _, _ in b.family.text_encoders} | {"T5-XXL"}
+    return sum(
+        n * s for k, (n, s) in b.params.items() if not (k == "T5-XXL" and not t5) and not (offload_text and k in text)
+    )
+
+
+def cond_inputs(fam: Family, n: int, dtype) -> dict:
+    if fam.kind == "sd3":
+        return dict(
+            encoder_hidden_states=torch.randn(n, fam.tokens, fam.denoiser["joint_attention_dim"], dtype=dtype),
+            pooled_projections=torch.randn(n, fam.denoiser["pooled_projection_dim"], dtype=dtype),
         )
-    print(f"(GiB; resident weights {resident / GiB:.1f} GiB; estimates by shape accounting, not measured)")
+    cond = dict(encoder_hidden_states=torch.randn(n, fam.tokens, fam.denoiser["cross_attention_dim"], dtype=dtype))
+    if fam.denoiser.get("addition_embed_type") == "text_time":
+        cond["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(n, 1280, dtype=dtype),
+            "time_ids": torch.randn(n, 6, dtype=dtype),
+        }
+    return cond
+
+
+def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dtype, autocast: bool):
+    """One training step's saved tensors: (Tape of the whole step, bytes of one denoiser call, bytes of the
+    VAE decode) - the last two as if nothing were checkpointed, from the `none` trace."""
+    den, vae, fam = b.denoiser, b.vae, b.family
+    tape = Tape(b.weights)
+    for m in (den, vae):
+        if mode == "blocks":
+            m.enable_gradient_checkpointing(tape.checkpoint)
+        else:
+            m.disable_gradient_checkpointing()
+    latent, channels = px // 8, fam.denoiser["in_channels"]
+    amp = Autocast(dtype) if autocast and dtype != torch.float32 else contextlib.nullcontext()
+    F.scaled_dot_product_attention = _attention
+    call_bytes = []
+    try:
+        with torch.device("meta"):
+            x = torch.randn(batch, channels, latent, latent, dtype=torch.float32, requires_grad=b.lora_params == 0)
+            cond = cond_inputs(fam, batch, dtype)
+            t = torch.full((batch,), 500.0)
+
+            def denoise(x, t, cond):
+                both = {k: _cat2(v) for k, v in cond.items()}
+                with amp:
+                    # the CFG-doubled batch (diffusion.cfg_unet with a scale w != 0, 1)
+                    if fam.kind == "sd3":
+                        out = den(hidden_states=_cat2(x.to(dtype)), timestep=_cat2(t), **both).sample
+                    else:
+                        out = den(_cat2(x.to(dtype)), _cat2(t), **both).sample
+                return out.float()
+
+            with tape:
+                for _ in range(steps if trainer == "alignprop" else 1):
+                    before = tape.total()
+                    out = tape.checkpoint(denoise, x, t, cond) if mode == "call" else denoise(x, t, cond)
+                    call_bytes.append(tape.total() - before)
+                    x = x + out[:batch] + out[batch:]  # stands in for the CFG combination and the DDIM step
+                before = tape.total()
+                if trainer == "alignprop":  # diffusion.decode: at the VAE's dtype, under autocast unless fp32
+                    vae_amp = amp if vae.dtype != torch.float32 else contextlib.nullcontext()
+                    with vae_amp:
+                        vae.decode(x.to(vae.dtype)).sample.float()
+                vae_bytes = tape.total() - before
+    finally:
+        F.scaled_dot_product_attention = _sdpa
+    return tape, call_bytes[-1], vae_bytes
+
+
+def _cat2(v):
+    if isinstance(v, dict):
+        return {k: _cat2(x) for k, x in v.items()}
+    return torch.cat([v, v])
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (the project's convention)
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv=None):
+    p = Parser(
+        prog="memory_estimate.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="What is counted and what is not: the docstring of tools/memory_estimate.py, and docs/memory.md.",
+    )
+    p.add_argument("--model", nargs="+", choices=list(FAMILIES), default=["sdxl"], help="model families")
+    p.add_argument("--resolution", nargs="+", type=int, help="image sizes in px (default: each model's native size)")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 4], help="images per process (before CFG doubling)")
+    p.add_argument("--mode", nargs="+", choices=MODES, default=list(MODES), help="--gradient-checkpointing modes")
+    p.add_argument("--trainer", nargs="+", choices=("alignprop", "ddpo"), default=["alignprop"],
+                   help="alignprop: K calls + VAE decode with gradient; ddpo: one call at one timestep")  # fmt: skip
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="bf16", help="frozen weights' precision (--mixed-precision)"
+    )
+    p.add_argument("--t5", nargs="+", choices=("with", "without"), default=["with", "without"],
+                   help="SD3 only: with T5-XXL loaded, or text_encoder_3=None")  # fmt: skip
+    p.add_argument("--backprop-steps", type=int, default=1, help="AlignProp's K (denoiser calls with gradient)")
+    p.add_argument("--lora-rank", type=int, default=4, help="0: no adapters (gradient flows from the latents)")
+    p.add_argument("--reward", choices=("aesthetic", "none"), default="aesthetic", help="reward weights kept resident")
+    p.add_argument("--offload-text-encoders", action="store_true", help="text encoders not resident on the GPU")
+    p.add_argument("--no-autocast", action="store_true", help="trace in plain --dtype (no autocast casts)")
+    p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the fit column compares against")
+    p.add_argument("--headroom-gib", type=float, default=8.0,
+                   help="left for what is not counted: 'yes' fits with this much to spare, 'tight' fits without")  # fmt: skip
+    a = p.parse_args(argv)
+    for px in a.resolution or []:
+        if px < 64 or px % 16:
+            p.error(f"--resolution {px}: must be a multiple of 16, at least 64")
+        for name in a.model:  # SD3 crops its position table to the latent grid: it must not be larger
+            if FAMILIES[name].kind == "sd3" and px // 16 > FAMILIES[name].denoiser["pos_embed_max_size"]:
+                p.error(f"--resolution {px} is beyond {name}'s position embedding")
+    if min(a.batch) < 1:
+        p.error(f"--batch must be >= 1, got {min(a.batch)}")
+    if a.backprop_steps < 1:
+        p.error(f"--backprop-steps must be >= 1, got {a.backprop_steps}")
+    if a.lora_rank < 0:
+        p.error(f"--lora-rank must be >= 0, got {a.lora_rank}")
+    if a.gpu_gib <= 0 or a.headroom_gib < 0:
+        p.error("--gpu-gib must be > 0 and --headroom-gib >= 0")
+    return a
+
+
+def fits(peak: float, gpu: float, headroom: float) -> str:
+    return "yes" if peak <= gpu - headroom else "tight" if peak <= gpu else "no"
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    dtype = DTYPES[a.dtype]
+    autocast = not a.no_autocast
+    print(
+        f"Estimated peak GPU memory per process, GiB ({a.dtype}, LoRA rank {a.lora_rank}, K = {a.backprop_steps}, "
+        f"{'CUDA autocast' if autocast and dtype != torch.float32 else 'no autocast'}; shape accounting, not measured)\n"
+    )
+    rows = []
+    for name in a.model:
+        b = build(name, dtype, a.lora_rank, autocast, a.reward)
+        parts = ", ".join(
+            (f"{k} {n / 1e9:.2f} B" if n >= 1e9 else f"{k} {n / 1e6:.1f} M") + f" ({n * s / GiB:.2f} GiB)"
+            for k, (n, s) in b.params.items()
+        )
+        print(f"- {b.family.label}, resident parameters: {parts}")
+        for px in a.resolution or [b.family.native]:
+            for batch in a.batch:
+                for trainer in a.trainer:
+                    traced = {}
+                    for mode in a.mode:
+                        traced[mode] = trace(b, px, batch, mode, trainer, a.backprop_steps, dtype, autocast)
+                    full = traced.get("none") or trace(b, px, batch, "none", trainer, a.backprop_steps, dtype, autocast)
+                    _, call_b, vae_b = full
+                    for t5 in a.t5 if b.family.t5 else ["-"]:
+                        res = resident_bytes(b, t5 != "without", a.offload_text_encoders)
+                        for mode in a.mode:
+                            tape = traced[mode][0]
+                            act = tape.peak()
+                            peak = (res + act) / GiB
+                            rows.append(
+                                [b.family.label, t5, trainer, px, batch, mode, f"{res / GiB:.1f}", f"{call_b / GiB:.1f}",
+                                 f"{vae_b / GiB:.1f}" if trainer == "alignprop" else "-", f"{act / GiB:.1f}",
+                                 f"{peak:.1f}", fits(peak, a.gpu_gib, a.headroom_gib)]
+                            )  # fmt: skip
+    print()
+    header = ["model", "T5", "trainer", "px", "batch", "mode", "resident", "denoiser call", "VAE decode",
+              "activations at peak", "peak", f"fits {a.gpu_gib:g} GiB"]  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        print("| " + " | ".join(map(str, r)) + " |")
+    print(
+        f"\n(GiB. 'denoiser call' and 'VAE decode': bytes saved for backward by one call / the decode with nothing "
+        f"checkpointed; 'fits': yes = peak <= {a.gpu_gib:g} - {a.headroom_gib:g} GiB headroom for what is not "
+        f"counted, tight = under {a.gpu_gib:g} GiB but not by that much.)"
+    )
 
 
 if __name__ == "__main__":
