@@ -197,6 +197,7 @@ T5_CORPUS = (
     [f"a {a} {x}" for a in T5_CORPUS_ANIMALS for x in ("washing the dishes", "riding a bike", "playing chess")] * 3
     + ["a photo of a zorblax", "zorblax!"] * 40
     + ["a red dog", "a blue cat on the grass"] * 10
+    + ["the quick brown fox jumps over the lazy dog, well-known: wow!!"] * 5  # every letter, some punctuation
 )
 
 
@@ -218,11 +219,15 @@ def build_t5_tokenizer(out_dir: str | Path | None = None, model_max_length: int 
         vocab_size=300,
         special_tokens=["<pad>", "</s>", "<unk>"],  # T5's ids 0, 1, 2
         unk_token="<unk>",
-        initial_alphabet=list("abcdefghijklmnopqrstuvwxyz!,.-"),
         show_progress=False,
     )
     unigram.train_from_iterator(T5_CORPUS, trainer)
-    vocab = [tuple(piece) for piece in json.loads(unigram.to_str())["model"]["vocab"]]
+    vocab = json.loads(unigram.to_str())["model"]["vocab"]
+    # The trainer runs on several threads: its scores differ in the last bits from run to run. Rounded
+    # and sorted, the same vocabulary (and the same ids) comes out every time.
+    vocab = [tuple(v) for v in vocab[:3]] + sorted(
+        ((p, round(s, 6)) for p, s in vocab[3:]), key=lambda v: (-v[1], v[0])
+    )
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     if out_dir is not None:
         tokenizer.save_pretrained(out_dir)
