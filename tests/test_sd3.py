@@ -46,6 +46,16 @@ def tiny_sd3_no_t5_dir(tmp_path_factory):
     return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3-no-t5"), t5=False)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd35_dir(tmp_path_factory):
+    from tools.tiny import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd35"), t5=False, sd35=True)
+
+
+DIRS = {"t5": "tiny_sd3_dir", "no_t5": "tiny_sd3_no_t5_dir", "sd35": "tiny_sd35_dir"}
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_sd3_dir):
     return diffusion.load_pipeline(str(tiny_sd3_dir))
@@ -350,13 +360,17 @@ def test_flow_coefficients_do_not_sync_with_the_host():
 # generate
 
 
-@pytest.mark.parametrize("which, guidance, px", [("t5", 5.0, 32), ("no_t5", 5.0, 32), ("t5", 1.0, 32), ("t5", 4.0, 48)])
+@pytest.mark.parametrize(
+    "which, guidance, px", [("t5", 5.0, 32), ("no_t5", 5.0, 32), ("t5", 1.0, 32), ("t5", 4.0, 48), ("sd35", 5.0, 32)]
+)
 def test_generate_equals_the_sd3_pipeline(which, guidance, px, request):
     """diffusion.generate (Euler ODE, eta = 0) == StableDiffusion3Pipeline on the same initial latents, steps,
     guidance and CFG negative (the encoded ""), two prompts in one batch; guidance 1 takes the
-    conditional-only shortcut as the pipeline does; also away from the native size."""
-    directory = request.getfixturevalue("tiny_sd3_dir" if which == "t5" else "tiny_sd3_no_t5_dir")
-    pipe = request.getfixturevalue("pipe" if which == "t5" else "pipe_no_t5")
+    conditional-only shortcut as the pipeline does; also away from the native size, and on a transformer
+    with SD3.5's changes (RMS-normalised queries and keys, a dual-attention block)."""
+    directory = request.getfixturevalue(DIRS[which])
+    pipe = {"t5": "pipe", "no_t5": "pipe_no_t5"}
+    pipe = request.getfixturevalue(pipe[which]) if which in pipe else diffusion.load_pipeline(str(directory))
     oracle = oracle_pipeline(directory)
     cond = diffusion.TextConditioner(pipe, px).encode(PROMPTS)
     ours = diffusion.generate(
@@ -389,14 +403,15 @@ def test_generate_with_noise_is_the_sde_and_decode_applies_the_vae_shift(pipe, t
         torch.testing.assert_close(diffusion.decode(pipe, z), ref.clamp(0, 1))
 
 
-def test_add_lora_adapts_both_streams_of_the_joint_attention(tiny_sd3_dir):
-    pipe = diffusion.load_pipeline(str(tiny_sd3_dir))
+def test_add_lora_adapts_both_streams_of_the_joint_attention(tiny_sd35_dir):
+    pipe = diffusion.load_pipeline(str(tiny_sd35_dir))
     model = diffusion.denoiser(pipe)
     params = diffusion.add_lora(model, rank=4, alpha=4)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert params and all(p.dtype == torch.float32 for p in params) and all("lora" in n for n in names)
     for proj in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
         assert any(f"attn.{proj}.lora_A" in n for n in names), proj
+    assert any("attn2.to_q.lora_A" in n for n in names)  # SD3.5 Medium's image-only attention too
     text = diffusion.TextConditioner(pipe)
     x, t, cond = torch.randn(1, 16, 16, 16), torch.tensor([500.0]), text.encode(["a cat"])
     with torch.no_grad():

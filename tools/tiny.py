@@ -238,13 +238,15 @@ def build_t5_tokenizer(out_dir: str | Path | None = None, model_max_length: int 
 SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 
 
-def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0) -> Path:
+def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: bool = False) -> Path:
     """A tiny SD3 pipeline (32 px images, 16x16x16 latents) saved with StableDiffusion3Pipeline.save_pretrained,
     built like the real one: two CLIPTextModelWithProjection of different widths (32 and 64: 96-d token states,
     32 + 64 = 96-d pooled), the second tokenizer padding with '!', a T5 encoder 128 wide (or none with t5=False:
     text_encoder_3 = tokenizer_3 = None), an SD3Transformer2DModel whose joint_attention_dim is T5's width and
     pooled_projection_dim the two CLIP projections summed, a 16-channel VAE with SD3's scaling and shift
-    factors, and FlowMatchEulerDiscreteScheduler(shift=3.0)."""
+    factors, and FlowMatchEulerDiscreteScheduler(shift=3.0). sd35=True gives the transformer SD3.5's
+    changes: RMS-normalised queries and keys, and (as 3.5 Medium) a second, image-only attention in the
+    first block."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -270,6 +272,7 @@ def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0) -> Path:
         caption_projection_dim=32,  # = heads x head dim: the text stream has the image stream's width
         pooled_projection_dim=32 + 64,
         pos_embed_max_size=32,
+        **(dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}),
     )
     vae = AutoencoderKL(
         **{**TINY_VAE, "latent_channels": 16},
