@@ -555,3 +555,50 @@ def test_cfg_schedule_endpoints_on_sd3_and_unchanged_on_sd():
     assert "on 10 of 50 steps (t >= t_sw*T = 800: t 981 .. t 801)" in describe_cfg_schedule(
         ddim.timesteps, ddim, 0.8, 1, 5
     )
+
+
+def test_ddpo_ratio_is_one_on_sd3_with_diffexp(pipe, text):
+    """The consistency rule on SD3, the way a trainer runs it: sample with DiffExp (prompt weighting, w_low = 1
+    on the noisy steps, i.e. the conditional-only shortcut) and the stochastic flow step, then recompute each
+    stored step's log-prob with per-sample shuffled timesteps (mixed guidance in one call): ratio 1. With the
+    unweighted prompts instead, or with w_high on every step, it is not (so the check can fail)."""
+    n, B, eta = 4, 2, 0.7
+    pipe.scheduler.set_timesteps(n)
+    timesteps = pipe.scheduler.timesteps
+    schedule = kernels.schedule_for(pipe.scheduler, n, "cpu")
+    model = diffusion.denoiser(pipe)
+    prompts = ["a zorblax hedgehog", "a red dog"]
+    plain = text.encode(prompts)
+    cfg = DiffExpConfig(t_sw=0.8, w_low=1.0, w_high=5.0, weight_range=(1.8, 1.8))
+    cond, guidance, _ = diffexp_conditioning(cfg, True, prompts, plain, text, timesteps, 1000, torch.Generator())
+    assert guidance.tolist() == [1.0, 1.0, 5.0, 5.0]  # sigmas 1, 0.858 | 0.602, 0.009
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(n + 1, B, 16, 16, 16, generator=g)
+    x, latents, log_probs = noise[0], [noise[0]], []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            u, c = diffusion.cfg_unet(model, x, t, cond, text.negative, float(guidance[i]))
+            co = schedule.coefficients(t.expand(B), eta)
+            x, lp = kernels.cfg_ddim_step(u, c, x, guidance[i].expand(B), co, noise=noise[i + 1], return_log_prob=True)
+            latents.append(x)
+            log_probs.append(lp)
+    latents, log_probs = torch.stack(latents, 1), torch.stack(log_probs, 1)
+    perm = torch.tensor([[3, 0, 2, 1], [1, 2, 0, 3]])
+    rows = torch.arange(B)
+
+    def worst_ratio(c_train, scales=guidance):
+        worst = 0.0
+        for j in range(n):
+            idx = perm[:, j]
+            t, w = timesteps[idx], scales[idx]
+            x_t, x_prev = latents[rows, idx], latents[rows, idx + 1]
+            with torch.no_grad():
+                u, c = diffusion.cfg_unet(model, x_t, t, c_train, text.negative, w)
+            co = schedule.coefficients(t, eta)
+            _, stats = kernels.ddpo_clip_loss(u, c, x_t, x_prev, w, co, log_probs[rows, idx], torch.ones(B), 1e-4)
+            worst = max(worst, (stats["ratio"] - 1).abs().max().item())
+        return worst
+
+    assert worst_ratio(cond) < 1e-6
+    # the tiny random transformer listens to its text only a little: a wrong prompt moves the ratio by ~5e-5
+    assert worst_ratio(plain) > 1e-5 and worst_ratio(cond, torch.full((n,), 5.0)) > 1e-4
