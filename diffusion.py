@@ -443,9 +443,8 @@ class TextConditioner:
         self.tokenizers = [tok for tok, _ in pairs]
         self.text_encoders = [enc for _, enc in pairs]
         # Tokens each encoder sees: CLIP's 77, T5's max_sequence_length (SD3's pipeline default 256).
-        self.max_lengths = [tok.model_max_length for tok in self.tokenizers[:2]] + [max_sequence_length][
-            : len(self.tokenizers) - 2
-        ]
+        self.max_lengths = [tok.model_max_length for tok in self.tokenizers[:2]]
+        self.max_lengths += [max_sequence_length] if len(self.tokenizers) == 3 else []
         self.max_sequence_length = max_sequence_length
         model = denoiser(pipe)
         self.resolution = resolution or model.config.sample_size * pipe.vae_scale_factor
