@@ -225,11 +225,10 @@ def vae_downsampling(pretrained: str, vae: str | None = None) -> tuple[int, str]
         return 8, "assumed"
 
 
-def inspect_pipeline(pretrained: str) -> str:
-    """'sd' or 'sdxl' for a base checkpoint (hub id or directory), read from its model_index.json
-    before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-
-    image SD / SDXL base model (an SDXL refiner, a checkpoint without its text encoder, another class).
-    A hub id whose model_index.json cannot be had (offline and not cached) is left to the loader's own error."""
+def _model_index(pretrained: str) -> dict | None:
+    """The model_index.json of a base checkpoint (hub id or directory), read before any weights are
+    loaded; None for a hub id whose index cannot be had (offline and not cached): the loader's own
+    error then says what is missing."""
     name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
     index = Path(name) / "model_index.json"
     if not index.is_file():
@@ -249,16 +248,54 @@ def inspect_pipeline(pretrained: str) -> str:
                     raise OSError("offline")
                 index = Path(hf_hub_download(name, "model_index.json"))
             except Exception:  # noqa: BLE001 - unavailable: load_pipeline reports it with the full advice
-                return "unknown"
+                return None
     try:
-        config = json.loads(index.read_text())
+        return json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"--pretrained: cannot read '{index}' ({e})") from None
+
+
+def _absent(entry) -> bool:
+    return entry in (None, [None, None])
+
+
+# What an SD3 / SD3.5 checkpoint must hold; T5 (text_encoder_3 + tokenizer_3) is optional, as in the pipeline.
+SD3_REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3")
+
+
+def _check_sd3(pretrained: str, config: dict):
+    """Refuse, in one line and before any weights load, an SD3 checkpoint missing a component the
+    pipeline needs: listed as null in model_index.json or, for a directory, its sub-directory absent.
+    T5 may be absent, but not half of it (an encoder without its tokenizer, or the reverse)."""
+    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
+    missing = [c for c in SD3_REQUIRED if _absent(config.get(c))]
+    t5 = [c for c in SD3_OPTIONAL if not _absent(config.get(c))]
+    if len(t5) == 1:
+        missing += [c for c in SD3_OPTIONAL if c not in t5]
+    if os.path.isdir(name):
+        missing += [c for c in (*SD3_REQUIRED, *t5) if c not in missing and not os.path.isdir(os.path.join(name, c))]
+    if missing:
+        raise CheckpointError(
+            f"--pretrained: '{pretrained}' is an SD3 checkpoint without {', '.join(missing)}; SD3 needs transformer, vae, "
+            f"scheduler, text_encoder(_2) and tokenizer(_2) (T5, text_encoder_3 with tokenizer_3, is optional): pass a "
+            f"complete SD3 / SD3.5 directory or hub id (e.g. stabilityai/stable-diffusion-3.5-medium)"
+        )
+
+
+def inspect_pipeline(pretrained: str) -> str:
+    """'sd', 'sdxl' or 'sd3' for a base checkpoint (hub id or directory), read from its model_index.json
+    before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-image
+    SD / SDXL / SD3 base model (an SDXL refiner, a checkpoint without a text encoder it needs, another class).
+    A hub id whose model_index.json cannot be had (offline and not cached) is left to the loader's own error."""
+    config = _model_index(pretrained)
+    if config is None:
+        return "unknown"
     cls = config.get("_class_name", "")
-    missing_text_encoder = config.get("text_encoder") in (None, [None, None]) or config.get("tokenizer") in (
-        None,
-        [None, None],
-    )
+    if cls.startswith("StableDiffusion3"):
+        _check_sd3(pretrained, config)
+        return "sd3"
+    missing_text_encoder = _absent(config.get("text_encoder")) or _absent(config.get("tokenizer"))
     if config.get("requires_aesthetics_score") or (cls.startswith("StableDiffusionXL") and missing_text_encoder):
         raise CheckpointError(
             f"--pretrained: '{pretrained}' is an SDXL refiner or lacks text_encoder/tokenizer; pass an SDXL *base* "
@@ -269,42 +306,55 @@ def inspect_pipeline(pretrained: str) -> str:
     if cls.startswith("StableDiffusion") and not missing_text_encoder:
         return "sd"
     raise CheckpointError(
-        f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x and SDXL base models"
+        f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x, SDXL and SD3 / SD3.5 base models"
     )
 
 
 def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torch.float32, vae: str | None = None):
     """A StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusionXLPipeline (SDXL base) with a DDIM
-    scheduler, frozen, on `device`.
+    scheduler, or a StableDiffusion3Pipeline (SD3 / SD3.5) with its own flow-matching scheduler, frozen,
+    on `device`.
 
     `pretrained` is a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
-    stabilityai/stable-diffusion-xl-base-1.0) or a directory in the same layout (model_index.json,
-    unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds text_encoder_2/, tokenizer_2/).
+    stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium) or a directory in
+    the same layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds
+    text_encoder_2/, tokenizer_2/; SD3 has transformer/ instead of unet/, two CLIP encoders and, optionally,
+    T5 as text_encoder_3/ + tokenizer_3/: a checkpoint saved without T5 loads without it, and its prompts
+    are encoded with zeros in T5's place, as the pipeline does).
     `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix). SDXL's own VAE overflows in
     float16 (its config says `force_upcast`), so under float16 it is kept in float32 and `decode`
     runs it in float32 (bf16 is safe and left alone).
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusion3Pipeline,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
 
     kind = inspect_pipeline(pretrained)
-    cls = StableDiffusionXLPipeline if kind == "sdxl" else StableDiffusionPipeline
-    extra = {} if kind == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(kind, StableDiffusionPipeline)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    if kind == "sd3" and _absent(_model_index(pretrained).get("text_encoder_3")):
+        extra |= {"text_encoder_3": None, "tokenizer_3": None}  # the pipeline needs the absence said explicitly
     if vae is not None:
         extra["vae"] = from_pretrained(AutoencoderKL, vae, "--vae", dtype=dtype)
     pipe = from_pretrained(cls, pretrained, "--pretrained", dtype=dtype, **extra)
-    scheduler_config = dict(pipe.scheduler.config)
-    pipe.scheduler = DDIMScheduler.from_config(scheduler_config)
-    # SDXL ships an Euler config; DDIM built from it is SD's DDIM, except that DDIM's defaults for keys
-    # the config lacks are clip_sample=True / set_alpha_to_one=True, which are not SD's or SDXL's.
-    defaulted = [k for k in ("clip_sample", "set_alpha_to_one") if k not in scheduler_config]
-    if defaulted:
-        pipe.scheduler = DDIMScheduler.from_config({**scheduler_config, **{k: False for k in defaulted}})
-        print(
-            f"note: the scheduler config of '{pretrained}' lacks {', '.join(defaulted)}; using False (the SD/SDXL value)",
-            file=sys.stderr,
-        )
-    modules = [pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
-    for module in filter(None, modules):
+    if kind != "sd3":  # SD3's flow-matching scheduler is its sampler: kept as shipped
+        scheduler_config = dict(pipe.scheduler.config)
+        pipe.scheduler = DDIMScheduler.from_config(scheduler_config)
+        # SDXL ships an Euler config; DDIM built from it is SD's DDIM, except that DDIM's defaults for keys
+        # the config lacks are clip_sample=True / set_alpha_to_one=True, which are not SD's or SDXL's.
+        defaulted = [k for k in ("clip_sample", "set_alpha_to_one") if k not in scheduler_config]
+        if defaulted:
+            pipe.scheduler = DDIMScheduler.from_config({**scheduler_config, **{k: False for k in defaulted}})
+            print(
+                f"note: the scheduler config of '{pretrained}' lacks {', '.join(defaulted)}; using False (the SD/SDXL value)",
+                file=sys.stderr,
+            )
+    encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2", "text_encoder_3")]
+    for module in filter(None, [denoiser(pipe), pipe.vae, *encoders]):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
     pipe = pipe.to(device)
@@ -313,14 +363,48 @@ def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torc
     return pipe
 
 
+def pipeline_kind(pipe) -> str:
+    """'sd3' (flow matching, a transformer, CLIP-L + CLIP-G + optional T5), 'sdxl' or 'sd', of a loaded pipeline."""
+    if hasattr(pipe, "text_encoder_3"):  # set (to None when T5 is absent) by every SD3 pipeline
+        return "sd3"
+    return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
+
+
+def denoiser(pipe):
+    """The network the trainers fine-tune and call: SD / SDXL's UNet (predicts epsilon or v), SD3's
+    transformer (predicts the flow velocity). Both have config.sample_size (latent pixels) and
+    config.in_channels; call it through `denoise` or `cfg_unet`, which know each one's arguments."""
+    return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def _is_sd3_transformer(model) -> bool:
+    from diffusers import SD3Transformer2DModel
+
+    inner = getattr(model, "_orig_mod", getattr(model, "module", model))  # torch.compile / DDP wrappers
+    return isinstance(inner, SD3Transformer2DModel)
+
+
+def denoise(model, x, t, cond: Conditioning) -> torch.Tensor:
+    """One call of the denoiser (`denoiser(pipe)`) on latents x at timesteps t: the UNet takes
+    (sample, timestep, encoder_hidden_states, added_cond_kwargs), SD3's transformer (hidden_states,
+    timestep, encoder_hidden_states, pooled_projections); the caller does not need to know which."""
+    if _is_sd3_transformer(model):
+        return model(
+            hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
+        ).sample
+    return model(x, t, **cond.unet_kwargs()).sample
+
+
 @dataclass
 class Conditioning:
-    """Everything the UNet is conditioned on, per sample.
+    """Everything the denoiser is conditioned on, per sample.
 
     SD: the text encoder's token states `embeds` [B, 77, D]. SDXL adds the pooled text embedding
     `pooled` [B, 1280] and the micro-conditioning `time_ids` [B, 6] = (H, W, 0, 0, H, W), which the
-    UNet takes as `added_cond_kwargs`. Indexing, `cat` and `expand` act on every field at once, so the
-    trainers store and replay a conditioning without knowing which model it is for.
+    UNet takes as `added_cond_kwargs`. SD3: `embeds` [B, 77 + 256, 4096] (CLIP-L ++ CLIP-G token states
+    zero-padded to T5's width, then T5's states) and `pooled` [B, 768 + 1280], no time ids. Indexing,
+    `cat` and `expand` act on every field at once, so the trainers store and replay a conditioning
+    without knowing which model it is for; `denoise` passes it to either kind of denoiser.
     """
 
     embeds: torch.Tensor
@@ -348,8 +432,13 @@ class Conditioning:
         return Conditioning(*(None if vs[0] is None else torch.cat(vs) for vs in fields))
 
     def unet_kwargs(self) -> dict:
+        """The UNet's conditioning arguments (SD, SDXL); `denoise` builds SD3's."""
         added = None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return {"encoder_hidden_states": self.embeds, "added_cond_kwargs": added}
+
+
+# SD3's pipeline encodes prompts for T5 with up to this many tokens (its max_sequence_length default).
+SD3_T5_TOKENS = 256
 
 
 class TextConditioner:
@@ -358,20 +447,31 @@ class TextConditioner:
     SD 1.x/2.x: the text encoder's last hidden state. SDXL: the penultimate hidden states (before the
     final layer norm) of both text encoders concatenated to [B, 77, 768 + 1280], the second encoder's
     projected embedding as `pooled`, and `time_ids` (H, W, 0, 0, H, W) for the run's resolution.
+    SD3 / SD3.5 (as StableDiffusion3Pipeline.encode_prompt): CLIP-L's and CLIP-G's penultimate states
+    concatenated ([B, 77, 768 + 1280]) and zero-padded to T5's width, then T5's last hidden state
+    ([B, 256, 4096]; zeros when the checkpoint has no T5) along the sequence; pooled = CLIP-L's
+    projection ++ CLIP-G's.
 
-    Two "empty" conditionings, which are the same tensor on SD and different ones on SDXL:
+    Two "empty" conditionings, which are the same tensor on SD and SD3 and different ones on SDXL:
       `empty`    the encoding of "" — DiffExp's e_empty, which prompt weighting blends towards;
       `negative` CFG's unconditional input — zeros (embeddings and pooled) when the pipeline sets
                  `force_zeros_for_empty_prompt` (SDXL base does), else the encoding of "".
     """
 
-    def __init__(self, pipe, resolution: int | None = None):
+    def __init__(self, pipe, resolution: int | None = None, max_sequence_length: int = SD3_T5_TOKENS):
         self.pipe = pipe
-        self.tokenizers = [pipe.tokenizer] + (
-            [pipe.tokenizer_2] if getattr(pipe, "text_encoder_2", None) is not None else []
-        )
-        self.text_encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if len(self.tokenizers) == 2 else [])
-        self.resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.kind = pipeline_kind(pipe)
+        names = {"sd": [""], "sdxl": ["", "_2"], "sd3": ["", "_2", "_3"]}[self.kind]
+        pairs = [(getattr(pipe, f"tokenizer{s}"), getattr(pipe, f"text_encoder{s}")) for s in names]
+        pairs = [(tok, enc) for tok, enc in pairs if enc is not None]  # SD3 without T5: the two CLIPs
+        self.tokenizers = [tok for tok, _ in pairs]
+        self.text_encoders = [enc for _, enc in pairs]
+        # Tokens each encoder sees: CLIP's 77, T5's max_sequence_length (SD3's pipeline default 256).
+        self.max_lengths = [tok.model_max_length for tok in self.tokenizers[:2]]
+        self.max_lengths += [max_sequence_length] if len(self.tokenizers) == 3 else []
+        self.max_sequence_length = max_sequence_length
+        model = denoiser(pipe)
+        self.resolution = resolution or model.config.sample_size * pipe.vae_scale_factor
         self.empty = self.encode([""])
         if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             zeros = lambda v: None if v is None else torch.zeros_like(v)  # noqa: E731
@@ -381,13 +481,24 @@ class TextConditioner:
 
     @property
     def widths(self) -> list[int]:
-        """The width of each encoder's part of `embeds` (SDXL: [768, 1280])."""
+        """The width of each encoder's token states (SDXL: [768, 1280]; SD3: [768, 1280, 4096])."""
         return [te.config.hidden_size for te in self.text_encoders]
+
+    @property
+    def parts(self) -> list[tuple[int, int, int]]:
+        """Where each encoder's token states sit in `embeds`, as (first row, first column, width), in the
+        order of `tokenizers`: SD [(0, 0, 768)], SDXL [(0, 0, 768), (0, 768, 1280)], SD3 the same two
+        CLIP blocks, then T5's rows (77, 0, 4096) when the checkpoint has T5."""
+        w = self.widths
+        if len(w) == 1:
+            return [(0, 0, w[0])]
+        clip = [(0, 0, w[0]), (0, w[0], w[1])]
+        return clip + [(self.max_lengths[0], 0, w[2])] if len(w) == 3 else clip
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Conditioning:
         device = self.text_encoders[0].device
-        if len(self.text_encoders) == 1:  # SD 1.x / 2.x
+        if self.kind == "sd":
             tok = self.tokenizers[0](
                 prompts,
                 padding="max_length",
@@ -396,8 +507,8 @@ class TextConditioner:
                 return_tensors="pt",
             )
             return Conditioning(self.text_encoders[0](tok.input_ids.to(device))[0])
-        states, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        states, pooled = [], []
+        for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
             ids = tokenizer(
                 prompts,
                 padding="max_length",
@@ -407,16 +518,34 @@ class TextConditioner:
             ).input_ids
             out = encoder(ids.to(device), output_hidden_states=True)
             states.append(out.hidden_states[-2])
-            pooled = out[0]  # the last encoder's projected text embedding
-        H = W = self.resolution
-        time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=states[0].dtype, device=device).expand(len(prompts), -1)
-        return Conditioning(torch.cat(states, dim=-1), pooled, time_ids)
+            pooled.append(out[0])  # the encoder's projected text embedding
+        if self.kind == "sdxl":
+            H = W = self.resolution
+            time_ids = torch.tensor([[H, W, 0, 0, H, W]], dtype=states[0].dtype, device=device)
+            return Conditioning(torch.cat(states, dim=-1), pooled[-1], time_ids.expand(len(prompts), -1))
+        clip = torch.cat(states, dim=-1)
+        if len(self.text_encoders) == 3:
+            ids = self.tokenizers[2](
+                prompts,
+                padding="max_length",
+                max_length=self.max_sequence_length,
+                truncation=True,
+                add_special_tokens=True,
+                return_tensors="pt",
+            ).input_ids
+            t5 = self.text_encoders[2](ids.to(device))[0].to(clip.dtype)
+        else:  # no T5: zeros in its place, as the pipeline does
+            width = denoiser(self.pipe).config.joint_attention_dim
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, width, dtype=clip.dtype, device=device)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
 
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
     """Token states [B, 77, D] of `prompts` (padded/truncated to the tokenizer's max length); on SDXL
-    the concatenation of both encoders' (use TextConditioner for the pooled embedding and time ids)."""
+    the concatenation of both encoders', on SD3 TextConditioner's [B, 77 + 256, D] (use TextConditioner
+    for the pooled embedding and time ids)."""
     return (
         TextConditioner(pipe).encode(prompts).embeds if hasattr(pipe, "text_encoder_2") else _encode_sd(pipe, prompts)
     )
@@ -430,8 +559,9 @@ def _encode_sd(pipe, prompts):
 
 
 def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=None):
-    """The two outputs classifier-free guidance combines, (out_u, out_c), from one UNet call.
+    """The two outputs classifier-free guidance combines, (out_u, out_c), from one denoiser call.
 
+    unet: `denoiser(pipe)` (a UNet, or SD3's transformer, called through `denoise`);
     x: [B, C, h, w]; t: a scalar timestep or one per sample; cond: the samples' conditioning;
     negative: CFG's unconditional conditioning ([1, ...] or [B, ...]); guidance: each sample's scale
     as host numbers (a float, a list or a CPU tensor), or None.
@@ -455,9 +585,9 @@ def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=No
     rows_c = [i for i in range(B) if w[i] != 0.0]
     if len(rows_u) == B and len(rows_c) == B:  # ordinary CFG: the doubled batch, unconditional half first
         inputs = Conditioning.cat([negative, cond])
-        return unet(torch.cat([x, x]), torch.cat([t, t]), **inputs.unet_kwargs()).sample.chunk(2)
+        return denoise(unet, torch.cat([x, x]), torch.cat([t, t]), inputs).chunk(2)
     if not rows_u or not rows_c:  # every sample at w = 1 (or every one at w = 0): one half only
-        out = unet(x, t, **(cond if rows_c else negative).unet_kwargs()).sample
+        out = denoise(unet, x, t, cond if rows_c else negative)
         return out, out
     # a mix (DDPO's training pass visits shuffled steps): the needed rows of the doubled batch, then each
     # output put back in place; the two index lists go to the device in one copy each, without a sync
@@ -468,9 +598,7 @@ def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=No
         [pos_u.get(i, pos_c.get(i)) for i in range(B)] + [pos_c.get(i, pos_u.get(i)) for i in range(B)], x.device
     )
     inputs = Conditioning.cat([negative, cond])._map(lambda v: v.index_select(0, take.to(v.device)))
-    out = unet(
-        torch.cat([x, x]).index_select(0, take), torch.cat([t, t]).index_select(0, take), **inputs.unet_kwargs()
-    ).sample
+    out = denoise(unet, torch.cat([x, x]).index_select(0, take), torch.cat([t, t]).index_select(0, take), inputs)
     return out.index_select(0, put).chunk(2)
 
 
@@ -700,26 +828,29 @@ def generate(
     """Images in [0, 1] from a conditioning (or SD prompt embeddings [B, L, D]) with per-step
     guidance [num_steps]; `negative` is CFG's unconditional input (default: the pipeline's).
 
-    Noise comes from a CPU `generator` (x_T first, then each step's noise when eta > 0), so a seed
-    gives the same images on any device.
+    SD / SDXL sample with DDIM (`eta` its noise scale), SD3 with its flow-matching scheduler's timesteps
+    (shift applied) and the Euler step, or with `eta` > 0 the stochastic step of the same marginals
+    (`eta` its noise level). Noise comes from a CPU `generator` (x_T first, then each step's noise when
+    eta > 0), so a seed gives the same images on any device.
     """
-    from kernels import DDIMSchedule, cfg_ddim_step
+    from kernels import cfg_ddim_step, schedule_for
 
     cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
     device, dtype, B = cond.embeds.device, cond.embeds.dtype, len(cond)
-    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    model = denoiser(pipe)
+    resolution = resolution or model.config.sample_size * pipe.vae_scale_factor
     if negative is None:  # encoding "" costs a text-encoder call: callers that sample often pass their own
         negative = TextConditioner(pipe, resolution).negative
     negative = negative.to(device, dtype)
     latent = resolution // pipe.vae_scale_factor
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps.to(device)
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, num_steps, device)
+    schedule = schedule_for(pipe.scheduler, num_steps, device)
     guidance_host = guidance.detach().cpu()  # read once, so the skip of cfg_unet never waits inside the loop
     guidance = guidance.to(device)
-    x = torch.randn(B, pipe.unet.config.in_channels, latent, latent, generator=generator).to(device, dtype)
+    x = torch.randn(B, model.config.in_channels, latent, latent, generator=generator).to(device, dtype)
     for i, t in enumerate(timesteps):
-        out_u, out_c = cfg_unet(pipe.unet, x, t, cond, negative, float(guidance_host[i]))
+        out_u, out_c = cfg_unet(model, x, t, cond, negative, float(guidance_host[i]))
         coeffs = schedule.coefficients(t.expand(B), eta)
         z = torch.randn(x.shape, generator=generator).to(device, x.dtype) if eta > 0 else None
         x = cfg_ddim_step(out_u, out_c, x, guidance[i].expand(B), coeffs, noise=z, backend=backend)
@@ -736,11 +867,12 @@ def seeded(*keys: int) -> torch.Generator:
 def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
     """Latents -> images in [0, 1] (differentiable), run at the VAE's own precision: a float32 VAE
     (SDXL's, kept in float32 under fp16 because it overflows there) runs with autocast off, so
-    autocast cannot put it back into float16."""
+    autocast cannot put it back into float16. SD3's VAE also has a shift (latents / scale + shift)."""
     vae = pipe.vae
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
     upcast = vae.dtype == torch.float32 and torch.is_autocast_enabled(latents.device.type)
     with torch.autocast(latents.device.type, enabled=False) if upcast else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -748,15 +880,19 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 # LoRA: the trainable weights (checkpoints of them are written by runs.py).
 
 
+# LoRA targets: the attention projections; SD3's joint attention also projects the text stream
+# (add_*_proj, to_add_out), adapted too, as diffusers' SD3 LoRA training and Flow-GRPO do.
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+SD3_LORA_TARGETS = LORA_TARGETS + ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+
+
 def add_lora(unet, rank: int, alpha: float):
-    """LoRA adapters on the UNet's attention projections; returns the trainable parameters (fp32)."""
+    """LoRA adapters on the denoiser's attention projections (`denoiser(pipe)`: SD / SDXL's UNet or SD3's
+    transformer); returns the trainable parameters (fp32)."""
     from peft import LoraConfig
 
-    unet.add_adapter(
-        LoraConfig(
-            r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=["to_k", "to_q", "to_v", "to_out.0"]
-        )
-    )
+    targets = SD3_LORA_TARGETS if _is_sd3_transformer(unet) else LORA_TARGETS
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()  # train the adapters in fp32 even when the frozen weights are half

@@ -6,6 +6,18 @@ Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
     t >= t_sw * T, use an extremely low guidance scale `w_low` (diverse layouts); the rest use the
     ordinary scale `w_high` (quality). `cfg_scales` returns the scale for every step and sample.
 
+    On a flow-matching model (SD3 / SD3.5: x = (1 - sigma) x_0 + sigma eps, model timestep sigma * T)
+    t_sw keeps its meaning as a noise level: a step runs at w_low when its signal-to-noise ratio
+    ((1 - sigma) / sigma)^2 is at most SD's, alpha_bar / (1 - alpha_bar), at the first DDPM timestep
+    t >= t_sw * T (SD and SDXL share that alpha_bar schedule), i.e. when sigma >= sigma_sw(t_sw)
+    (0.836 for t_sw = 0.8). Why not the other two readings: "sigma >= t_sw" compares a flow sigma with
+    a DDPM time fraction, which are different scales (sigma = 0.8 is far less noisy than SD's t = 800);
+    "the first (1 - t_sw) of the steps" ties the switch to the step count and to SD3's shift (3.0 puts
+    most steps at high noise), not to how noisy the latents are, which is what decides the layout the
+    low scale is meant to diversify. With SD3's shift 3.0 and --t-sw 0.8: 11 of 28 steps, 19 of 50 run
+    at w_low (the first 20% would be 6 and 10; sigma >= 0.8: 12 and 22). `w_low_threshold`,
+    `low_guidance_steps` and `describe_cfg_schedule` give this for any of SD, SDXL and SD3.
+
 (b) Random prompt weighting. For each sample one word of its prompt is chosen at random and its
     token embeddings are pushed away from the empty prompt's:
         e'_k = e_empty_k + w * (e_k - e_empty_k)   at the chosen word's token positions k,
@@ -19,11 +31,17 @@ Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
     by default — the paper's formula is about token states, and this is what compel computes for
     SDXL; `prompt_weight_pooled` applies the same blend to it (p' = p_empty + w (p - p_empty)).
 
+    SD3 has three: CLIP-L and CLIP-G side by side in the first 77 rows (as SDXL) and T5's states in the
+    rows after them. The chosen word is weighted in all three, each at its positions in its own
+    tokenizer (T5's sentencepiece splits words differently from CLIP's BPE), with each encoder's own
+    encoding of "" as e_empty; the pooled embedding (CLIP-L's ++ CLIP-G's) as on SDXL.
+
 Exploration is applied only during the first `explore_frac` of fine-tuning (`is_exploring`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -60,7 +78,7 @@ class DiffExpConfig:
     explore_frac: float = 0.75
     """explore during the first explore_frac of the epochs, then sample plainly (w_high, unweighted prompts)"""
     prompt_weight_pooled: bool = False
-    """SDXL: also blend the pooled text embedding with the chosen word's weight (off: the token states only)"""
+    """SDXL / SD3: also blend the pooled text embedding with the chosen word's weight (off: the token states only)"""
 
     def validate(self) -> DiffExpConfig:
         """Raise ValueError naming the command-line flag and the fix for any bad value."""
@@ -82,9 +100,17 @@ def is_exploring(epoch: int, num_epochs: int, explore_frac: float) -> bool:
 
 
 def cfg_scales(
-    timesteps: torch.Tensor, num_train_timesteps: int, t_sw: float, w_low: float, w_high: float, enabled: bool = True
+    timesteps: torch.Tensor,
+    num_train_timesteps: int,
+    t_sw: float,
+    w_low: float,
+    w_high: float,
+    enabled: bool = True,
+    scheduler=None,
 ) -> torch.Tensor:
-    """Guidance scale for each entry of `timesteps` (any shape, any device): w_low where t >= t_sw * T.
+    """Guidance scale for each entry of `timesteps` (any shape, any device): w_low where t >= t_sw * T,
+    or, given the pipeline's `scheduler`, where `low_guidance_steps` says (on SD / SDXL the same rule;
+    on a flow-matching model the noise-level one: sigma >= sigma_sw(t_sw)).
 
     With `enabled=False` (ablation, or after exploration) every step uses w_high.
     t_sw = 1 never switches to w_low (t < T always); t_sw = 0 uses w_low everywhere.
@@ -94,7 +120,73 @@ def cfg_scales(
     high = torch.full(timesteps.shape, float(w_high), device=timesteps.device)
     if not enabled:
         return high
-    return torch.where(timesteps >= t_sw * num_train_timesteps, torch.full_like(high, float(w_low)), high)
+    threshold = t_sw * num_train_timesteps if scheduler is None else w_low_threshold(scheduler, t_sw)
+    return torch.where(timesteps >= threshold, torch.full_like(high, float(w_low)), high)
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """alpha_bar of SD 1.x/2.x and SDXL's training schedule (scaled_linear betas 0.00085 .. 0.012 over
+    1000 steps), float64: the noise levels the paper's t_sw was set on."""
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, 0)
+
+
+def _is_flow_matching(scheduler) -> bool:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def flow_switch_sigma(t_sw: float) -> float:
+    """sigma_sw: a flow-matching step runs at w_low when sigma >= sigma_sw, the sigma whose SNR
+    ((1 - sigma) / sigma)^2 equals SD's alpha_bar / (1 - alpha_bar) at t* = the first integer timestep
+    >= t_sw * 1000 (the SD steps at w_low are exactly those with t >= t*, i.e. SNR <= SNR(t*)).
+    t_sw = 0: every step (0); t* >= 1000: none (inf), as on SD."""
+    if not 0.0 <= t_sw <= 1.0:
+        raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {t_sw}")
+    if t_sw == 0:
+        return 0.0
+    t_star = math.ceil(t_sw * 1000 - 1e-9)
+    if t_star >= 1000:
+        return math.inf
+    ab = float(sd_alphas_cumprod()[t_star])
+    return 1.0 / (1.0 + math.sqrt(ab / (1.0 - ab)))
+
+
+def w_low_threshold(scheduler, t_sw: float) -> float:
+    """The model timestep from which on (t >= it) a sampling step runs at w_low: t_sw * T on SD / SDXL
+    (DDPM timesteps), sigma_sw(t_sw) * T on a flow-matching model (SD3, whose timesteps are sigma * T)."""
+    T = scheduler.config.num_train_timesteps
+    if _is_flow_matching(scheduler):
+        return flow_switch_sigma(t_sw) * T
+    if not 0.0 <= t_sw <= 1.0:
+        raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {t_sw}")
+    return t_sw * T
+
+
+def low_guidance_steps(timesteps: torch.Tensor, scheduler, t_sw: float) -> torch.Tensor:
+    """Per sampling step (the scheduler's timesteps, any shape), whether DiffExp's CFG schedule runs it at
+    w_low (while exploring, with the schedule on): the same call for SD, SDXL and SD3."""
+    return timesteps >= w_low_threshold(scheduler, t_sw)
+
+
+def describe_cfg_schedule(timesteps: torch.Tensor, scheduler, t_sw: float, w_low: float, w_high: float) -> str:
+    """One line, for a trainer to print at start-up, saying which sampling steps run at w_low."""
+    ts = timesteps.detach().cpu()
+    low = low_guidance_steps(ts, scheduler, t_sw)
+    n, k = len(ts), int(low.sum())
+    T = scheduler.config.num_train_timesteps
+    if _is_flow_matching(scheduler):
+        rule = f"sigma >= {flow_switch_sigma(t_sw):.3f}: an SNR at most SD's at t_sw*T = {t_sw * T:g}"
+        at = lambda t: f"sigma {float(t) / T:.3f}"  # noqa: E731
+    else:
+        rule = f"t >= t_sw*T = {t_sw * T:g}"
+        at = lambda t: f"t {float(t):g}"  # noqa: E731
+    which = f": {at(ts[low][0])} .. {at(ts[low][-1])}" if k else ""
+    return (
+        f"DiffExp CFG schedule (--t-sw {t_sw}): w_low {w_low:g} on {k} of {n} steps ({rule}{which}), "
+        f"w_high {w_high:g} on the other {n - k}"
+    )
 
 
 @dataclass
@@ -106,27 +198,38 @@ class PromptWeight:
     word_index: int  # index among the prompt's whitespace-separated words, -1 if none
     positions: list[int] = field(default_factory=list)  # token positions in the encoder output (BOS = 0)
     weight: float = 1.0
-    positions_2: list[int] | None = None  # SDXL: the same word's positions in the second tokenizer
+    positions_2: list[int] | None = None  # SDXL / SD3: the same word's positions in the second tokenizer
+    positions_3: list[int] | None = None  # SD3 with T5: the same word's positions in T5's tokenizer
 
     def record(self) -> dict:
         """What the logs keep of this choice."""
         out = {"prompt": self.prompt, "word": self.word, "weight": round(self.weight, 3), "positions": self.positions}
-        return out if self.positions_2 is None else out | {"positions_2": self.positions_2}
+        extra = {k: getattr(self, k) for k in ("positions_2", "positions_3") if getattr(self, k) is not None}
+        return out | extra
+
+    def all_positions(self) -> list[list[int] | None]:
+        """The chosen word's positions in each tokenizer, in the order of the encoders."""
+        return [self.positions, self.positions_2, self.positions_3]
 
 
 def word_token_positions(prompt: str, tokenizer, max_length: int | None = None) -> list[tuple[str, list[int]]]:
-    """Split a prompt into whitespace words and give each the positions of all its BPE tokens.
+    """Split a prompt into whitespace words and give each the positions of all its tokens.
 
-    CLIP's tokenizer never merges across whitespace, so tokenising word by word gives the same
-    sequence as tokenising the prompt; position 0 is <|startoftext|>. Tokens at or beyond the
-    truncation point (max_length - 1, the last slot being <|endoftext|>) are dropped, so a word
-    cut off by truncation keeps only its visible tokens, and a word wholly past it keeps none.
+    Neither CLIP's BPE nor T5's sentencepiece (Unigram behind a whitespace split) merges across
+    whitespace, so tokenising word by word gives the same sequence as tokenising the prompt. The
+    special tokens the tokenizer adds are counted: CLIP's position 0 is <|startoftext|>, T5 has none
+    before the words (its '</s>' comes after them). Tokens at or beyond the truncation point (max_length
+    minus the special tokens after the words) are dropped, so a word cut off by truncation keeps only
+    its visible tokens, and a word wholly past it keeps none.
     """
     max_length = max_length or tokenizer.model_max_length
-    out, pos = [], 1
+    specials = tokenizer("").input_ids  # what the tokenizer adds around any prompt
+    before = 1 if tokenizer.bos_token_id is not None and specials[:1] == [tokenizer.bos_token_id] else 0
+    last = max_length - (len(specials) - before)
+    out, pos = [], before
     for word in prompt.split():
         n = len(tokenizer(word, add_special_tokens=False).input_ids)
-        out.append((word, [p for p in range(pos, pos + n) if p < max_length - 1]))
+        out.append((word, [p for p in range(pos, pos + n) if p < last]))
         pos += n
     return out
 
@@ -142,52 +245,72 @@ def choose_words(
     generator: torch.Generator,
     weight_range: tuple[float, float] = (1.0, 2.0),
     exclude_stopwords: bool = True,
+    max_lengths: list[int] | None = None,
 ) -> list[PromptWeight]:
     """Pick one random word per prompt and a weight w ~ U(weight_range), reproducibly from `generator`.
 
-    `tokenizer` is one tokenizer, or a list of two (SDXL): the word's positions are then found in
-    each (`positions`, `positions_2`); which words are eligible is decided by the first.
+    `tokenizer` is one tokenizer, or a list of two (SDXL) or three (SD3: CLIP-L, CLIP-G, T5): the word's
+    positions are then found in each (`positions`, `positions_2`, `positions_3`); which words are
+    eligible is decided by the first. `max_lengths`: the tokens each encoder sees (default: each
+    tokenizer's model_max_length; SD3 encodes T5 with 256, see TextConditioner.max_lengths).
     Exactly two draws are made per prompt (word, weight), whatever the prompt, so the stream of
     random numbers and hence every later choice does not depend on earlier prompts' lengths.
     """
     tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else [tokenizer]
+    if len(tokenizers) > 3:
+        raise ValueError(f"prompt weighting handles up to three tokenizers, got {len(tokenizers)}")
+    lengths = list(max_lengths) if max_lengths is not None else [None] * len(tokenizers)
     lo, hi = weight_range
     choices = []
     for prompt in prompts:
         u_word, u_weight = torch.rand(2, generator=generator, dtype=torch.float64).tolist()
-        words = word_token_positions(prompt, tokenizers[0])
+        words = word_token_positions(prompt, tokenizers[0], lengths[0])
         eligible = [i for i, (w, pos) in enumerate(words) if _eligible(w, pos, exclude_stopwords)]
         if not eligible:
-            choices.append(PromptWeight(prompt, None, -1, positions_2=[] if len(tokenizers) > 1 else None))
+            others = [[] if k < len(tokenizers) else None for k in (1, 2)]
+            choices.append(PromptWeight(prompt, None, -1, [], 1.0, *others))
             continue
         i = eligible[min(int(u_word * len(eligible)), len(eligible) - 1)]
-        positions_2 = word_token_positions(prompt, tokenizers[1])[i][1] if len(tokenizers) > 1 else None
-        choices.append(PromptWeight(prompt, words[i][0], i, words[i][1], lo + (hi - lo) * u_weight, positions_2))
+        others = [
+            word_token_positions(prompt, tokenizers[k], lengths[k])[i][1] if k < len(tokenizers) else None
+            for k in (1, 2)
+        ]
+        choices.append(PromptWeight(prompt, words[i][0], i, words[i][1], lo + (hi - lo) * u_weight, *others))
     return choices
 
 
 def apply_prompt_weights(
-    embeds: torch.Tensor, empty_embeds: torch.Tensor, choices: list[PromptWeight], widths: list[int] | None = None
+    embeds: torch.Tensor,
+    empty_embeds: torch.Tensor,
+    choices: list[PromptWeight],
+    widths: list[int] | None = None,
+    parts: list[tuple[int, int, int]] | None = None,
 ) -> torch.Tensor:
     """e'_k = e_empty_k + w (e_k - e_empty_k) at each sample's chosen positions; elsewhere e is unchanged.
 
     embeds: [B, L, D] text-encoder output of the prompts; empty_embeds: [L, D] or [1, L, D] for "".
     widths: SDXL's split of D between the two encoders ([768, 1280]); the first part is weighted at
-    `positions`, the second at `positions_2`. Built as one blend with a per-element weight tensor (1
-    where untouched), so it is a single device op and differentiable; w = 1 is exactly the identity.
+    `positions`, the second at `positions_2`. parts (instead of widths): each encoder's block of embeds as
+    (first row, first column, width), in the order of the choice's positions lists (TextConditioner.parts;
+    SD3: CLIP-L, CLIP-G side by side in rows 0..76, T5 from row 77). Built as one blend with a per-element
+    weight tensor (1 where untouched), so it is a single device op and differentiable; w = 1 is exactly
+    the identity.
     """
     if len(choices) != embeds.shape[0]:
         raise ValueError(f"{len(choices)} prompt-weight choices for {embeds.shape[0]} embeddings")
-    widths = widths or [embeds.shape[-1]]
-    if sum(widths) != embeds.shape[-1]:
-        raise ValueError(f"encoder widths {widths} do not add up to the embedding width {embeds.shape[-1]}")
+    if parts is None:
+        widths = widths or [embeds.shape[-1]]
+        if sum(widths) != embeds.shape[-1]:
+            raise ValueError(f"encoder widths {widths} do not add up to the embedding width {embeds.shape[-1]}")
+        parts = [(0, sum(widths[:k]), width) for k, width in enumerate(widths)]
+    for row, col, width in parts:
+        if col + width > embeds.shape[-1] or row >= embeds.shape[1]:
+            raise ValueError(f"encoder block {(row, col, width)} lies outside the embeddings {tuple(embeds.shape)}")
     w = torch.ones(embeds.shape, dtype=torch.float32)
     for b, c in enumerate(choices):
-        start = 0
-        for width, positions in zip(widths, [c.positions, c.positions_2]):
+        for (row, col, width), positions in zip(parts, c.all_positions()):
             if positions:
-                w[b, positions, start : start + width] = c.weight
-            start += width
+                w[b, [row + p for p in positions], col : col + width] = c.weight
     w = w.to(device=embeds.device, dtype=embeds.dtype)
     empty = empty_embeds.reshape(1, *embeds.shape[1:]).to(embeds.dtype)
     return torch.where(w == 1, embeds, empty + w * (embeds - empty))
@@ -202,20 +325,25 @@ def diffexp_conditioning(
     timesteps: torch.Tensor,
     num_train_timesteps: int,
     generator: torch.Generator,
+    scheduler=None,
 ):
     """One batch's DiffExp decision, shared by both trainers and sample.py.
 
     cond: the prompts' `diffusion.Conditioning`; text: the `diffusion.TextConditioner` that made it
-    (its tokenizers, encoder widths and the empty prompt's encoding e_empty). Returns the
+    (its tokenizers, where each encoder's states sit in the embeddings, and the empty prompt's encoding
+    e_empty). scheduler: the pipeline's, which says how t_sw reads on its timesteps (`cfg_scales`);
+    default: that of the TextConditioner's pipeline. Returns the
     conditioning to sample with (weighted while exploring), the guidance scale of every denoising
     step ([num_steps], on the timesteps' device: pass CPU timesteps to get host values) and the
     per-sample record of the prompt weighting. Outside exploration (or with a part switched off) the
     corresponding output is the plain one: unweighted conditioning, constant w_high.
     """
     if exploring and cfg.prompt_weighting:
-        weights = choose_words(prompts, text.tokenizers, generator, cfg.prompt_weight_range, cfg.exclude_stopwords)
+        weights = choose_words(
+            prompts, text.tokenizers, generator, cfg.prompt_weight_range, cfg.exclude_stopwords, text.max_lengths
+        )
         empty = text.empty.to(cond.embeds.device)
-        embeds = apply_prompt_weights(cond.embeds, empty.embeds[0], weights, text.widths)
+        embeds = apply_prompt_weights(cond.embeds, empty.embeds[0], weights, parts=text.parts)
         pooled = cond.pooled
         if cfg.prompt_weight_pooled and pooled is not None:
             w = torch.tensor([c.weight for c in weights], dtype=pooled.dtype).to(pooled.device).unsqueeze(-1)
@@ -223,8 +351,16 @@ def diffexp_conditioning(
         cond = replace(cond, embeds=embeds, pooled=pooled)
     else:
         weights = [PromptWeight(p, None, -1) for p in prompts]
+    if scheduler is None:
+        scheduler = getattr(getattr(text, "pipe", None), "scheduler", None)
     guidance = cfg_scales(
-        timesteps, num_train_timesteps, cfg.t_sw, cfg.w_low, cfg.w_high, enabled=exploring and cfg.cfg_schedule
+        timesteps,
+        num_train_timesteps,
+        cfg.t_sw,
+        cfg.w_low,
+        cfg.w_high,
+        enabled=exploring and cfg.cfg_schedule,
+        scheduler=scheduler,
     )
     return cond, guidance, weights
 

@@ -1,7 +1,8 @@
 """The per-step math of both trainers, fused, and the dispatcher they call.
 
-    from kernels import DDIMSchedule, DDIMCoefficients, cfg_ddim_step, ddpo_clip_loss
+    from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
 
+    schedule = schedule_for(pipe.scheduler, num_steps, device)      # DDIM (SD, SDXL) or flow matching (SD3)
     coeffs = schedule.coefficients(timesteps, eta)                  # per-sample, on the device
     x_prev = cfg_ddim_step(out_u, out_c, x_t, w, coeffs, noise=z)   # AlignProp / sampling
     x_prev, lp = cfg_ddim_step(out_u, out_c, x_t, w, coeffs, noise=z, return_log_prob=True)  # DDPO sampling
@@ -10,6 +11,9 @@
 out_u and out_c are what diffusion.cfg_unet returns: the two .chunk(2) halves of the UNet's [2B, ...]
 output (views; the kernels read them in place, whatever their batch stride), or, where every sample's
 guidance is exactly 1, one tensor passed as both (autograd then sums the two halves' gradients).
+
+For a flow-matching model (SD3) out_u / out_c are the predicted velocities and eta is the noise level of
+the stochastic step (0: the Euler ODE step); the ops are the same, only the coefficients differ.
 
 backend: None reads the environment variable DIFFEXP_KERNELS ("auto" by default, "triton", "eager").
 "auto" runs the Triton kernels on CUDA tensors (float32/bf16/fp16) when triton imports, and the eager
@@ -27,6 +31,8 @@ from .cfg_ddim import (
     CfgDdimStepFunction,
     DDIMCoefficients,
     DDIMSchedule,
+    FlowCoefficients,
+    FlowMatchSchedule,
     cfg_ddim_step_reference,
     ddim_log_prob_reference,
     triton,
@@ -36,6 +42,10 @@ from .ddpo_loss import DdpoClipLossFunction, ddpo_clip_loss_reference, ppo_clip_
 __all__ = [
     "DDIMSchedule",
     "DDIMCoefficients",
+    "FlowMatchSchedule",
+    "FlowCoefficients",
+    "schedule_for",
+    "is_flow_matching",
     "cfg_ddim_step",
     "ddpo_clip_loss",
     "resolve_backend",
@@ -46,6 +56,22 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "triton", "eager")
+
+
+def is_flow_matching(scheduler) -> bool:
+    """Whether a diffusers scheduler is a flow-matching one (SD3 / SD3.5), whose model timesteps are
+    sigma * num_train_timesteps and whose model predicts a velocity."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def schedule_for(scheduler, num_inference_steps: int, device=None) -> DDIMSchedule | FlowMatchSchedule:
+    """The schedule whose `coefficients(timesteps, eta)` the ops take, for the pipeline's scheduler:
+    DDIM's for SD / SDXL (load_pipeline gives them a DDIMScheduler), the flow-matching table for SD3."""
+    if is_flow_matching(scheduler):
+        return FlowMatchSchedule.from_scheduler(scheduler, num_inference_steps, device)
+    return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, device)
 
 
 def resolve_backend(backend: str | None, like: torch.Tensor) -> str:

@@ -9,8 +9,10 @@ guided model output, with per-sample scalars:
     log_prob = mean_CHW( -(x_prev - mean)^2 / (2 sigma^2) ) - log(sigma) - 0.5 log(2 pi)
 
 `DDIMSchedule.coefficients` computes (c_x, c_eps, sigma) for per-sample timesteps on the device
-(v-prediction is folded into c_x, c_eps, since v -> eps is affine too). This file holds the eager
-PyTorch reference, which is the CPU fallback and the oracle for the Triton kernel.
+(v-prediction is folded into c_x, c_eps, since v -> eps is affine too). `FlowMatchSchedule.coefficients`
+does the same for flow-matching models (SD3), whose Euler / SDE step is affine in (x_t, velocity): the
+same kernels then serve them, with the velocity in place of eps. This file holds the eager PyTorch
+reference, which is the CPU fallback and the oracle for the Triton kernel.
 """
 
 from __future__ import annotations
@@ -77,6 +79,78 @@ class DDIMSchedule:
             c_x = c_x + c_eps * torch.sqrt(1 - ab_t)
             c_eps = c_eps * torch.sqrt(ab_t)
         return DDIMCoefficients(c_x.to(dtype), c_eps.to(dtype), sigma.to(dtype), float(eta))
+
+
+class FlowCoefficients(DDIMCoefficients):
+    """DDIMCoefficients of a flow-matching step: c_x, c_eps (the velocity's coefficient), sigma (the step's
+    noise scale), eta (the noise level a)."""
+
+    def require_stochastic(self):
+        if not self.eta > 0:
+            raise ValueError(
+                f"a DDPO log-prob on a flow-matching model needs a noise level eta > 0 (eta = 0 is the deterministic "
+                f"ODE step, whose log-prob is undefined), got eta={self.eta}: pass --eta 0.7 (Flow-GRPO's noise level)"
+            )
+
+
+@dataclass
+class FlowMatchSchedule:
+    """The sigma table of a flow-matching scheduler (SD3 / SD3.5) for N sampling steps, on the device, so
+    that per-sample coefficients are gathered there.
+
+    Latents move along x_sigma = (1 - sigma) x_0 + sigma eps and the model predicts the velocity
+    v = eps - x_0. From sigma to the next sigma' (dt = sigma' - sigma < 0), with noise level a (Flow-GRPO's
+    SDE, whose marginals are the ODE's):
+
+        std  = a sqrt(sigma / (1 - s)),   s = sigma, except at sigma = 1 where s = the schedule's second sigma
+        mean = x (1 + std^2 dt / (2 sigma)) + v (1 + std^2 (1 - sigma) / (2 sigma)) dt
+        x'   = mean + std sqrt(-dt) z
+
+    The mean is affine in (x, v), as DDIM's is in (x, eps), so the step is c_x x + c_eps v + sigma z with
+    sigma = std sqrt(-dt), and op 1 / op 2 compute it and its log-prob unchanged. a = 0 is the Euler ODE
+    step x' = x + dt v (FlowMatchEulerDiscreteScheduler.step).
+    """
+
+    timesteps: torch.Tensor  # [N] float64: the model timesteps sigma_i * T of the N steps, noisiest first
+    sigmas: torch.Tensor  # [N + 1] float64: sigma_0 .. sigma_{N-1}, then the terminal 0
+    num_train_timesteps: int
+
+    @classmethod
+    def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> FlowMatchSchedule:
+        """The table of `scheduler.set_timesteps(num_inference_steps)` (shift applied), computed on a copy
+        so the caller's scheduler keeps its state."""
+        cfg = scheduler.config
+        if cfg.get("use_dynamic_shifting"):
+            raise ValueError(
+                "a flow-matching scheduler with use_dynamic_shifting needs a resolution-dependent mu; "
+                "set use_dynamic_shifting to False (SD3 / SD3.5 ship it off) in the scheduler config"
+            )
+        if cfg.get("stochastic_sampling") or cfg.get("invert_sigmas"):
+            raise ValueError(
+                "stochastic_sampling / invert_sigmas change the flow step; set them to False in the scheduler config"
+            )
+        sched = type(scheduler).from_config(cfg)
+        sched.set_timesteps(num_inference_steps)
+        return cls(
+            sched.timesteps.to(device=device, dtype=torch.float64),
+            sched.sigmas.to(device=device, dtype=torch.float64),
+            cfg.num_train_timesteps,
+        )
+
+    def coefficients(self, timesteps: torch.Tensor, eta: float, dtype=torch.float32) -> FlowCoefficients:
+        """c_x, c_eps (of the velocity), sigma for each sample's model timestep (a [B] tensor on the device,
+        values of the scheduler's timesteps), eta = the noise level a. Each timestep is looked up in the
+        table on the device (the nearest entry), so nothing is read back to the host."""
+        t = timesteps.to(device=self.timesteps.device, dtype=torch.float64).reshape(-1)
+        i = (t[:, None] - self.timesteps[None, :]).abs().argmin(1)
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        dt = sigma_next - sigma
+        s = torch.where(sigma == 1, self.sigmas[1], sigma)
+        std = eta * torch.sqrt(sigma / (1 - s))
+        c_x = 1 + std**2 * dt / (2 * sigma)
+        c_v = (1 + std**2 * (1 - sigma) / (2 * sigma)) * dt
+        step_sigma = std * torch.sqrt(-dt)
+        return FlowCoefficients(c_x.to(dtype), c_v.to(dtype), step_sigma.to(dtype), float(eta))
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -184,3 +184,138 @@ def make_tiny_sdxl(
         )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+# A small English corpus for the tiny T5 tokenizer: the paper's animals and activities, plus a made-up
+# word frequent enough to be one Unigram piece (while CLIP's BPE splits it) and punctuation.
+T5_CORPUS_ANIMALS = (
+    "ant bat bear beetle bee bird butterfly camel cat chicken cow deer dog dolphin duck fish fly fox frog goat goose "
+    "gorilla hedgehog horse kangaroo lion lizard llama monkey mouse pig rabbit raccoon rat shark sheep snake spider "
+    "squirrel tiger turkey turtle whale wolf zebra"
+).split()
+T5_CORPUS = (
+    [f"a {a} {x}" for a in T5_CORPUS_ANIMALS for x in ("washing the dishes", "riding a bike", "playing chess")] * 3
+    + ["a photo of a zorblax", "zorblax!"] * 40
+    + ["a red dog", "a blue cat on the grass"] * 10
+    + ["the quick brown fox jumps over the lazy dog, well-known: wow!!"] * 5  # every letter, some punctuation
+)
+
+
+def build_t5_tokenizer(out_dir: str | Path | None = None, model_max_length: int = 512):
+    """A T5 tokenizer (T5TokenizerFast: a Unigram model behind T5's whitespace/Metaspace pre-tokenizer,
+    '</s>' appended, pad 0 / eos 1 / unk 2, as the real one) over a ~100-piece vocabulary trained offline
+    with the `tokenizers` library on T5_CORPUS. Its pieces differ from CLIP's BPE tokens: 'hedgehog' is
+    one CLIP token and several T5 pieces, 'zorblax' several CLIP tokens and one T5 piece."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    unigram = Tokenizer(models.Unigram())
+    unigram.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    )
+    trainer = trainers.UnigramTrainer(
+        vocab_size=300,
+        special_tokens=["<pad>", "</s>", "<unk>"],  # T5's ids 0, 1, 2
+        unk_token="<unk>",
+        show_progress=False,
+    )
+    unigram.train_from_iterator(T5_CORPUS, trainer)
+    vocab = json.loads(unigram.to_str())["model"]["vocab"]
+    # The trainer runs on several threads: its scores differ in the last bits from run to run. Rounded
+    # and sorted, the same vocabulary (and the same ids) comes out every time.
+    vocab = [tuple(v) for v in vocab[:3]] + sorted(
+        ((p, round(s, 6)) for p, s in vocab[3:]), key=lambda v: (-v[1], v[0])
+    )
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    if out_dir is not None:
+        tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+# Stable Diffusion 3 (medium and 3.5) ship this scheduler config.
+SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
+
+
+def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: bool = False) -> Path:
+    """A tiny SD3 pipeline (32 px images, 16x16x16 latents) saved with StableDiffusion3Pipeline.save_pretrained,
+    built like the real one: two CLIPTextModelWithProjection of different widths (32 and 64: 96-d token states,
+    32 + 64 = 96-d pooled), the second tokenizer padding with '!', a T5 encoder 128 wide (or none with t5=False:
+    text_encoder_3 = tokenizer_3 = None), an SD3Transformer2DModel whose joint_attention_dim is T5's width and
+    pooled_projection_dim the two CLIP projections summed, a 16-channel VAE with SD3's scaling and shift
+    factors, and FlowMatchEulerDiscreteScheduler(shift=3.0). sd35=True gives the transformer SD3.5's
+    changes: RMS-normalised queries and keys, and (as 3.5 Medium) a second, image-only attention in the
+    first block."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from diffusion import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    t5_width = 128
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=t5_width,
+        caption_projection_dim=32,  # = heads x head dim: the text stream has the image stream's width
+        pooled_projection_dim=32 + 64,
+        pos_embed_max_size=32,
+        **(dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}),
+    )
+    vae = AutoencoderKL(
+        **{**TINY_VAE, "latent_channels": 16},
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(**{**CLIP_TEXT, "hidden_size": 64, "intermediate_size": 128}, projection_dim=64)
+    )
+    text_encoder_3 = tokenizer_3 = None
+    if t5:
+        tokenizer_3 = build_t5_tokenizer()
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_3),
+                d_model=t5_width,
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=4,
+                feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        build_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(tmp, pad_token="!")  # as SD3's tokenizer_2: pads with '!' (id 0)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
