@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 from torch.utils.checkpoint import checkpoint
 
+from conftest import ROOT
 from tools import memory_estimate as me
 
 COLUMNS = ["model", "T5", "trainer", "px", "batch", "mode", "resident", "denoiser call", "VAE decode",

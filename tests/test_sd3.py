@@ -11,10 +11,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
 
 import diffusion
 import kernels
+from conftest import ROOT
 from explore import (
     DiffExpConfig,
     apply_prompt_weights,
