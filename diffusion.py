@@ -900,7 +900,41 @@ def add_lora(unet, rank: int, alpha: float):
 
 
 def lora_state_dict(unet) -> dict:
+    """The adapters' weights in diffusers' LoRA layout (without the 'unet.' / 'transformer.' prefix)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
+    if _is_sd3_transformer(unet):  # the transformer's LoRA keys are peft's own (diffusers' SD3 training scripts)
+        return get_peft_model_state_dict(unet)
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def save_lora_weights(model, directory):
+    """Write `model`'s adapters as pytorch_lora_weights.safetensors in the format its pipeline's
+    load_lora_weights reads (SD / SDXL: 'unet.' keys; SD3: 'transformer.' keys), with the adapter config
+    as metadata so rank *and* alpha are rebuilt."""
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
+    metadata = model.peft_config["default"].to_dict()
+    # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
+    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
+    if _is_sd3_transformer(model):
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            directory, transformer_lora_layers=weights, transformer_lora_adapter_metadata=metadata
+        )
+    else:
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(
+            directory, unet_lora_layers=weights, unet_lora_adapter_metadata=metadata
+        )
+
+
+def lora_weights_to_peft(weights: dict) -> dict:
+    """A saved LoRA file's weights (save_lora_weights) as peft's state dict of the model they belong to."""
+    if any(k.startswith("transformer.") for k in weights):
+        return {k.removeprefix("transformer."): v for k, v in weights.items()}
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
+    return convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in weights.items()})

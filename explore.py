@@ -365,37 +365,38 @@ def diffexp_conditioning(
     return cond, guidance, weights
 
 
-def cfg_switch_warning(timesteps, num_train_timesteps: int, t_sw: float) -> str:
-    """The one-line warning for a DiffExp CFG schedule that never switches: no sampling timestep reaches
-    t_sw * T (every step at w_high), or every one does (every step at w_low)."""
-    ts = [int(t) for t in timesteps]
-    shown = ", ".join(map(str, ts[:6])) + (", ..." if len(ts) > 6 else "")
-    threshold = f"t_sw*T = {t_sw * num_train_timesteps:g}"
-    if all(t < t_sw * num_train_timesteps for t in ts):
+def cfg_switch_warning(timesteps, scheduler, t_sw: float) -> str:
+    """The one-line warning for a DiffExp CFG schedule that never switches at this many steps: no sampling
+    step is noisy enough for w_low (every step at w_high), or every one is (every step at w_low)."""
+    ts = [float(t) for t in timesteps]
+    shown = ", ".join(f"{t:g}" for t in ts[:6]) + (", ..." if len(ts) > 6 else "")
+    T = scheduler.config.num_train_timesteps
+    threshold = (
+        f"t = sigma_sw*T = {w_low_threshold(scheduler, t_sw):g} (the SNR of SD's t_sw*T)"
+        if _is_flow_matching(scheduler)
+        else f"t_sw*T = {t_sw * T:g}"
+    )
+    if not bool(low_guidance_steps(torch.as_tensor(ts), scheduler, t_sw).any()):
         return (
             f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
             f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
         )
     return (
-        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so the "
-        f"CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
+        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so "
+        f"the CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
     )
 
 
-def schedule_note(cfg: DiffExpConfig, timesteps, num_train_timesteps: int, say=print) -> float:
+def schedule_note(cfg: DiffExpConfig, timesteps, scheduler, say=print) -> float:
     """Say at start-up which sampling steps run at w_low while exploring (or warn, on stderr, that the CFG
     schedule never switches at this many steps); returns the share of steps at w_low."""
     import sys
 
-    low = [int(t) for t in timesteps if t >= cfg.t_sw * num_train_timesteps]
-    share = len(low) / len(timesteps)
+    share = low_guidance_steps(timesteps.cpu(), scheduler, cfg.t_sw).float().mean().item()
     if not cfg.cfg_schedule or cfg.explore_frac == 0 or cfg.w_low == cfg.w_high:
         return share
     if share in (0.0, 1.0):
-        say(cfg_switch_warning(timesteps, num_train_timesteps, cfg.t_sw), file=sys.stderr)
+        say(cfg_switch_warning(timesteps, scheduler, cfg.t_sw), file=sys.stderr)
     else:
-        say(
-            f"DiffExp CFG schedule: {len(low)} of {len(timesteps)} steps at w_low {cfg.w_low:g} (t >= t_sw*T = "
-            f"{cfg.t_sw * num_train_timesteps:g}: t = {', '.join(map(str, low))}), w_high {cfg.w_high:g} after"
-        )
+        say(describe_cfg_schedule(timesteps, scheduler, cfg.t_sw, cfg.w_low, cfg.w_high))
     return share

@@ -342,7 +342,7 @@ class Run:
     def load_models(self):
         """The frozen base pipeline on the device and the reward; one error line if either cannot load."""
         import rewards
-        from diffusion import CheckpointError, load_pipeline
+        from diffusion import CheckpointError, denoiser, load_pipeline
 
         m = self.args.model
         try:
@@ -352,7 +352,7 @@ class Run:
             )
         except (CheckpointError, ValueError) as e:
             fail(str(e))
-        self.resolution = m.resolution or self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.resolution = m.resolution or denoiser(self.pipe).config.sample_size * self.pipe.vae_scale_factor
         self.log = RunLog(self, self.args)
         return self.pipe, self.reward_fn
 
@@ -954,20 +954,14 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep:
     the last `keep` checkpoints (0: keep all)."""
     import shutil
 
-    from diffusers import StableDiffusionPipeline
-
-    from diffusion import lora_state_dict
+    from diffusion import save_lora_weights
 
     ckpt_root = Path(output_dir) / "checkpoints"
     final = ckpt_root / f"epoch_{epoch:04d}"
     tmp = ckpt_root / f".tmp_epoch_{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(unet).items()}
-    metadata = unet.peft_config["default"].to_dict()  # so load_lora_weights rebuilds rank *and* alpha
-    # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
-    metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_adapter_metadata=metadata, unet_lora_layers=weights)
+    save_lora_weights(unet, tmp)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
     _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
     torch.save(state, tmp / "training_state.pt")
     mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
@@ -1022,11 +1016,10 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 def load_checkpoint(ckpt: Path, unet) -> dict:
     """Load LoRA weights into `unet` (which already has adapters) and return the training state."""
-    from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    from diffusion import CheckpointError
+    from diffusion import CheckpointError, lora_weights_to_peft
 
     try:
         weights = load_file(ckpt / "pytorch_lora_weights.safetensors")
@@ -1036,7 +1029,7 @@ def load_checkpoint(ckpt: Path, unet) -> dict:
             f"--resume: checkpoint '{ckpt}' is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             f"delete that directory to resume from the one before it"
         ) from None
-    peft_weights = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in weights.items()})
+    peft_weights = lora_weights_to_peft(weights)
     incompatible = set_peft_model_state_dict(unet, peft_weights)
     if getattr(incompatible, "unexpected_keys", None):
         raise CheckpointError(

@@ -91,12 +91,12 @@ def main(args: Args):
         return  # --resume of a finished run
     from torch.utils.checkpoint import checkpoint
 
-    from diffusion import TextConditioner, cfg_unet, decode, seeded
+    from diffusion import TextConditioner, cfg_unet, decode, denoiser, seeded
     from explore import diffexp_conditioning, is_exploring, schedule_note
-    from kernels import DDIMSchedule, cfg_ddim_step
+    from kernels import cfg_ddim_step, schedule_for
 
     pipe, reward_fn = run.load_models()  # the frozen base model and the differentiable reward
-    unet, T, device, diffexp = pipe.unet, pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
+    unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
     params, optimizer = run.add_lora(unet)  # the LoRA weights are all that trains
     run.resume(unet, optimizer)
     if args.gradient_checkpointing == "blocks":  # diffusers checkpoints per block whenever grad is on
@@ -106,8 +106,8 @@ def main(args: Args):
     pipe.scheduler.set_timesteps(args.num_steps)
     timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0, noise to image; guidance is decided on the host
     timesteps = timesteps_host.to(device)
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
-    w_low_share = schedule_note(diffexp, timesteps_host, T, run.accelerator.print)
+    schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
+    w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
     text = TextConditioner(
         pipe, run.resolution
     )  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty

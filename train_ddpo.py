@@ -41,8 +41,8 @@ class Args:
     """trajectories sampled at once per process"""
     num_steps: int = 50
     """DDIM denoising steps"""
-    eta: float = 1.0
-    """DDIM eta; must be > 0 (the policy needs a density)"""
+    eta: float | None = None
+    """sampling noise, > 0 (the policy needs a density): DDIM's eta (None: 1.0), or on SD3 the SDE's noise level (None: 0.7, Flow-GRPO's)"""
     train_batch_size: int = 4
     """trajectories per training forward/backward pass per process"""
     gradient_accumulation_steps: int = 4
@@ -95,7 +95,7 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     yield args.train_batch_size >= 1, f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}"
     yield args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"
     yield args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"
-    yield args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; the DDPO default is 1.0"
+    yield args.eta is None or args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; leave it out for the default"
     yield args.inner_epochs >= 1, f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}"
     yield 0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}"
     yield args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)"
@@ -140,12 +140,12 @@ def main(args: Args):
         return  # --resume of a finished run
     from accelerate.utils import gather_object
 
-    from diffusion import Conditioning, TextConditioner, cfg_unet, decode, seeded
+    from diffusion import Conditioning, TextConditioner, cfg_unet, decode, denoiser, seeded
     from explore import diffexp_conditioning, is_exploring, schedule_note
-    from kernels import DDIMSchedule, cfg_ddim_step, ddpo_clip_loss
+    from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
 
     pipe, reward_fn = run.load_models()  # the frozen base model and the reward
-    unet, T, device, diffexp = pipe.unet, pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
+    unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
     params, optimizer = run.add_lora(unet)  # the LoRA weights are all that trains
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     tracker.load_state_dict(run.resume(unet, optimizer).get("stat_tracker", {}))
@@ -153,8 +153,9 @@ def main(args: Args):
     pipe.scheduler.set_timesteps(args.num_steps)
     timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0, noise to image; guidance is decided on the host
     timesteps = timesteps_host.to(device)
-    schedule = DDIMSchedule.from_scheduler(pipe.scheduler, args.num_steps, device)
-    w_low_share = schedule_note(diffexp, timesteps_host, T, run.accelerator.print)
+    schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
+    eta = args.eta if args.eta is not None else schedule.stochastic_eta
+    w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
     text = TextConditioner(
         pipe, run.resolution
     )  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
@@ -166,7 +167,7 @@ def main(args: Args):
         run.resolution // pipe.vae_scale_factor,
         run.resolution // pipe.vae_scale_factor,
     )
-    sample_coeffs = [schedule.coefficients(t.expand(B), args.eta) for t in timesteps]
+    sample_coeffs = [schedule.coefficients(t.expand(B), eta) for t in timesteps]
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
 
     def model_outputs(x, t, cond, w):
@@ -263,7 +264,7 @@ def main(args: Args):
                     s, s_host = step_perm_dev[rows, j], step_perm[rows_host, j]  # one step per trajectory, shuffled
                     x_t, x_prev, t = b["latents"][n, s], b["latents"][n, s + 1], b["timesteps"][n, s]
                     out_u, out_c = model_outputs(x_t, t, b["cond"], b["guidance_host"][torch.arange(len(rows)), s_host])
-                    loss, st = ddpo_clip_loss(out_u, out_c, x_t, x_prev, b["guidance"][n, s], schedule.coefficients(t, args.eta),
+                    loss, st = ddpo_clip_loss(out_u, out_c, x_t, x_prev, b["guidance"][n, s], schedule.coefficients(t, eta),
                                               b["log_probs"][n, s], b["advantages"], args.clip_range, backend=args.model.kernels)  # fmt: skip
                     run.accelerator.backward(loss / (num_train_steps * args.gradient_accumulation_steps))
                     for k, v in [("loss", loss.detach()), ("approx_kl", st["approx_kl"]), ("clipfrac", st["clipfrac"]),

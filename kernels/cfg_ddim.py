@@ -50,6 +50,7 @@ class DDIMSchedule:
     step: int  # T // N: prev_t = t - step
     num_train_timesteps: int
     prediction_type: str = "epsilon"
+    stochastic_eta = 1.0  # DDPO's default eta on DDIM (DDPM-like noise, the DDPO paper's)
 
     @classmethod
     def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> DDIMSchedule:
@@ -114,6 +115,7 @@ class FlowMatchSchedule:
     timesteps: torch.Tensor  # [N] float64: the model timesteps sigma_i * T of the N steps, noisiest first
     sigmas: torch.Tensor  # [N + 1] float64: sigma_0 .. sigma_{N-1}, then the terminal 0
     num_train_timesteps: int
+    stochastic_eta = 0.7  # DDPO's default noise level on a flow model (Flow-GRPO's)
 
     @classmethod
     def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> FlowMatchSchedule:

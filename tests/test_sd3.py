@@ -324,11 +324,12 @@ def test_triton_equals_eager_with_flow_coefficients():
         results = {}
         for backend in ("eager", "triton"):
             o, xx = out.clone().requires_grad_(), x.clone().requires_grad_()
-            x_next, lp = kernels.cfg_ddim_step_stacked(o, xx, w, coeffs, z, True, backend=backend)
+            out_u, out_c = o.chunk(2)  # the two halves of one CFG call, as cfg_unet returns them
+            x_next, lp = kernels.cfg_ddim_step(out_u, out_c, xx, w, coeffs, z, True, backend=backend)
             (x_next * torch.linspace(-1, 1, x_next.numel(), device=device).view_as(x_next)).sum().backward()
             o2 = moved.clone().requires_grad_()
-            loss, stats = kernels.ddpo_clip_loss_stacked(
-                o2, x, x_next.detach(), w, coeffs, lp.detach(), adv, 1e-3, backend=backend
+            loss, stats = kernels.ddpo_clip_loss(
+                *o2.chunk(2), x, x_next.detach(), w, coeffs, lp.detach(), adv, 1e-3, backend=backend
             )
             loss.backward()
             results[backend] = (x_next, lp, o.grad, xx.grad, loss, stats["ratio"], o2.grad)
