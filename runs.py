@@ -609,6 +609,47 @@ def hold(output_dir: str | Path, owner: str) -> list[str]:
     return notes
 
 
+RESULT_MARK = ".result.json"  # what sample.py wrote into a directory it owns
+
+
+def claim_result(output_dir: str | Path, kind: str, overwrite: bool) -> Path:
+    """Own `output_dir` for one result of `kind` (e.g. 'sample.py generate'), before anything loads: held
+    like a run's directory, refused (ValueError, one line) when it holds a training run, files this
+    project did not write, or another result (unless `overwrite`: then everything that result wrote is
+    deleted first, so nothing of it stays beside the new one). Returns the directory."""
+    import shutil
+
+    out = Path(output_dir)
+    hold(out, kind)
+    entries = sorted(p for p in out.iterdir() if p.name != ".lock")
+    if entries:
+        mark = _read_lock(out / RESULT_MARK)
+        problem = None
+        if any((out / n).exists() for n in ("run.json", "args.json", "log.jsonl", "checkpoints")):
+            problem = (
+                f"--output-dir {out} holds a training run: choose another --output-dir (a run's directory is its own)"
+            )
+        elif not mark:
+            shown = ", ".join(p.name for p in entries[:5]) + (", ..." if len(entries) > 5 else "")
+            problem = f"--output-dir {out} holds files that sample.py did not write ({shown}): choose an empty or new --output-dir"
+        elif not overwrite:
+            problem = (
+                f"--output-dir {out} already holds a {mark.get('kind', 'sample.py')} result (written {mark.get('time', '?')}): "
+                f"choose another --output-dir, or pass --overwrite to replace it"
+            )
+        if problem:
+            release()
+            raise ValueError(problem)
+        for path in entries:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        print(
+            f"note: --overwrite: deleted the earlier {mark.get('kind', 'sample.py')} result in {out}", file=sys.stderr
+        )
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    (out / RESULT_MARK).write_text(json.dumps({"kind": kind, "time": now, "argv": sys.argv}))
+    return out
+
+
 def _read_lock(path: Path) -> dict:
     try:
         return json.loads(path.read_text() or "{}")

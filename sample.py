@@ -2,16 +2,21 @@
 
     python sample.py generate --prompts unseen_animals --lora runs/alignprop/checkpoints/epoch_0099 --eval-rewards aesthetic,imagereward
     python sample.py explore --prompts unseen_animals --rewards pickscore,aesthetic --settings none diffexp cfg pw --sweep-w-low 0 3
-    python sample.py plot runs/alignprop runs/alignprop-baseline --labels DiffExp AlignProp   # writes runs/reward_mean_alignprop_vs_alignprop-baseline.png
+    python sample.py plot runs/alignprop runs/alignprop-baseline --labels DiffExp AlignProp   # writes runs/eval_reward_mean_DiffExp_vs_AlignProp.png
     python sample.py gallery runs/alignprop          # writes runs/alignprop/gallery.html
 
 `generate` saves every image, a grid and a CSV table of scores (one column per reward). `explore`
 measures how much a sampling setting (no DiffExp, DiffExp, each part alone, sweeps of t_sw, w_low
 and the prompt-weight range) explores before any training: reward spread, top rewards, how often a
 sample beats the no-DiffExp 90th percentile, and within-prompt diversity, every setting from the
-same starting noise. `plot` draws reward against the cumulative number of samples (the paper's
-x-axis) for one or more runs. `gallery` writes a self-contained HTML page where a slider moves each
-held-out prompt's fixed-seed image through the training epochs.
+same starting noise. `plot` draws a run's reward against the cumulative number of samples (the
+paper's x-axis). `gallery` writes a self-contained HTML page where a slider moves each held-out
+prompt's fixed-seed image through the training epochs.
+
+One result per output directory, as for the trainers: `generate` and `explore` refuse a directory that
+holds another result (or files they did not write); --overwrite replaces their own earlier result.
+`plot` and `gallery` of one run write inside it (plots/, gallery.html), where the run's --overwrite
+removes them.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import html
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -29,23 +35,32 @@ import torch
 import tyro
 from tyro.conf import Positional
 
+from explore import DiffExpConfig
+
+
+@dataclass
+class SamplingDiffExp(DiffExpConfig):
+    """DiffExp while generating (both parts off unless asked for)."""
+
+    explore_frac: tyro.conf.Suppress[float] = 1.0  # a training schedule: generate samples as if exploring
+
+
+@dataclass
+class SettingBase(DiffExpConfig):
+    """The values every --settings entry starts from (an entry's KEY=VALUE overrides them)."""
+
+    cfg_schedule: tyro.conf.Suppress[bool] = True  # which parts are on is each setting's own choice
+    prompt_weighting: tyro.conf.Suppress[bool] = True
+    explore_frac: tyro.conf.Suppress[float] = 1.0
+
 
 def fail(msg: str):
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
-def check_sampling_args(
-    pretrained: str,
-    vae: str | None,
-    num_per_prompt: int,
-    batch_size: int,
-    num_steps: int,
-    eta: float,
-    resolution: int | None,
-    seed: int,
-    min_per_prompt: int = 1,
-):
+def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, batch_size: int, num_steps: int, eta: float,
+                        resolution: int | None, seed: int, min_per_prompt: int = 1):  # fmt: skip
     """One `error:` line (exit 2) for any count or value generate/explore cannot use, before loading."""
     if num_per_prompt < min_per_prompt:
         why = " (diversity and per-prompt statistics compare images of the same prompt)" if min_per_prompt > 1 else ""
@@ -53,9 +68,9 @@ def check_sampling_args(
     if batch_size < 1:
         fail(f"--batch-size must be >= 1 (images generated at once), got {batch_size}")
     if num_steps < 1:
-        fail(f"--num-steps must be >= 1 (DDIM denoising steps), got {num_steps}")
+        fail(f"--num-steps must be >= 1 (denoising steps), got {num_steps}")
     if not 0.0 <= eta <= 1.0:
-        fail(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
+        fail(f"--eta must be in [0, 1] (0: deterministic sampling, 1: DDPM-like noise), got {eta}")
     if seed < 0:
         fail(f"--seed must be >= 0, got {seed}")
     if resolution is not None:
@@ -64,7 +79,8 @@ def check_sampling_args(
         factor = vae_downsampling(pretrained, vae)[0]
         if resolution <= 0 or resolution % factor:
             fail(
-                f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; leave it out for the model's native size"
+                f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; "
+                f"leave it out for the model's native size"
             )
 
 
@@ -77,46 +93,54 @@ def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     )  # the trainers' decision, so 'auto' means the same everywhere
     if mixed_precision == "auto":
         bf16 = resolved == "bf16"
-        print(
-            f"--mixed-precision auto: {'bf16 (CUDA)' if bf16 else 'fp32 (no CUDA device with bf16)' if device == 'cuda' else 'fp32 (no CUDA device)'}"
+        where = (
+            "bf16 (CUDA)"
+            if bf16
+            else "fp32 (no CUDA device with bf16)"
+            if device == "cuda"
+            else "fp32 (no CUDA device)"
         )
+        print(f"--mixed-precision auto: {where}")
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[resolved]
 
 
-def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, num_train_timesteps: int):
-    """Say once when a CFG schedule never reaches w_low: no step has t >= t_sw * T at this many steps."""
-    if cfg.cfg_schedule and not bool((timesteps >= cfg.t_sw * num_train_timesteps).any()):
+def check_pooled_weighting(pretrained: str, cfg: DiffExpConfig):
+    """--prompt-weight-pooled on a model without a pooled text embedding (SD 1.x/2.x) is an error, here as in the trainers."""
+    from diffusion import CheckpointError, inspect_pipeline
+
+    if cfg.prompt_weight_pooled and cfg.prompt_weighting:
+        try:
+            family = inspect_pipeline(pretrained)
+        except CheckpointError as e:
+            fail(str(e))
+        if family == "sd":
+            fail("--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL and SD3 do); drop the flag")
+
+
+def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, scheduler):
+    """Say once when a CFG schedule never reaches w_low: no step is noisy enough at this many steps."""
+    from explore import low_guidance_steps, w_low_threshold
+
+    if cfg.cfg_schedule and not bool(low_guidance_steps(timesteps, scheduler, cfg.t_sw).any()):
         print(
-            f"note: {label}: no step has t >= t_sw*T = {cfg.t_sw * num_train_timesteps:g} (the noisiest is t = {int(timesteps.max())} "
-            f"at {len(timesteps)} steps), so the CFG schedule never switches to w_low; lower t_sw or use more steps",
+            f"note: {label}: no step has t >= t_sw*T = {w_low_threshold(scheduler, cfg.t_sw):g} (the noisiest is t = "
+            f"{float(timesteps.max()):g} at {len(timesteps)} steps), so the CFG schedule never switches to w_low; lower t_sw "
+            f"or use more steps",
             file=sys.stderr,
         )
 
 
-def load_models(
-    pretrained: str,
-    vae: str | None,
-    lora: str | None,
-    reward_names: list[str],
-    reward_models: dict | None,
-    mixed_precision: str,
-):
+def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names: list[str], reward_models: dict | None,
+                mixed_precision: str):  # fmt: skip
     """(pipe, {reward name: scorer}, device) for generate and explore: every checkpoint (pipeline,
     --vae, each reward) is checked before any is loaded, as in the trainers; one error line on failure."""
     import rewards
     from diffusion import CheckpointError, check_checkpoints, load_pipeline
 
-    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = pick_dtype(mixed_precision, device)
     try:
-        needed = [("--pretrained", pretrained, ("model_index.json",))] + (
-            [("--vae", vae, ("config.json",))] if vae else []
-        )
-        for name in reward_names:
-            needed += rewards.checkpoints_needed(name, **(reward_models or {}))
-        for note in check_checkpoints(needed):
+        for note in check_checkpoints(needed_checkpoints(pretrained, vae, reward_names, reward_models)):
             print(note, file=sys.stderr)
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
@@ -130,6 +154,42 @@ def load_models(
     return pipe, scorers, device
 
 
+def needed_checkpoints(pretrained, vae, reward_names, reward_models) -> list:
+    import rewards
+
+    needed = [("--pretrained", pretrained, ("model_index.json",))] + ([("--vae", vae, ("config.json",))] if vae else [])
+    for name in reward_names:
+        needed += rewards.checkpoints_needed(name, **(reward_models or {}))
+    return needed
+
+
+def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, flag: str) -> None:
+    """Every input generate/explore read, checked before anything loads or is written: the LoRA file,
+    each reward's name and checkpoint, and the prompts against what each reward reads."""
+    import rewards
+    from diffusion import CheckpointError, check_checkpoints
+
+    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
+        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+    try:
+        for name in reward_names:
+            rewards.parse_reward_spec(name, flag)
+            rewards.check_prompts(name, prompts, "--prompts", **(reward_models or {}))
+        check_checkpoints(needed_checkpoints(pretrained, vae, reward_names, reward_models))
+    except (ValueError, CheckpointError) as e:
+        fail(str(e))
+
+
+def claim_output(output_dir: str, kind: str, overwrite: bool) -> Path:
+    """Hold --output-dir for this result (runs.claim_result); one error line if it holds another."""
+    import runs
+
+    try:
+        return runs.claim_result(output_dir, kind, overwrite)
+    except ValueError as e:
+        fail(str(e))
+
+
 def generate(
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
     lora: str | None = None,
@@ -139,12 +199,7 @@ def generate(
     num_per_prompt: int = 1,
     seed: int = 0,
     num_steps: int = 50,
-    w_high: float = 7.5,
-    cfg_schedule: bool = False,
-    prompt_weighting: bool = False,
-    t_sw: float = 0.8,
-    w_low: float = 1.0,
-    prompt_weight_range: tuple[float, float] = (1.0, 2.0),
+    diffexp: SamplingDiffExp = SamplingDiffExp(cfg_schedule=False, prompt_weighting=False),
     eta: float = 0.0,
     resolution: int | None = None,
     eval_rewards: str = "",
@@ -152,13 +207,14 @@ def generate(
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
     batch_size: int = 8,
     output_dir: str = "samples",
+    overwrite: bool = False,
 ):
     """Generate images for a prompt set (or one --prompt), optionally with a LoRA checkpoint and DiffExp.
 
     Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x or SDXL base).
-        vae: replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base or SD3; `toy` for the toy world).
         lora: a checkpoint directory written by the trainers (loaded with diffusers' load_lora_weights).
+        vae: replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16).
         prompts: built-in prompt set name or a text file, one prompt a line.
         prompt: a single prompt instead of --prompts.
         num_per_prompt: images per prompt (seeds seed, seed+1, ...).
@@ -166,61 +222,52 @@ def generate(
             step noise, and another one for DiffExp's word and weight, so results do not depend on
             batching and DiffExp's draws never shift the noise (with the same seed, --prompt-weighting
             changes the conditioning only).
-        num_steps: DDIM steps.
-        w_high: guidance scale (after the switch when --cfg-schedule).
-        cfg_schedule: sample with DiffExp's dynamic CFG schedule (w_low for t >= t_sw*T).
-        prompt_weighting: sample with DiffExp's random prompt weighting.
-        t_sw: DiffExp switch point in [0, 1].
-        w_low: DiffExp low guidance scale.
-        prompt_weight_range: DiffExp prompt-weight range.
-        eta: DDIM eta, in [0, 1].
-        resolution: image size, a multiple of the VAE's factor (8 for SD/SDXL; default: the model's native size).
+        num_steps: denoising steps.
+        diffexp: DiffExp while sampling (--cfg-schedule, --prompt-weighting; off by default).
+        eta: DDIM eta, in [0, 1] (on SD3: the flow SDE's noise level).
+        resolution: image size, a multiple of the VAE's factor (8 for SD/SDXL); None: the model's native size.
         eval_rewards: comma-separated rewards, each scored separately, e.g. 'aesthetic,imagereward'.
         reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
         mixed_precision: weights' precision; auto: bf16 on CUDA, fp32 on the CPU.
-        batch_size: images generated at once.
-        output_dir: where images, grid.png and scores.csv go.
+        batch_size: images scored at once.
+        output_dir: where images, grid.png and scores.csv go (one result per directory).
+        overwrite: replace the earlier generate/explore result in --output-dir.
     """
-    import rewards
-    from diffusion import TextConditioner, load_prompts
+    from diffusion import TextConditioner, load_prompts, seeded
     from diffusion import generate as generate_images
-    from explore import DiffExpConfig, diffexp_conditioning
+    from explore import diffexp_conditioning
 
-    diffexp = DiffExpConfig(cfg_schedule, prompt_weighting, t_sw, w_low, w_high, tuple(prompt_weight_range))
     reward_names = [r.strip() for r in eval_rewards.split(",") if r.strip()]
     check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed)
     try:
         diffexp.validate()
         prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
-        for name in reward_names:
-            rewards.parse_reward_spec(name, "--eval-rewards")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
+    check_pooled_weighting(pretrained, diffexp)
+    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards")
+    out = claim_output(output_dir, "sample.py generate", overwrite)
+    pipe, scorers, _ = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
 
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import seeded
-
-    jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     T = pipe.scheduler.config.num_train_timesteps
     pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps  # on the host: the guidance schedule is read there
-    note_unswitched_schedule("--cfg-schedule", diffexp, timesteps, T)
+    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
+    note_unswitched_schedule("--cfg-schedule", diffexp, timesteps, pipe.scheduler)
     text = TextConditioner(pipe, resolution)
+    exploring = diffexp.cfg_schedule or diffexp.prompt_weighting
+    jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
     rows, all_images = [], []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generating"):
         batch = jobs[start : start + batch_size]
-        batch_prompts = [p for p, _ in batch]
         images = []
         for p, s in batch:  # one generator per image: the same seed gives the same image at any batch size
             g = torch.Generator().manual_seed(s)  # x_T and the step noise
             choices = seeded(s, 1)  # DiffExp's word and weight: drawn apart, so they never shift the noise
             cond, guidance, weights = diffexp_conditioning(
-                diffexp, cfg_schedule or prompt_weighting, [p], text.encode([p]), text, timesteps, T, choices
+                diffexp, exploring, [p], text.encode([p]), text, timesteps, T, choices
             )
             images.append(generate_images(pipe, cond, guidance, num_steps, g, eta, resolution, negative=text.negative))
             rows.append(
@@ -235,7 +282,7 @@ def generate(
         images = torch.cat(images)
         for name, scorer in scorers.items():
             with torch.no_grad():
-                scores, _ = scorer(images, batch_prompts)
+                scores, _ = scorer(images, [p for p, _ in batch])
             for row, v in zip(rows[start:], scores.tolist()):
                 row[name] = v
         for row, image in zip(rows[start:], images):
@@ -266,27 +313,320 @@ SETTING_SYNTAX = (
 )
 
 
-def parse_setting(
-    text: str, t_sw: float, w_low: float, w_high: float, weight_range: tuple[float, float], flag: str = "--settings"
+def explore(
+    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    lora: str | None = None,
+    vae: str | None = None,
+    prompts: str = "unseen_animals",
+    prompt: str | None = None,
+    max_prompts: int | None = None,
+    rewards: str = "",
+    reward_models: dict[str, str] | None = None,
+    settings: tuple[str, ...] = ("none", "diffexp", "cfg", "pw"),
+    sweep_t_sw: tuple[float, ...] = (),
+    sweep_w_low: tuple[float, ...] = (),
+    sweep_weight_range: tuple[str, ...] = (),
+    base: SettingBase = SettingBase(),
+    num_per_prompt: int = 8,
+    seed: int = 0,
+    num_steps: int = 50,
+    eta: float = 0.0,
+    resolution: int | None = None,
+    top_frac: float = 0.1,
+    threshold: float | None = None,
+    threshold_quantile: float = 0.9,
+    success_threshold: float | None = None,
+    grid_prompts: int = 4,
+    grid_images: int = 8,
+    save_images: bool = False,
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
+    batch_size: int = 8,
+    output_dir: str = "runs/explore",
+    overwrite: bool = False,
 ):
-    """'cfg:w_low=0' -> (label, DiffExpConfig); unset keys take the given base values (--t-sw, ...).
+    """Measure how much each sampling setting explores, before training: N images per prompt per
+    setting, every setting from the same starting noise, scored by one or more rewards.
+
+    Settings (--settings, any number, in the order given; the first 'none' is the reference):
+      none                   no DiffExp: constant guidance w_high
+      diffexp                both parts: the CFG schedule (w_low on the noisy steps) and random prompt weighting
+      cfg                    the CFG schedule only
+      pw                     prompt weighting only
+      BASE:KEY=VALUE,...     one of those with other values; KEY is t_sw, w_low, w_high or range=LO:HI,
+                             e.g. 'cfg:w_low=0', 'pw:range=1:3', 'diffexp:t_sw=0.7,w_low=0', 'none:w_high=5'
+                             (a bare 't_sw=0.7' means diffexp:t_sw=0.7). Unset keys take --t-sw, --w-low,
+                             --w-high, --prompt-weight-range. A key the setting does not use (e.g.
+                             'pw:t_sw=0.7') is an error.
+
+    Sweeps add one setting per value, each part alone so a difference is that part's:
+      --sweep-t-sw 0.6 0.7 0.9 adds cfg:t_sw=0.6 ...; --sweep-w-low 0 3 adds cfg:w_low=0 ...;
+      --sweep-weight-range 1:1.5 1:3 adds pw:range=1:1.5 .... A setting equal to an earlier one is run once.
+
+    Same starting noise: the prompts' images are cut into batches of --batch-size in one fixed order
+    (prompt by prompt, index by index), the same for every setting, and batch b's x_T and step noise
+    come from one generator seeded by (--seed, b) alone; DiffExp's word and weight for (prompt p,
+    index n) come from a separate generator seeded by (--seed, p, n). So image (p, n) starts from the
+    same noise in every setting (and in every run with the same --seed and --batch-size), a setting
+    differs from 'none' only through its guidance schedule and conditioning, and a weight-range sweep
+    reuses the same word and the same uniform draw (w = LO + (HI - LO) u).
+
+    Outputs in --output-dir: explore.md (the tables), explore.csv (one row per image: setting, prompt,
+    index, chosen word and weight, every reward), explore.json (the statistics), explore.png (the
+    first reward's distribution per setting, and diversity against mean reward), grids/NN_SETTING.png
+    (the first --grid-prompts prompts, one row each, the same noise in every setting's grid),
+    grids/compare_pPPP.png (one prompt, one row per setting, labelled, the prompt written above) and,
+    with --save-images, images/NN_SETTING/pPPP_NN.png.
+
+    Statistics (per setting; see explore_stats): reward mean and std; the within-prompt std; the mean
+    of the top --top-frac of each prompt's samples; the fraction of samples above their prompt's
+    threshold (default: the reference setting's --threshold-quantile of that prompt; --threshold
+    fixes one); the mean paired difference from the reference (same noise) with its standard error;
+    within-prompt diversity, the mean pairwise cosine distance of image embeddings from the first
+    reward with an image tower (aesthetic, pickscore, hps, imagereward, a CLIP custom reward), else of
+    the images downsampled to 32x32 pixels; with --success-threshold, the per-prompt success rate of
+    the first reward (reward >= threshold) and the fraction of prompts with at least one success.
+
+    Args:
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base or SD3; `toy` for the toy world).
+        lora: a checkpoint directory written by the trainers (measure a fine-tuned model's exploration).
+        vae: replace the pipeline's VAE.
+        prompts: built-in prompt set name or a file (one prompt a line, '#' starts a comment line).
+        prompt: a single prompt instead of --prompts.
+        max_prompts: use only the first N prompts of --prompts.
+        rewards: comma-separated rewards, each scored separately; the first is the one the threshold,
+            success rate and plot use (e.g. 'pickscore,aesthetic'; toy world: 'pickscore' with
+            --reward-models pickscore_model toy-scorer pickscore_processor toy-scorer).
+        reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
+        settings: the sampling settings to compare (syntax above).
+        sweep_t_sw: add cfg:t_sw=X for each X.
+        sweep_w_low: add cfg:w_low=X for each X.
+        sweep_weight_range: add pw:range=LO:HI for each LO:HI.
+        base: the values of t_sw, w_low, w_high and the weight range a setting starts from.
+        num_per_prompt: images per prompt per setting (>= 2; 8 or more for the percentiles to mean much).
+        seed: seeds every generator (>= 0).
+        num_steps: denoising steps.
+        eta: DDIM eta, in [0, 1].
+        resolution: image size, a multiple of the VAE's factor; None: the model's native size.
+        top_frac: the fraction of each prompt's samples the top mean is over.
+        threshold: a fixed threshold on the first reward (default: per prompt, the reference setting's --threshold-quantile).
+        threshold_quantile: the quantile of the reference setting's samples of a prompt used as its threshold.
+        success_threshold: a reward value that means success for the first reward (e.g. 0.5 for a probability).
+        grid_prompts: how many prompts (the first ones) the image grids show.
+        grid_images: at most this many images per prompt in the grids.
+        save_images: also save every image under images/.
+        mixed_precision: weights' precision; auto: bf16 on CUDA, fp32 on the CPU.
+        batch_size: images generated at once (part of what fixes the noise, with --seed).
+        output_dir: where the outputs go (one result per directory).
+        overwrite: replace the earlier explore/generate result in --output-dir.
+    """
+    import rewards as rewards_lib
+    from diffusion import denoiser, load_prompts
+
+    # Everything is checked before any model loads or anything is written.
+    check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed, min_per_prompt=2)
+    for ok, msg in [
+        (0.0 < top_frac <= 1.0, f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}"),
+        (0.0 <= threshold_quantile <= 1.0, f"--threshold-quantile must be in [0, 1], got {threshold_quantile}"),
+        (threshold is None or math.isfinite(threshold), f"--threshold must be a finite number, got {threshold}"),
+        (success_threshold is None or math.isfinite(success_threshold), f"--success-threshold must be a finite number, got {success_threshold}"),
+        (grid_prompts >= 0 and grid_images >= 1, f"--grid-prompts must be >= 0 and --grid-images >= 1, got {grid_prompts} and {grid_images}"),
+        (max_prompts is None or max_prompts >= 1, f"--max-prompts must be >= 1, got {max_prompts}"),
+    ]:  # fmt: skip
+        if not ok:
+            fail(msg)
+    reward_names = [r.strip() for r in rewards.split(",") if r.strip()]
+    if not reward_names:
+        fail(
+            f"--rewards: give at least one reward, e.g. --rewards pickscore,aesthetic ({', '.join(rewards_lib.NAMES)}, custom:DIR)"
+        )
+    try:
+        base.validate()
+        chosen = explore_settings(settings, sweep_t_sw, sweep_w_low, sweep_weight_range, base)
+        prompt_list = ([prompt] if prompt else load_prompts(prompts, "--prompts"))[:max_prompts]
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--rewards")
+    out = claim_output(output_dir, "sample.py explore", overwrite)
+    pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
+    sizes = dict(
+        num_per_prompt=num_per_prompt, grid_prompts=grid_prompts, grid_images=grid_images, batch_size=batch_size
+    )
+    print(f"explore: {len(prompt_list)} prompts x {num_per_prompt} images x {len(chosen)} settings = "
+          f"{len(prompt_list) * num_per_prompt * len(chosen)} images, {num_steps} steps, batches of {batch_size}, on {device}")  # fmt: skip
+    result = explore_sample(
+        pipe, scorers, chosen, prompt_list, seed, num_steps, eta, resolution, out if save_images else None, **sizes
+    )
+    meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt else prompts, "num_prompts": len(prompt_list),
+            "num_per_prompt": num_per_prompt, "num_steps": num_steps, "eta": eta, "resolution": result["resolution"], "seed": seed,
+            "batch_size": batch_size, "device": device, "dtype": str(denoiser(pipe).dtype).removeprefix("torch."),
+            "rewards": reward_names, "embedding": result["embedding"], "top_frac": top_frac, "threshold": threshold,
+            "threshold_quantile": threshold_quantile, "success_threshold": success_threshold}  # fmt: skip
+    result["stats"] = {
+        name: explore_stats(result["scores"][name], result["embeddings"] if i == 0 else None, top_frac=top_frac,
+                            threshold=threshold if i == 0 else None, quantile=threshold_quantile,
+                            success_threshold=success_threshold if i == 0 else None)
+        for i, name in enumerate(reward_names)
+    }  # fmt: skip
+    explore_write(out, meta, chosen, prompt_list, result, pipe.scheduler)
+    return result
+
+
+def explore_settings(settings, sweep_t_sw, sweep_w_low, sweep_weight_range, base: DiffExpConfig) -> list:
+    """[(label, DiffExpConfig)] of --settings and the sweeps, a setting equal to an earlier one run once (said)."""
+    specs = [(s, "--settings") for s in settings]
+    specs += [(f"cfg:t_sw={v:g}", "--sweep-t-sw") for v in sweep_t_sw]
+    specs += [(f"cfg:w_low={v:g}", "--sweep-w-low") for v in sweep_w_low]
+    specs += [(f"pw:range={r.strip()}", "--sweep-weight-range") for r in sweep_weight_range]
+    if not specs:
+        raise ValueError("--settings: give at least one setting, e.g. --settings none diffexp cfg pw")
+    chosen, keys = [], {}
+    for text, flag in specs:
+        label, cfg = parse_setting(text, base, flag)
+        key = _setting_key(cfg)
+        if key in keys:
+            print(
+                f"note: setting '{label}' samples as '{keys[key]}' does: measured once, as '{keys[key]}'",
+                file=sys.stderr,
+            )
+            continue
+        keys[key] = label
+        chosen.append((label, cfg))
+    return chosen
+
+
+def explore_sample(pipe, scorers, chosen, prompt_list, seed, num_steps, eta, resolution, images_dir, num_per_prompt,
+                   grid_prompts, grid_images, batch_size) -> dict:  # fmt: skip
+    """Every setting's images, from the same noise per (prompt, index): their scores, embeddings, the
+    grid cells and DiffExp's choices. `images_dir`: also save every image under it (or None)."""
+    from torchvision.utils import save_image
+    from tqdm import tqdm
+
+    from diffusion import Conditioning, TextConditioner, seeded
+    from diffusion import generate as generate_images
+    from explore import diffexp_conditioning
+
+    embed, embed_what = image_tower(scorers)
+    T = pipe.scheduler.config.num_train_timesteps
+    pipe.scheduler.set_timesteps(num_steps)
+    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
+    for label, cfg in chosen:
+        note_unswitched_schedule(f"setting '{label}'", cfg, timesteps, pipe.scheduler)
+    text = TextConditioner(pipe, resolution)
+    P, N = len(prompt_list), num_per_prompt
+    G, C = min(grid_prompts, P), min(grid_images, N)
+    jobs = [(p, n) for p in range(P) for n in range(N)]
+    batches = [jobs[k : k + batch_size] for k in range(0, len(jobs), batch_size)]
+    scores = {name: {label: torch.full((P, N), float("nan")) for label, _ in chosen} for name in scorers}
+    embeddings: dict[str, torch.Tensor] = {}
+    grids = {label: [[None] * C for _ in range(G)] for label, _ in chosen}
+    choices: dict[str, dict] = {label: {} for label, _ in chosen}
+    bar = tqdm(total=len(batches) * len(chosen), desc="explore", unit="batch")
+    for b, batch in enumerate(batches):
+        batch_prompts = [prompt_list[p] for p, _ in batch]
+        cond = text.encode(batch_prompts)
+        for s_idx, (label, cfg) in enumerate(chosen):
+            exploring, conds, guidance = cfg.cfg_schedule or cfg.prompt_weighting, [], None
+            for k, (p, n) in enumerate(batch):  # DiffExp's draws: their own generator per (prompt, index)
+                c, guidance, w = diffexp_conditioning(
+                    cfg, exploring, [prompt_list[p]], cond[k : k + 1], text, timesteps, T, seeded(seed, 1, p, n)
+                )
+                conds.append(c)
+                choices[label][(p, n)] = w[0]
+            noise = seeded(seed, 0, b)  # x_T and step noise: the batch's own generator, the same in every setting
+            images = generate_images(
+                pipe, Conditioning.cat(conds), guidance, num_steps, noise, eta, resolution, negative=text.negative
+            )
+            with torch.no_grad():
+                for name, scorer in scorers.items():
+                    values, _ = scorer(images, batch_prompts)
+                    for (p, n), v in zip(batch, values.float().cpu()):
+                        scores[name][label][p, n] = v
+                e = embed(images).cpu()
+            embeddings.setdefault(label, torch.zeros(P, N, e.shape[-1]))
+            pixels = (_grid_size(images.float()).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+            for (p, n), row, image in zip(batch, e, pixels):
+                embeddings[label][p, n] = row
+                if p < G and n < C:
+                    grids[label][p][n] = image
+            if images_dir is not None:
+                folder = images_dir / "images" / f"{s_idx:02d}_{_slug(label)}"
+                folder.mkdir(parents=True, exist_ok=True)
+                for (p, n), image in zip(batch, images):
+                    save_image(image.float(), folder / f"p{p:03d}_{n:02d}.png")
+            bar.update(1)
+    bar.close()
+    labels = [label for label, _ in chosen]
+    return {"settings": labels, "scores": scores, "embeddings": embeddings, "embedding": embed_what, "choices": choices,
+            "grids": {label: torch.stack([torch.stack(row) for row in grids[label]]) if G else None for label in labels},
+            "resolution": text.resolution, "timesteps": timesteps}  # fmt: skip
+
+
+def explore_write(out: Path, meta: dict, chosen, prompt_list, result: dict, scheduler):
+    """explore.csv, explore.json, explore.md, explore.png and grids/ from explore_sample's result."""
+    from torchvision.utils import make_grid, save_image
+
+    from explore import low_guidance_steps
+
+    labels, scores, choices, reward_names = result["settings"], result["scores"], result["choices"], meta["rewards"]
+    P, N = meta["num_prompts"], meta["num_per_prompt"]
+    with open(out / "explore.csv", "w", newline="") as f:  # one row per image
+        writer = csv.writer(f)
+        writer.writerow(["setting", "prompt_index", "prompt", "index", "word", "weight", *reward_names])
+        for label in labels:
+            for p in range(P):
+                for n in range(N):
+                    w = choices[label][(p, n)]
+                    weighted = w.word is not None
+                    writer.writerow([label, p, prompt_list[p], n, w.word or "", round(w.weight, 4) if weighted else "",
+                                     *(f"{scores[name][label][p, n].item():.6g}" for name in reward_names)])  # fmt: skip
+    settings_info = [
+        {"setting": label, "cfg_schedule": cfg.cfg_schedule, "prompt_weighting": cfg.prompt_weighting, "t_sw": cfg.t_sw,
+         "w_low": cfg.w_low, "w_high": cfg.w_high, "weight_range": list(cfg.prompt_weight_range),
+         "steps_at_w_low": int(low_guidance_steps(result["timesteps"], scheduler, cfg.t_sw).sum()) if cfg.cfg_schedule else 0}
+        for label, cfg in chosen
+    ]  # fmt: skip
+    stats = result["stats"]
+    (out / "explore.json").write_text(json.dumps({"meta": meta, "settings": settings_info, "stats": stats}, indent=1))
+    (out / "explore.md").write_text(_explore_markdown(meta, settings_info, stats, prompt_list))
+    _explore_plot(out / "explore.png", labels, scores[reward_names[0]], stats[reward_names[0]], reward_names[0])
+    grids = result["grids"]
+    if grids[labels[0]] is not None:
+        (out / "grids").mkdir(exist_ok=True)
+        for s_idx, label in enumerate(labels):
+            cells = grids[label].flatten(0, 1)
+            save_image(make_grid(cells.float() / 255, nrow=grids[label].shape[1], padding=2, pad_value=1.0),
+                       out / "grids" / f"{s_idx:02d}_{_slug(label)}.png")  # fmt: skip
+        for p in range(grids[labels[0]].shape[0]):
+            rows = [grids[label][p] for label in labels]
+            _labelled_rows(rows, labels, out / "grids" / f"compare_p{p:03d}.png", title=f"prompt {p}: {prompt_list[p]}")
+    print("## " + (out / "explore.md").read_text().split("\n## ")[2].strip())  # the first reward's table
+    print(f"wrote explore.md, explore.csv, explore.json, explore.png and grids/ to {out}")
+
+
+def parse_setting(text: str, base: DiffExpConfig, flag: str = "--settings"):
+    """'cfg:w_low=0' -> (label, DiffExpConfig); unset keys take `base`'s values (--t-sw, ...).
 
     Raises a one-line ValueError naming `flag` and the setting for an unknown base or key, a value that
     is not a number, a key that does nothing in that setting (t_sw/w_low without the CFG schedule,
     range without prompt weighting) or a value out of range.
     """
-    from explore import DiffExpConfig
+    import dataclasses
 
     label = text.strip()
     head, _, rest = label.partition(":")
     if head.strip() in SETTING_BASES:
-        base, overrides = head.strip(), rest
+        kind, overrides = head.strip(), rest
     elif "=" in head:
-        base, overrides = "diffexp", label
+        kind, overrides = "diffexp", label
     else:
         raise ValueError(f"{flag} '{label}': unknown setting '{head.strip()}'; {SETTING_SYNTAX}")
-    cfg_on, pw_on = SETTING_BASES[base]
-    values: dict = {"t_sw": t_sw, "w_low": w_low, "w_high": w_high, "range": tuple(weight_range)}
+    cfg_on, pw_on = SETTING_BASES[kind]
+    values: dict = {
+        "t_sw": base.t_sw,
+        "w_low": base.w_low,
+        "w_high": base.w_high,
+        "range": tuple(base.prompt_weight_range),
+    }
     seen = set()
     for item in (part.strip() for part in overrides.split(",")):
         if not item:
@@ -309,7 +649,7 @@ def parse_setting(
                 ("the CFG schedule", "cfg or diffexp") if part == "cfg" else ("prompt weighting", "pw or diffexp")
             )
             raise ValueError(
-                f"{flag} '{label}': {key} does nothing without {what}, which {base} leaves off; use {use}, e.g. '{use.split()[0]}:{item}'"
+                f"{flag} '{label}': {key} does nothing without {what}, which {kind} leaves off; use {use}, e.g. '{use.split()[0]}:{item}'"
             )
         try:
             if key == "range":
@@ -325,7 +665,8 @@ def parse_setting(
         if not all(math.isfinite(v) for v in (parsed if key == "range" else (parsed,))):
             raise ValueError(f"{flag} '{label}': {key} must be finite, got '{value.strip()}'")
         values[key] = parsed
-    cfg = DiffExpConfig(cfg_on, pw_on, values["t_sw"], values["w_low"], values["w_high"], values["range"])
+    cfg = dataclasses.replace(base, cfg_schedule=cfg_on, prompt_weighting=pw_on, t_sw=values["t_sw"], w_low=values["w_low"],
+                              w_high=values["w_high"], prompt_weight_range=values["range"], explore_frac=1.0)  # fmt: skip
     try:
         cfg.validate()
     except ValueError as e:
@@ -336,7 +677,7 @@ def parse_setting(
             .replace("--prompt-weight-range", "range")
         )
         raise ValueError(f"{flag} '{label}': {msg}") from None
-    return label, cfg
+    return label, DiffExpConfig(**{f: getattr(cfg, f) for f in DiffExpConfig.__dataclass_fields__})
 
 
 def _setting_key(cfg) -> tuple:
@@ -368,41 +709,43 @@ def image_tower(scorers: dict):
         for part, _, module in reward.parts:
             embed = None
             if isinstance(module, rewards.AestheticReward):
-                embed = lambda x, m=module: feats(
+                embed = lambda x, dt, m=module: feats(
                     m.clip.get_image_features(
                         pixel_values=rewards.clip_preprocess(
-                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD
+                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD, dt
                         )
                     )
                 )  # noqa: E731
                 what = "its CLIP image embedding"
             elif isinstance(module, rewards.PickScoreReward):
-                embed = lambda x, m=module: feats(
-                    m.model.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, m.mean, m.std))
+                embed = lambda x, dt, m=module: feats(
+                    m.model.get_image_features(pixel_values=rewards.clip_preprocess(x, m.size, m.mean, m.std, dt))
                 )  # noqa: E731
                 what = "its CLIP image embedding"
             elif isinstance(module, rewards.HPSReward):
-                embed = lambda x, m=module: m.model.encode_image(rewards.hps_preprocess(x, m.size, m.mean, m.std))  # noqa: E731
+                embed = lambda x, dt, m=module: m.model.encode_image(
+                    rewards.hps_preprocess(x, m.size, m.mean, m.std, dt)
+                )  # noqa: E731
                 what = "its open_clip image embedding"
             elif isinstance(module, rewards.ImageRewardReward):
-                embed = lambda x, m=module: (
+                embed = lambda x, dt, m=module: (
                     m.vision(
                         pixel_values=rewards.clip_preprocess(
-                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD
+                            x, m.size, rewards.OPENAI_CLIP_MEAN, rewards.OPENAI_CLIP_STD, dt
                         )
                     ).pooler_output
                 )  # noqa: E731
                 what = "its BLIP ViT pooled output"
             elif isinstance(module, rewards.CustomReward) and isinstance(module.net, rewards.ClipHead):
-                embed = lambda x, m=module: feats(
-                    m.net.clip.get_image_features(pixel_values=rewards.custom_preprocess(x, m.config))
+                embed = lambda x, dt, m=module: feats(
+                    m.net.clip.get_image_features(pixel_values=rewards.custom_preprocess(x, m.config, dt))
                 )  # noqa: E731
                 what = "its CLIP backbone's image embedding"
             if embed is not None:
 
                 def run(images, m=module, embed=embed):
-                    p = next(m.parameters())
-                    return embed(images.to(device=p.device, dtype=p.dtype)).float()
+                    p = next(m.parameters())  # preprocessing runs in float32 and casts once to the weights' dtype
+                    return embed(images.to(device=p.device, dtype=torch.float32), p.dtype).float()
 
                 return run, f"image tower of reward `{part}` ({what})"
 
@@ -508,293 +851,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text).strip("-") or "setting"
 
 
-def _labelled_rows(rows: list[torch.Tensor], labels: list[str], path: Path):
-    """Save rows of images (each [C, 3, H, W] uint8) one under the other, each with its label on the left."""
+def _labelled_rows(rows: list[torch.Tensor], labels: list[str], path: Path, title: str = ""):
+    """Save rows of images (each [C, 3, H, W] uint8) one under the other, each with its label on the left,
+    and `title` (the prompt) written above them."""
     from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
     strips = [make_grid(r, nrow=len(r), padding=2, pad_value=255).permute(1, 2, 0).numpy() for r in rows]
     font = ImageFont.load_default()
-    margin = max(8 + int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(label, font=font)) for label in labels)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    margin = max(8 + int(measure.textlength(label, font=font)) for label in labels)
     height, width = strips[0].shape[0], strips[0].shape[1]
-    canvas = Image.new("RGB", (margin + width, height * len(rows)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, (strip, label) in enumerate(zip(strips, labels)):
-        canvas.paste(Image.fromarray(strip), (margin, i * height))
-        draw.text((4, i * height + height // 2 - 6), label, fill="black", font=font)
-    canvas.save(path)
-
-
-def explore(
-    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
-    lora: str | None = None,
-    vae: str | None = None,
-    prompts: str = "unseen_animals",
-    prompt: str | None = None,
-    rewards: str = "",
-    reward_models: dict[str, str] | None = None,
-    settings: tuple[str, ...] = ("none", "diffexp", "cfg", "pw"),
-    sweep_t_sw: tuple[float, ...] = (),
-    sweep_w_low: tuple[float, ...] = (),
-    sweep_weight_range: tuple[str, ...] = (),
-    t_sw: float = 0.8,
-    w_low: float = 1.0,
-    w_high: float = 7.5,
-    prompt_weight_range: tuple[float, float] = (1.0, 2.0),
-    num_per_prompt: int = 8,
-    seed: int = 0,
-    num_steps: int = 50,
-    eta: float = 0.0,
-    resolution: int | None = None,
-    top_frac: float = 0.1,
-    threshold: float | None = None,
-    threshold_quantile: float = 0.9,
-    success_threshold: float | None = None,
-    grid_prompts: int = 4,
-    grid_images: int = 8,
-    save_images: bool = False,
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto",
-    batch_size: int = 8,
-    output_dir: str = "runs/explore",
-):
-    """Measure how much each sampling setting explores, before training: N images per prompt per
-    setting, every setting from the same starting noise, scored by one or more rewards.
-
-    Settings (--settings, any number, in the order given; the first 'none' is the reference):
-      none                   no DiffExp: constant guidance w_high
-      diffexp                both parts: the CFG schedule (w_low for t >= t_sw*T) and random prompt weighting
-      cfg                    the CFG schedule only
-      pw                     prompt weighting only
-      BASE:KEY=VALUE,...     one of those with other values; KEY is t_sw, w_low, w_high or range=LO:HI,
-                             e.g. 'cfg:w_low=0', 'pw:range=1:3', 'diffexp:t_sw=0.7,w_low=0', 'none:w_high=5'
-                             (a bare 't_sw=0.7' means diffexp:t_sw=0.7). Unset keys take --t-sw, --w-low,
-                             --w-high, --prompt-weight-range. A key the setting does not use (e.g.
-                             'pw:t_sw=0.7') is an error.
-
-    Sweeps add one setting per value, each part alone so a difference is that part's:
-      --sweep-t-sw 0.6 0.7 0.9 adds cfg:t_sw=0.6 ...; --sweep-w-low 0 3 adds cfg:w_low=0 ...;
-      --sweep-weight-range 1:1.5 1:3 adds pw:range=1:1.5 .... A setting equal to an earlier one is run once.
-
-    Same starting noise: the prompts' images are cut into batches of --batch-size in one fixed order
-    (prompt by prompt, index by index), the same for every setting, and batch b's x_T and step noise
-    come from one generator seeded by (--seed, b) alone; DiffExp's word and weight for (prompt p,
-    index n) come from a separate generator seeded by (--seed, p, n). So image (p, n) starts from the
-    same noise in every setting (and in every run with the same --seed and --batch-size), a setting
-    differs from 'none' only through its guidance schedule and conditioning, and a weight-range sweep
-    reuses the same word and the same uniform draw (w = LO + (HI - LO) u).
-
-    Outputs in --output-dir: explore.md (the tables), explore.csv (one row per image: setting, prompt,
-    index, chosen word and weight, every reward), explore.json (the statistics), explore.png (the
-    first reward's distribution per setting, and diversity against mean reward), grids/NN_SETTING.png
-    (the first --grid-prompts prompts, one row each, the same noise in every setting's grid),
-    grids/compare_pPPP.png (one prompt, one row per setting, labelled) and, with --save-images,
-    images/NN_SETTING/pPPP_NN.png.
-
-    Statistics (per setting; see explore_stats): reward mean and std; the within-prompt std; the mean
-    of the top --top-frac of each prompt's samples; the fraction of samples above their prompt's
-    threshold (default: the reference setting's --threshold-quantile of that prompt; --threshold
-    fixes one); the mean paired difference from the reference (same noise) with its standard error;
-    within-prompt diversity, the mean pairwise cosine distance of image embeddings from the first
-    reward with an image tower (aesthetic, pickscore, hps, imagereward, a CLIP custom reward), else of
-    the images downsampled to 32x32 pixels; with --success-threshold, the per-prompt success rate of
-    the first reward (reward >= threshold) and the fraction of prompts with at least one success.
-
-    Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x or SDXL base; `toy` for the toy world).
-        lora: a checkpoint directory written by the trainers (measure a fine-tuned model's exploration).
-        vae: replace the pipeline's VAE.
-        prompts: built-in prompt set name or a file (see diffusion.load_prompts).
-        prompt: a single prompt instead of --prompts.
-        rewards: comma-separated rewards, each scored separately; the first is the one the threshold,
-            success rate and plot use (e.g. 'pickscore,aesthetic'; toy world: 'pickscore' with
-            --reward-models pickscore_model toy-scorer pickscore_processor toy-scorer).
-        reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
-        settings: the sampling settings to compare (syntax above).
-        sweep_t_sw: add cfg:t_sw=X for each X.
-        sweep_w_low: add cfg:w_low=X for each X.
-        sweep_weight_range: add pw:range=LO:HI for each LO:HI.
-        t_sw: the switch point of diffexp/cfg settings that do not set t_sw.
-        w_low: the low guidance scale of diffexp/cfg settings that do not set w_low.
-        w_high: the ordinary guidance scale of every setting that does not set w_high.
-        prompt_weight_range: the weight range of diffexp/pw settings that do not set range.
-        num_per_prompt: images per prompt per setting (>= 2; 8 or more for the percentiles to mean much).
-        seed: seeds every generator (>= 0).
-        num_steps: DDIM steps.
-        eta: DDIM eta, in [0, 1].
-        resolution: image size, a multiple of the VAE's factor (default: the model's native size).
-        top_frac: the fraction of each prompt's samples the top mean is over.
-        threshold: a fixed threshold on the first reward (default: per prompt, the reference setting's --threshold-quantile).
-        threshold_quantile: the quantile of the reference setting's samples of a prompt used as its threshold.
-        success_threshold: a reward value that means success for the first reward (e.g. 0.5 for a probability).
-        grid_prompts: how many prompts (the first ones) the image grids show.
-        grid_images: at most this many images per prompt in the grids.
-        save_images: also save every image under images/.
-        mixed_precision: weights' precision; auto: bf16 on CUDA, fp32 on the CPU.
-        batch_size: images generated at once (part of what fixes the noise, with --seed).
-        output_dir: where the outputs go.
-    """
-    import rewards as rewards_lib
-    from diffusion import Conditioning, TextConditioner, load_prompts, seeded
-    from diffusion import generate as generate_images
-    from explore import DiffExpConfig, diffexp_conditioning
-
-    # Everything is checked before any model loads.
-    check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed, min_per_prompt=2)
-    if not 0.0 < top_frac <= 1.0:
-        fail(
-            f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}"
-        )
-    if not 0.0 <= threshold_quantile <= 1.0:
-        fail(f"--threshold-quantile must be in [0, 1], got {threshold_quantile}")
-    for flag, value in (("--threshold", threshold), ("--success-threshold", success_threshold)):
-        if value is not None and not math.isfinite(value):
-            fail(f"{flag} must be a finite number, got {value}")
-    if grid_prompts < 0 or grid_images < 1:
-        fail(f"--grid-prompts must be >= 0 and --grid-images >= 1, got {grid_prompts} and {grid_images}")
-    reward_names = [r.strip() for r in rewards.split(",") if r.strip()]
-    if not reward_names:
-        fail(
-            f"--rewards: give at least one reward, e.g. --rewards pickscore,aesthetic ({', '.join(rewards_lib.NAMES)}, custom:DIR)"
-        )
-    try:
-        DiffExpConfig(True, True, t_sw, w_low, w_high, tuple(prompt_weight_range)).validate()
-        specs = [(s, "--settings") for s in settings]
-        specs += [(f"cfg:t_sw={v:g}", "--sweep-t-sw") for v in sweep_t_sw]
-        specs += [(f"cfg:w_low={v:g}", "--sweep-w-low") for v in sweep_w_low]
-        specs += [(f"pw:range={r.strip()}", "--sweep-weight-range") for r in sweep_weight_range]
-        if not specs:
-            raise ValueError("--settings: give at least one setting, e.g. --settings none diffexp cfg pw")
-        chosen, keys = [], {}
-        for text, flag in specs:
-            label, cfg = parse_setting(text, t_sw, w_low, w_high, tuple(prompt_weight_range), flag)
-            key = _setting_key(cfg)
-            if key in keys:
-                print(
-                    f"note: setting '{label}' samples as '{keys[key]}' does: measured once, as '{keys[key]}'",
-                    file=sys.stderr,
-                )
-                continue
-            keys[key] = label
-            chosen.append((label, cfg))
-        prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
-        for name in reward_names:
-            rewards_lib.parse_reward_spec(name, "--rewards")
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
-
-    from torchvision.utils import make_grid, save_image
-    from tqdm import tqdm
-
-    embed, embed_what = image_tower(scorers)
-
-    T = pipe.scheduler.config.num_train_timesteps
-    pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
-    for label, cfg in chosen:
-        note_unswitched_schedule(f"setting '{label}'", cfg, timesteps, T)
-    text = TextConditioner(pipe, resolution)
-    P, N, S = len(prompt_list), num_per_prompt, len(chosen)
-    G, C = min(grid_prompts, P), min(grid_images, N)
-    jobs = [(p, n) for p in range(P) for n in range(N)]
-    batches = [jobs[k : k + batch_size] for k in range(0, len(jobs), batch_size)]
-    scores = {name: {label: torch.full((P, N), float("nan")) for label, _ in chosen} for name in reward_names}
-    embeddings: dict[str, torch.Tensor] = {}
-    grids = {label: [[None] * C for _ in range(G)] for label, _ in chosen}
-    choices: dict[str, dict] = {label: {} for label, _ in chosen}
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    print(
-        f"explore: {P} prompts x {N} images x {S} settings = {P * N * S} images, {num_steps} steps, batches of {batch_size}, on {device}"
+    top = 18 if title else 0
+    canvas = Image.new(
+        "RGB", (max(margin + width, 8 + int(measure.textlength(title, font=font))), top + height * len(rows)), "white"
     )
-    bar = tqdm(total=len(batches) * S, desc="explore", unit="batch")
-    for b, batch in enumerate(batches):
-        batch_prompts = [prompt_list[p] for p, _ in batch]
-        cond = text.encode(batch_prompts)
-        for s_idx, (label, cfg) in enumerate(chosen):
-            exploring = cfg.cfg_schedule or cfg.prompt_weighting
-            conds, guidance = [], None
-            for k, (p, n) in enumerate(batch):  # DiffExp's draws: their own generator per (prompt, index)
-                c, guidance, w = diffexp_conditioning(
-                    cfg, exploring, [prompt_list[p]], cond[k : k + 1], text, timesteps, T, seeded(seed, 1, p, n)
-                )
-                conds.append(c)
-                choices[label][(p, n)] = w[0]
-            noise = seeded(seed, 0, b)  # x_T and step noise: the batch's own generator, the same in every setting
-            images = generate_images(
-                pipe, Conditioning.cat(conds), guidance, num_steps, noise, eta, resolution, negative=text.negative
-            )
-            with torch.no_grad():
-                for name, scorer in scorers.items():
-                    values, _ = scorer(images, batch_prompts)
-                    for (p, n), v in zip(batch, values.float().cpu()):
-                        scores[name][label][p, n] = v
-                e = embed(images).cpu()
-            if label not in embeddings:
-                embeddings[label] = torch.zeros(P, N, e.shape[-1])
-            for (p, n), row in zip(batch, e):
-                embeddings[label][p, n] = row
-            pixels = (_grid_size(images.float()).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-            for (p, n), image in zip(batch, pixels):
-                if p < G and n < C:
-                    grids[label][p][n] = image
-            if save_images:
-                folder = out / "images" / f"{s_idx:02d}_{_slug(label)}"
-                folder.mkdir(parents=True, exist_ok=True)
-                for (p, n), image in zip(batch, images):
-                    save_image(image.float(), folder / f"p{p:03d}_{n:02d}.png")
-            bar.update(1)
-    bar.close()
-
-    labels = [label for label, _ in chosen]
-    stats = {
-        name: explore_stats(scores[name], embeddings if i == 0 else None, top_frac=top_frac, threshold=threshold if i == 0 else None,
-                            quantile=threshold_quantile, success_threshold=success_threshold if i == 0 else None)
-        for i, name in enumerate(reward_names)
-    }  # fmt: skip
-
-    # explore.csv: one row per image.
-    with open(out / "explore.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["setting", "prompt_index", "prompt", "index", "word", "weight", *reward_names])
-        for label in labels:
-            for p in range(P):
-                for n in range(N):
-                    w = choices[label][(p, n)]
-                    weighted = w.word is not None
-                    writer.writerow([label, p, prompt_list[p], n, w.word or "", round(w.weight, 4) if weighted else "",
-                                     *(f"{scores[name][label][p, n].item():.6g}" for name in reward_names)])  # fmt: skip
-    # explore.json: the statistics and what they were computed from.
-    settings_info = [
-        {"setting": label, "cfg_schedule": cfg.cfg_schedule, "prompt_weighting": cfg.prompt_weighting, "t_sw": cfg.t_sw, "w_low": cfg.w_low,
-         "w_high": cfg.w_high, "weight_range": list(cfg.prompt_weight_range),
-         "steps_at_w_low": int((timesteps >= cfg.t_sw * T).sum()) if cfg.cfg_schedule else 0}
-        for label, cfg in chosen
-    ]  # fmt: skip
-    meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt else prompts, "num_prompts": P, "num_per_prompt": N,
-            "num_steps": num_steps, "eta": eta, "resolution": text.resolution, "seed": seed, "batch_size": batch_size, "device": device,
-            "dtype": str(pipe.unet.dtype).removeprefix("torch."), "rewards": reward_names, "embedding": embed_what, "top_frac": top_frac,
-            "threshold": threshold, "threshold_quantile": threshold_quantile, "success_threshold": success_threshold}  # fmt: skip
-    (out / "explore.json").write_text(json.dumps({"meta": meta, "settings": settings_info, "stats": stats}, indent=1))
-    (out / "explore.md").write_text(_explore_markdown(meta, settings_info, stats, prompt_list))
-    _explore_plot(out / "explore.png", labels, scores[reward_names[0]], stats[reward_names[0]], reward_names[0])
-    if G > 0:
-        (out / "grids").mkdir(exist_ok=True)
-        for s_idx, label in enumerate(labels):
-            cells = [img for row in grids[label] for img in row]
-            save_image(
-                make_grid(torch.stack(cells).float() / 255, nrow=C, padding=2, pad_value=1.0),
-                out / "grids" / f"{s_idx:02d}_{_slug(label)}.png",
-            )
-        for p in range(G):
-            _labelled_rows(
-                [torch.stack(grids[label][p]) for label in labels], labels, out / "grids" / f"compare_p{p:03d}.png"
-            )
-    print("## " + (out / "explore.md").read_text().split("\n## ")[2].strip())  # the first reward's table
-    print(f"wrote explore.md, explore.csv, explore.json, explore.png and grids/ to {out}")
-    return {"settings": labels, "scores": scores, "embeddings": embeddings, "stats": stats, "embedding": embed_what,
-            "grids": {label: torch.stack([torch.stack(row) for row in grids[label]]) if G else None for label in labels},
-            "choices": choices}  # fmt: skip
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((4, 3), title, fill="black", font=font)
+    for i, (strip, label) in enumerate(zip(strips, labels)):
+        canvas.paste(Image.fromarray(strip), (margin, top + i * height))
+        draw.text((4, top + i * height + height // 2 - 6), label, fill="black", font=font)
+    canvas.save(path)
 
 
 def _fmt(v: float) -> str:
@@ -938,7 +1016,7 @@ def _read_log(run: Path) -> list[dict]:
 
 def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
     """Where `plot` writes without --output: next to the runs, never the current directory.
-    One run: RUN/KEY.png. Several: their closest common directory (e.g. runs/ for runs/a and
+    One run: RUN/plots/KEY.png (inside the run, where its --overwrite removes it). Several: their closest common directory (e.g. runs/ for runs/a and
     runs/b; the first run's directory when they share none but the filesystem root), named
     KEY_LABEL1_vs_LABEL2....png, so different comparisons do not overwrite each other."""
     import os
@@ -947,7 +1025,7 @@ def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
     slug = lambda t: re.sub(r"[^A-Za-z0-9._=-]+", "-", t).strip("-")[:40] or "run"  # noqa: E731
     dirs = [Path(r).resolve() for r in runs]
     if len(dirs) == 1:
-        return Path(runs[0]) / f"{slug(key)}.png"
+        return Path(runs[0]) / "plots" / f"{slug(key)}.png"
     common = Path(os.path.commonpath(dirs))
     if common == Path(common.anchor):
         common = dirs[0]
@@ -955,17 +1033,24 @@ def default_plot_path(runs: list[str], labels: list[str], key: str) -> Path:
     return common / f"{name}.png"
 
 
+KEY_NAMES = {
+    "eval_reward_mean": "held-out reward (fixed seeds, no DiffExp)",
+    "reward_mean": "training reward (the epoch's samples)",
+}
+
+
 def plot(
-    runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str = "reward_mean"
+    runs: Positional[list[str]], labels: list[str] | None = None, output: str | None = None, key: str | None = None
 ):
     """Reward against cumulative samples for one or several runs on one plot (e.g. DiffExp vs baseline).
 
     Args:
         runs: training output directories (each holds log.jsonl), one or more.
         labels: a legend label per run (default: the directory names).
-        output: the PNG to write (default: next to the runs: RUN/KEY.png for one run; for several,
+        output: the PNG to write (default: RUN/plots/KEY.png for one run; for several,
             KEY_LABEL1_vs_LABEL2.png in their closest common directory, e.g. runs/).
-        key: the logged quantity on the y axis (reward_mean, eval_reward_mean, reward/NAME, ...).
+        key: the logged quantity on the y axis (default: eval_reward_mean, the held-out reward, when every
+            run has it, else reward_mean, the training samples' reward; or reward/NAME, eval_reward/NAME, ...).
     """
     if not runs:
         fail(
@@ -974,9 +1059,11 @@ def plot(
     labels = labels or [Path(r).name for r in runs]
     if len(labels) != len(runs):
         fail(f"--labels: {len(labels)} labels for {len(runs)} runs")
+    logs = [_read_log(Path(run)) for run in runs]  # every run is checked before anything is drawn or written
+    if key is None:
+        key = "eval_reward_mean" if all(any("eval_reward_mean" in r for r in log) for log in logs) else "reward_mean"
     curves = []
-    for run in runs:  # every run is checked before anything is drawn or written
-        records = _read_log(Path(run))
+    for run, records in zip(runs, logs):
         points = [(r["samples"], r[key]) for r in records if key in r and "samples" in r]
         if not points:
             known = sorted(
@@ -993,8 +1080,10 @@ def plot(
     fig, ax = plt.subplots(figsize=(6, 4))
     for points, label in zip(curves, labels):
         ax.plot(*zip(*points), marker="o", markersize=3, label=label)
-    ax.set_xlabel("number of samples")
-    ax.set_ylabel(key)
+    what = KEY_NAMES.get(key, key)
+    ax.set_xlabel("samples seen in training")
+    ax.set_ylabel(what)
+    ax.set_title(f"{what} during training" + (f": {labels[0]}" if len(runs) == 1 else ""), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -1055,9 +1144,8 @@ function show(i, k) {{ document.getElementById('img' + i).src = frames[i][k]; do
 
 def main(argv: list[str] | None = None):
     """The command line (`argv`: the arguments after the script name; default sys.argv)."""
-    return tyro.extras.subcommand_cli_from_dict(
-        {"generate": generate, "explore": explore, "plot": plot, "gallery": gallery}, args=argv
-    )
+    commands = {"generate": generate, "explore": explore, "plot": plot, "gallery": gallery}
+    return tyro.extras.subcommand_cli_from_dict(commands, args=argv, config=(tyro.conf.OmitArgPrefixes,))
 
 
 if __name__ == "__main__":

@@ -298,7 +298,7 @@ def test_plot_writes_next_to_its_runs(tmp_path, monkeypatch, capsys):
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     sample.main(["plot", str(tmp_path / "runs" / "diffexp")])
-    assert (tmp_path / "runs" / "diffexp" / "reward_mean.png").stat().st_size > 1000
+    assert (tmp_path / "runs" / "diffexp" / "plots" / "reward_mean.png").stat().st_size > 1000  # inside the run
     sample.main(
         [
             "plot",
