@@ -400,3 +400,28 @@ def schedule_note(cfg: DiffExpConfig, timesteps, scheduler, say=print) -> float:
     else:
         say(describe_cfg_schedule(timesteps, scheduler, cfg.t_sw, cfg.w_low, cfg.w_high))
     return share
+
+
+def prompt_notes(prompts: list[str], text, cfg: DiffExpConfig, flag: str = "--prompts") -> list[str]:
+    """The notes a run prints once about its prompts: how many the text encoder cuts (and by how many
+    tokens, at most), and, with prompt weighting, how many have no word it may emphasise (only function
+    words: they are sampled with weight 1)."""
+    notes = []
+    for i, (tokenizer, limit) in enumerate(zip(text.tokenizers, text.max_lengths)):
+        lengths = [len(tokenizer(p, verbose=False).input_ids) for p in dict.fromkeys(prompts)]
+        cut = [n - limit for n in lengths if n > limit]
+        if cut and (i == 0 or i == 2):  # CLIP-G cuts where CLIP-L does; T5 has its own window
+            what = "T5" if i == 2 else "the text encoder"
+            notes.append(
+                f"note: {flag}: {len(cut)} of {len(lengths)} prompts are longer than {what}'s {limit} tokens and are cut "
+                f"(by up to {max(cut)} tokens); what is cut off does not condition the images"
+            )
+    if cfg.prompt_weighting:
+        empty = [p for p in dict.fromkeys(prompts) if not any(_eligible(w, pos, cfg.exclude_stopwords)
+                                                              for w, pos in word_token_positions(p, text.tokenizers[0], text.max_lengths[0]))]  # fmt: skip
+        if empty:
+            notes.append(
+                f"note: {flag}: {len(empty)} of {len(set(prompts))} prompts have no word prompt weighting may emphasise "
+                f"(e.g. {empty[0]!r}: only function words or punctuation); they are sampled unweighted"
+            )
+    return notes

@@ -34,7 +34,7 @@ import shlex
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -249,6 +249,10 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
         needed += [("--vae", m.vae, ("config.json",))] if m.vae else []
         notes += check_checkpoints(needed + rewards.checkpoints_needed(m.reward, **m.reward_models))
         family = inspect_pipeline(m.pretrained)
+        if family == "sd" and args.diffexp.prompt_weight_pooled and args.diffexp.prompt_weighting:
+            raise ValueError(
+                "--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL and SD3 do); drop the flag"
+            )
         plan = check_run_dir(args, trainer, family)
         factor, source = vae_downsampling(m.pretrained, m.vae)
         if m.resolution is not None and m.resolution % factor:
@@ -285,10 +289,12 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
 
     # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
     accelerator = Accelerator(mixed_precision=m.mixed_precision, cpu=not torch.cuda.is_available())
-    if env_world > 1 and accelerator.num_processes == 1:
+    asked = max(env_world, launcher_processes() or 1)
+    if asked > 1 and accelerator.num_processes == 1:
         notes.append(
-            f"note: WORLD_SIZE={env_world} was set but accelerate started 1 process: training as one process "
-            f"(on CPU launch with python -m torch.distributed.run --nproc_per_node {env_world} ...)"
+            f"note: {asked} processes were asked for but this is the only one (accelerate launch --num_processes N starts one "
+            f"process on a machine without GPUs): training as one process; for N CPU processes launch with accelerate launch "
+            f"--multi_gpu --num_processes {asked} ... or python -m torch.distributed.run --nproc_per_node {asked} ..."
         )
     for ok, msg in check_args(args, accelerator.num_processes):
         if not ok:
@@ -308,6 +314,29 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
     global _current
     _current = run
     return run
+
+
+def launcher_processes() -> int | None:
+    """The --num_processes given to the `accelerate launch` that started this process, read from the
+    parent's command line (Linux), or None: accelerate itself does not pass it on when it starts one."""
+    try:
+        argv = [
+            a.decode(errors="replace") for a in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0") if a
+        ]
+    except OSError:
+        return None
+    launcher = next(
+        (i for i, a in enumerate(argv[:4]) if a == "launch" or a.endswith("accelerate.commands.launch")), None
+    )
+    if launcher is None or not any("accelerate" in a for a in argv[: launcher + 1]):
+        return None
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith(("--num_processes=", "--num-processes=")) else None
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is not None:
+            return int(value) if value.isdigit() else None
+    return None
 
 
 def resolve_mixed_precision(value: str) -> tuple[str, str]:
@@ -340,9 +369,11 @@ class Run:
         self.epoch = None  # the epoch in progress (what Ctrl-C reports)
 
     def load_models(self):
-        """The frozen base pipeline on the device and the reward; one error line if either cannot load."""
+        """The frozen base pipeline on the device and the reward (one error line if either cannot load);
+        also `run.text`, the TextConditioner that turns prompts into the model's conditioning."""
         import rewards
-        from diffusion import CheckpointError, denoiser, load_pipeline
+        from diffusion import CheckpointError, TextConditioner, denoiser, load_pipeline
+        from explore import prompt_notes
 
         m = self.args.model
         try:
@@ -354,6 +385,12 @@ class Run:
             fail(str(e))
         self.resolution = m.resolution or denoiser(self.pipe).config.sample_size * self.pipe.vae_scale_factor
         self.log = RunLog(self, self.args)
+        # prompts -> conditioning (the trainers' one text path); .negative is CFG's, .empty DiffExp's e_empty
+        self.text = TextConditioner(self.pipe, self.resolution)
+        plain = replace(self.args.diffexp, prompt_weighting=False)  # evaluation never weights a prompt
+        notes = prompt_notes(self.prompts, self.text, self.args.diffexp)
+        for line in notes + prompt_notes(self.eval_prompts, self.text, plain, "--eval-prompts"):
+            self.accelerator.print(line)
         return self.pipe, self.reward_fn
 
     def add_lora(self, unet):

@@ -36,6 +36,7 @@ import tyro
 from tyro.conf import Positional
 
 from explore import DiffExpConfig
+from runs import release
 
 
 @dataclass
@@ -298,6 +299,7 @@ def generate(
         vals = torch.tensor([r[name] for r in rows])
         print(f"{name}: mean {vals.mean():.4f} std {vals.std() if len(vals) > 1 else 0:.4f} over {len(vals)} images")
     print(f"wrote {len(rows)} images, grid.png and scores.csv to {out}")
+    release()  # the result is complete: the directory is no longer in use
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,6 +470,7 @@ def explore(
         for i, name in enumerate(reward_names)
     }  # fmt: skip
     explore_write(out, meta, chosen, prompt_list, result, pipe.scheduler)
+    release()  # the result is complete: the directory is no longer in use
     return result
 
 

@@ -91,7 +91,7 @@ def main(args: Args):
         return  # --resume of a finished run
     from torch.utils.checkpoint import checkpoint
 
-    from diffusion import TextConditioner, cfg_unet, decode, denoiser, seeded
+    from diffusion import cfg_unet, decode, denoiser, seeded
     from explore import diffexp_conditioning, is_exploring, schedule_note
     from kernels import cfg_ddim_step, schedule_for
 
@@ -108,9 +108,7 @@ def main(args: Args):
     timesteps = timesteps_host.to(device)
     schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
     w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
-    text = TextConditioner(
-        pipe, run.resolution
-    )  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
+    text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
     latent_shape = (
         B,

@@ -140,7 +140,7 @@ def main(args: Args):
         return  # --resume of a finished run
     from accelerate.utils import gather_object
 
-    from diffusion import Conditioning, TextConditioner, cfg_unet, decode, denoiser, seeded
+    from diffusion import Conditioning, cfg_unet, decode, denoiser, seeded
     from explore import diffexp_conditioning, is_exploring, schedule_note
     from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
 
@@ -156,9 +156,7 @@ def main(args: Args):
     schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
     eta = args.eta if args.eta is not None else schedule.stochastic_eta
     w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
-    text = TextConditioner(
-        pipe, run.resolution
-    )  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
+    text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, samples_per_process = args.sample_batch_size, args.samples_per_epoch // run.world
     sample_batches, train_batches = samples_per_process // B, samples_per_process // args.train_batch_size
     latent_shape = (

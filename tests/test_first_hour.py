@@ -551,6 +551,7 @@ def test_a_run_says_what_it_does(ddpo_runs):
         "warning: --t-sw 0.8 with --num-steps 4: no sampling timestep (751, 501, 251, 1) reaches t_sw*T = 800, so the CFG schedule "
         "never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
     ]
+    assert re.search(r"before training: held-out reward -?\d+\.\d{4} \(6 prompts\)", stdout), stdout
     assert re.search(r"epoch 0 samples 4 reward \S+ eval -?\d+\.\d{4} approx_kl", stdout), stdout  # the held-out reward
     # eval/ and checkpoints/ use the same numbers; the initial evaluation has its own name
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["epoch_0000", "initial"]

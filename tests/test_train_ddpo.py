@@ -40,17 +40,21 @@ def tiny_args(tiny_sd_dir, out, *extra):
 
 
 @pytest.mark.parametrize(
-    "diffexp", [[], ["--no-cfg-schedule", "--no-prompt-weighting"]], ids=["diffexp-on", "diffexp-off"]
+    "diffexp",
+    [[], ["--w-low", 3], ["--no-cfg-schedule", "--no-prompt-weighting"]],
+    ids=["diffexp-on", "diffexp-w-low-3", "diffexp-off"],
 )
 def test_ratio_is_one_before_any_update(tiny_sd_dir, tiny_aesthetic, tmp_path, diffexp):
     """lr = 0: the policy never changes, so every recomputed log-prob (every sample, every step,
-    with the stored guidance scale and weighted embeddings) must equal the stored one."""
+    with the stored guidance scale and weighted embeddings) must equal the stored one. At w_low = 1 both CFG
+    halves give the conditional output; at w_low = 3 a training pass that ignored the stored per-step
+    guidance (w_high everywhere) would move the ratio off 1."""
     proc = run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
                       "--num-epochs", 1, "--lr", 0, "--adam-weight-decay", 0, *diffexp))  # fmt: skip
     assert "note: --lr 0: the LoRA weights will not change (a dry run)" in proc.stdout  # allowed, but said
     r = read_log(tmp_path / "run")[-1]
-    assert r["exploring"] and (r["w_low_share"] == 0.5) == (diffexp == [])
-    assert any(p["word"] for p in r["prompt_weights"]) == (diffexp == [])
+    assert r["exploring"] and (r["w_low_share"] == 0.5) == ("--no-cfg-schedule" not in diffexp)
+    assert any(p["word"] for p in r["prompt_weights"]) == ("--no-prompt-weighting" not in diffexp)
     assert abs(r["ratio_min"] - 1) < 1e-4 and abs(r["ratio_max"] - 1) < 1e-4
     assert r["clipfrac"] == 0.0 and r["approx_kl"] < 1e-8
 
@@ -305,3 +309,42 @@ def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
     r = read_log(tmp_path / "run")[-1]
     assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
     assert r["lora_sync_error"] == 0.0
+
+
+def test_the_host_reward_worker_runs_one_thread(tiny_sd_dir, tmp_path):
+    """A host-side reward (JPEG) is scored in a worker thread that must use one intra-op thread. A new
+    thread starts with the OpenMP default, which is 1 under OMP_NUM_THREADS=1, so the run is made where
+    the default is 2: without the worker's set_num_threads(1) it would score with 2."""
+    import json
+    import os
+    import subprocess
+
+    from conftest import ROOT
+
+    code = f"""
+import json, sys, threading, torch
+sys.path.insert(0, {str(ROOT)!r})
+import rewards, train_ddpo
+fresh = []
+t = threading.Thread(target=lambda: fresh.append(torch.get_num_threads())); t.start(); t.join()
+seen = []
+def host_reward(spec, **kwargs):
+    def score(images, prompts):
+        seen.append(torch.get_num_threads())
+        return images.mean((1, 2, 3)), {{}}
+    return score
+rewards.load_reward = host_reward
+train_ddpo.main(train_ddpo.cli(sys.argv[1:]))
+print(json.dumps({{"fresh": fresh, "worker": seen}}))
+"""
+    argv = ["--pretrained", tiny_sd_dir, "--reward", "jpeg", "--num-steps", 2, "--samples-per-epoch", 2, "--sample-batch-size", 2,
+            "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no", "--eval-every", 0,
+            "--num-epochs", 1, "--output-dir", tmp_path / "run"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    threads = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert threads["fresh"] == [2]  # the default a new thread gets here: the check below can fail
+    assert threads["worker"] == [1]
