@@ -348,6 +348,7 @@ def main(args: Args):
             "advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
             "advantage_min": advantages.min().item(),
             "advantage_max": advantages.max().item(),
+            "advantages": advantages.tolist(),  # per sample, in the order of prompt_weights (every process's)
             "exploring": exploring,
             "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
         }
