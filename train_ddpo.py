@@ -312,10 +312,7 @@ def main(args: Args):
                 for j in range(num_train_steps):
                     s, s_host = step_perm_dev[rows, j], step_perm[rows_host, j]  # one step per trajectory, shuffled
                     x_t, x_prev, t = b["latents"][n, s], b["latents"][n, s + 1], b["timesteps"][n, s]
-                    w, w_host = (
-                        b["guidance"][n, s],
-                        b["guidance_host"][torch.arange(len(rows)), s_host],
-                    )  # the step's scales
+                    w, w_host = b["guidance"][n, s], b["guidance_host"][torch.arange(len(rows)), s_host]  # its scales
                     coeffs = schedule.coefficients(t, eta)
                     if args.kl_beta > 0:  # the reference policy's step mean: the same call with the LoRA adapters off
                         unet.disable_adapters()
