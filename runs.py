@@ -100,6 +100,10 @@ class OptimArgs:
     """AdamW epsilon (> 0)"""
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
+    ema_decay: float = 0.0
+    """keep an exponential moving average of the LoRA weights, ema = d * ema + (1 - d) * weights every --ema-every optimizer steps, and evaluate (--eval-every) with it; saved in each checkpoint's training state; 0: off"""
+    ema_every: int = 1
+    """optimizer steps between EMA updates (with --ema-decay)"""
 
 
 @dataclass
@@ -196,6 +200,9 @@ def shared_checks(args) -> Iterator[tuple[bool, str]]:
     yield o.adam_weight_decay >= 0, f"--adam-weight-decay must be >= 0, got {o.adam_weight_decay}"
     yield o.adam_epsilon > 0, f"--adam-epsilon must be > 0, got {o.adam_epsilon}"
     yield o.max_grad_norm >= 0, f"--max-grad-norm must be >= 0 (0 disables clipping), got {o.max_grad_norm}"
+    yield math.isfinite(o.ema_decay) and 0 <= o.ema_decay < 1, f"--ema-decay must be in [0, 1) (0 turns the EMA off; e.g. 0.99), got {o.ema_decay}"
+    yield o.ema_every >= 1, f"--ema-every must be >= 1 (optimizer steps between EMA updates), got {o.ema_every}"
+    yield o.ema_every == 1 or o.ema_decay > 0, f"--ema-every {o.ema_every} does nothing without --ema-decay: pass --ema-decay (e.g. 0.99) or drop --ema-every"
     yield r.save_every >= 1, f"--save-every must be >= 1 (a checkpoint every N epochs; the last epoch is always saved), got {r.save_every}"
     yield r.keep_checkpoints >= 0, f"--keep-checkpoints must be >= 0 (0 keeps all), got {r.keep_checkpoints}"
     yield r.eval_every >= 0, f"--eval-every must be >= 0 (0 turns evaluation off), got {r.eval_every}"
@@ -364,6 +371,7 @@ class Run:
         self.plan, self.family, self.dir = plan, family, Path(args.run.output_dir)
         self.start_epoch, self.samples_seen, self.log = 0, 0, None
         self.pipe = self.reward_fn = None
+        self.ema: EMA | None = None  # --ema-decay: made by add_lora
         self._grid: list = []
         self._t0 = 0.0
         self.epoch = None  # the epoch in progress (what Ctrl-C reports)
@@ -409,6 +417,7 @@ class Run:
         # reduce_and_clip averages the LoRA gradients across processes instead.
         self.params, self.optimizer = params, self.accelerator.prepare(optimizer)
         self.unet = unet
+        self.ema = EMA(params, o.ema_decay, o.ema_every) if o.ema_decay > 0 else None
         return params, self.optimizer
 
     def resume(self, unet, optimizer) -> dict:
@@ -423,6 +432,8 @@ class Run:
         except CheckpointError as e:
             fail(str(e))
         optimizer.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state.get("ema"), self.accelerator.print)
         torch.set_rng_state(state["torch_rng"])
         self.start_epoch, self.samples_seen = state["epoch"] + 1, state["samples_seen"]
         self.log.truncate_after(state["epoch"])
@@ -486,7 +497,7 @@ class Run:
 
         if not self.eval_prompts or not self.accelerator.is_main_process:
             return {}
-        with self.accelerator.autocast():
+        with self.ema.swapped() if self.ema else contextlib.nullcontext(), self.accelerator.autocast():
             return evaluate_held_out(
                 self.pipe, self.reward_fn, self.eval_prompts, self.dir / "eval" / name, self.args.num_steps,
                 self.args.diffexp.w_high, seeded(self.args.run.seed, 10**6), self.resolution, self.args.model.kernels,
@@ -544,6 +555,7 @@ class Run:
         if (epoch + 1) % r.save_every == 0 or last:
             if acc.is_main_process:
                 full = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch}
+                full |= {"ema": self.ema.state_dict()} if self.ema else {}
                 save_checkpoint(
                     self.dir,
                     epoch,
@@ -553,6 +565,63 @@ class Run:
                 )
             acc.wait_for_everyone()
         return record
+
+    def update_ema(self):
+        """Call after each optimizer step: counts it and updates the EMA when due (nothing without --ema-decay)."""
+        if self.ema is not None:
+            self.ema.update()
+
+
+# ---------------------------------------------------------------------------------------------
+# An exponential moving average of the LoRA weights (--ema-decay), for evaluation.
+
+
+class EMA:
+    """ema = d * ema + (1 - d) * weights after every `every`-th optimizer step, starting from the weights
+    training starts with (no bias correction: those are the LoRA's initial weights, i.e. the base model).
+    Averaging over the last ~1/(1 - d) updates smooths the step-to-step noise of the updates, so the
+    held-out evaluation sees a steadier model than the last update alone. Kept in float32 beside the
+    weights; every process holds the same copy (the weights are in sync), the main one evaluates with it."""
+
+    def __init__(self, params: list[torch.Tensor], decay: float, every: int = 1):
+        self.params, self.decay, self.every, self.steps = list(params), decay, every, 0
+        self.weights = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self):
+        self.steps += 1
+        if self.steps % self.every == 0:
+            for e, p in zip(self.weights, self.params):
+                e.mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """The EMA weights in the model for the duration (evaluation), the trained ones back after, exactly."""
+        trained = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, e in zip(self.params, self.weights):
+                p.copy_(e)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, t in zip(self.params, trained):
+                    p.copy_(t)
+
+    def state_dict(self) -> dict:
+        return {"weights": [e.cpu() for e in self.weights], "steps": self.steps}
+
+    def load_state_dict(self, state: dict | None, say=print):
+        """Restore a checkpoint's EMA; a checkpoint without one (the EMA switched on at --resume) starts it
+        from the resumed weights, and says so."""
+        if state is None:
+            self.weights = [p.detach().float().clone() for p in self.params]
+            say("note: --ema-decay: the checkpoint holds no EMA (it was off): starting it from the resumed weights")
+            return
+        if [e.shape for e in state["weights"]] != [p.shape for p in self.params]:
+            fail("--resume: the checkpoint's EMA does not match this model's LoRA layout (check --lora-rank)")
+        self.weights = [e.to(p.device, torch.float32).clone() for e, p in zip(state["weights"], self.params)]
+        self.steps = state["steps"]
 
 
 def peak_memory() -> dict:

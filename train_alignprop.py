@@ -173,6 +173,7 @@ def main(args: Args):
                 grad_norms.append(run.reduce_and_clip(params))  # averaged across processes, clipped
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                run.update_ema()  # --ema-decay
 
             scores_seen.append(scores.detach().float())
             for k, v in components.items():

@@ -15,6 +15,7 @@ The run's plumbing (checks, output directory, resume, evaluation, logging, check
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,11 +57,15 @@ class Args:
     adv_clip_max: float = 5.0
     """advantages are clipped to [-adv_clip_max, adv_clip_max]"""
     per_prompt_stat_tracking: bool = True
-    """normalise rewards per prompt with a running buffer (else by the batch)"""
+    """normalise rewards per prompt with a running buffer (else by the batch; --group-size replaces both)"""
     stat_buffer_size: int = 32
     """rewards kept per prompt for its mean/std"""
     stat_min_count: int = 16
     """below this many rewards for a prompt, normalise by the batch's mean/std (at most --stat-buffer-size)"""
+    group_size: int = 0
+    """GRPO: each epoch draws --samples-per-epoch / k prompts and samples each k times; a sample's advantage is (r - its group's mean) / (its group's std + 1e-4), instead of the per-prompt tracker's or the batch's; 0: off"""
+    kl_beta: float = 0.0
+    """weight of a KL penalty to the reference policy (the base model: LoRA adapters off), ||mean - mean_ref||^2 / (2 sigma^2) averaged over C*H*W per trained (sample, step), added to the loss; 0: off (no extra forward pass)"""
     model: runs.ModelArgs = field(default_factory=runs.ModelArgs)
     """the base model, the reward, the prompts, LoRA and precision"""
     optim: runs.OptimArgs = field(default_factory=lambda: runs.OptimArgs(lr=3e-4))
@@ -102,6 +107,10 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     yield args.adv_clip_max > 0, f"--adv-clip-max must be > 0 (advantages are clipped to [-max, max]), got {args.adv_clip_max}"
     yield args.stat_buffer_size >= 1, f"--stat-buffer-size must be >= 1 (rewards kept per prompt), got {args.stat_buffer_size}"
     yield args.stat_min_count >= 1, f"--stat-min-count must be >= 1, got {args.stat_min_count}"
+    yield args.group_size == 0 or args.group_size >= 2, f"--group-size must be 0 (off) or >= 2 (samples per prompt; a group of one has no spread to normalise by), got {args.group_size}"
+    yield args.group_size < 2 or args.samples_per_epoch % args.group_size == 0, f"--group-size {args.group_size} must divide --samples-per-epoch {args.samples_per_epoch} (an epoch is samples / k prompts, each sampled k times)"
+    yield args.group_size == 0 or (args.stat_buffer_size, args.stat_min_count) == (Args.stat_buffer_size, Args.stat_min_count), "--stat-buffer-size / --stat-min-count tune the per-prompt tracker, which --group-size replaces (each group is normalised by its own mean and std): drop them, or drop --group-size"
+    yield math.isfinite(args.kl_beta) and args.kl_beta >= 0, f"--kl-beta must be a number >= 0 (0 turns the KL penalty off), got {args.kl_beta}"
     yield not args.per_prompt_stat_tracking or args.stat_min_count <= args.stat_buffer_size, f"--stat-min-count {args.stat_min_count} is more than --stat-buffer-size {args.stat_buffer_size} holds, so per-prompt statistics would never be used: lower --stat-min-count or raise --stat-buffer-size"
     yield args.samples_per_epoch % (args.sample_batch_size * world) == 0, f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --sample-batch-size {args.sample_batch_size} x {world} processes"
     yield per_process % args.train_batch_size == 0, f"--train-batch-size {args.train_batch_size} must divide the {per_process} trajectories per process per epoch"
@@ -134,6 +143,34 @@ class PerPromptStatTracker:
         self.buffers = {p: deque(v, maxlen=self.buffer_size) for p, v in state.items()}
 
 
+def group_prompts(prompts: list[str], num_samples: int, group_size: int, generator: torch.Generator) -> list[str]:
+    """GRPO's prompts for one epoch: num_samples / group_size draws from `prompts`, each repeated group_size
+    times in a row (sample i is in group i // group_size). Every process draws this same list and samples
+    its own slice of it, so a group may span batches and processes; advantages are computed after the
+    rewards are gathered."""
+    draws = torch.randint(len(prompts), (num_samples // group_size,), generator=generator).tolist()
+    return [prompts[i] for i in draws for _ in range(group_size)]
+
+
+def group_advantages(rewards: np.ndarray, groups: np.ndarray, eps: float = 1e-4) -> np.ndarray:
+    """GRPO's advantages: (r - mean of r's group) / (std of r's group + eps), `groups` giving each sample's
+    group (std over the group, ddof 0, as the tracker's); eps keeps a group of equal rewards at 0."""
+    rewards, groups = np.asarray(rewards, dtype=np.float64), np.asarray(groups)
+    advantages = np.empty_like(rewards)
+    for group in np.unique(groups):
+        idx = groups == group
+        advantages[idx] = (rewards[idx] - rewards[idx].mean()) / (rewards[idx].std() + eps)
+    return advantages
+
+
+def equal_variance_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mean, sigma^2 I) || N(ref_mean, sigma^2 I)) per sample [B], averaged (not summed) over C*H*W as
+    the log-probs are: mean_CHW((mean - ref_mean)^2) / (2 sigma^2), in float32. The policy and the
+    reference take the same step from the same x_t, so they share sigma and differ only in the mean."""
+    se = (mean.float() - ref_mean.float()).pow(2).flatten(1).mean(1)
+    return se / (2 * sigma.float().reshape(-1) ** 2)
+
+
 def main(args: Args):
     run = runs.start(args, "ddpo", check_args)  # every argument checked, --output-dir held; nothing loaded yet
     if run is None:
@@ -143,6 +180,7 @@ def main(args: Args):
     from diffusion import Conditioning, cfg_unet, decode, denoiser, seeded
     from explore import diffexp_conditioning, is_exploring, schedule_note
     from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
+    from kernels.cfg_ddim import ddim_mean
 
     pipe, reward_fn = run.load_models()  # the frozen base model and the reward
     unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
@@ -191,9 +229,15 @@ def main(args: Args):
 
         # --- sampling: store everything the training pass must reproduce -------------------------------
         trajectories, pending, weights_used = [], [], []
+        if args.group_size:  # GRPO: the epoch's prompt groups, the same on every process
+            epoch_prompts = group_prompts(
+                run.prompts, args.samples_per_epoch, args.group_size, seeded(args.run.seed, epoch, 10**5)
+            )
         for batch in range(sample_batches):
             g = seeded(args.run.seed, epoch, run.rank, batch)
-            prompts = [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g).tolist()]
+            first = run.rank * samples_per_process + batch * B  # the batch's place in the epoch (and its groups)
+            prompts = (epoch_prompts[first : first + B] if args.group_size
+                       else [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g).tolist()])  # fmt: skip
             cond, guidance_host, weights = diffexp_conditioning(
                 diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T, g
             )
@@ -232,7 +276,12 @@ def main(args: Args):
         local_prompts = [p for b in trajectories for p in b["prompts"]]
         all_prompts = gather_object(local_prompts) if run.world > 1 else local_prompts
         r = rewards.cpu().numpy()
-        advantages = tracker(all_prompts, r) if args.per_prompt_stat_tracking else (r - r.mean()) / (r.std() + 1e-6)
+        if args.group_size:  # GRPO: each sample against its group, from every process's samples (gathered in order)
+            local_ids = list(range(run.rank * samples_per_process, (run.rank + 1) * samples_per_process))
+            groups = np.array(gather_object(local_ids) if run.world > 1 else local_ids) // args.group_size
+            advantages = group_advantages(r, groups)
+        else:
+            advantages = tracker(all_prompts, r) if args.per_prompt_stat_tracking else (r - r.mean()) / (r.std() + 1e-6)
         advantages = torch.as_tensor(advantages, dtype=torch.float32).clamp(-args.adv_clip_max, args.adv_clip_max)
         traj["advantages"] = advantages.reshape(run.world, -1)[run.rank].to(device)  # this process's samples
 
@@ -245,7 +294,7 @@ def main(args: Args):
             "ratio_max": [],
             "ratio_mean": [],
             "grad_norm": [],
-        }
+        } | ({"kl": []} if args.kl_beta > 0 else {})
         for inner in range(args.inner_epochs):
             g = seeded(args.run.seed, epoch, run.rank, 10**4 + inner)
             perm = torch.randperm(
@@ -261,9 +310,20 @@ def main(args: Args):
                 for j in range(num_train_steps):
                     s, s_host = step_perm_dev[rows, j], step_perm[rows_host, j]  # one step per trajectory, shuffled
                     x_t, x_prev, t = b["latents"][n, s], b["latents"][n, s + 1], b["timesteps"][n, s]
-                    out_u, out_c = model_outputs(x_t, t, b["cond"], b["guidance_host"][torch.arange(len(rows)), s_host])
-                    loss, st = ddpo_clip_loss(out_u, out_c, x_t, x_prev, b["guidance"][n, s], schedule.coefficients(t, eta),
-                                              b["log_probs"][n, s], b["advantages"], args.clip_range, backend=args.model.kernels)  # fmt: skip
+                    w, w_host = b["guidance"][n, s], b["guidance_host"][torch.arange(len(rows)), s_host]  # its scales
+                    coeffs = schedule.coefficients(t, eta)
+                    if args.kl_beta > 0:  # the reference policy's step mean: the same call with the LoRA adapters off
+                        unet.disable_adapters()
+                        with torch.no_grad():
+                            ref_mean = ddim_mean(*model_outputs(x_t, t, b["cond"], w_host), x_t, w, coeffs)
+                        unet.enable_adapters()
+                    out_u, out_c = model_outputs(x_t, t, b["cond"], w_host)
+                    loss, st = ddpo_clip_loss(out_u, out_c, x_t, x_prev, w, coeffs, b["log_probs"][n, s], b["advantages"],
+                                              args.clip_range, backend=args.model.kernels)  # fmt: skip
+                    if args.kl_beta > 0:  # + beta * KL(policy || reference) of this step, per sample
+                        kl = equal_variance_kl(ddim_mean(out_u, out_c, x_t, w, coeffs), ref_mean, coeffs.sigma)
+                        loss = loss + args.kl_beta * kl.mean()
+                        stats["kl"].append(kl.detach().mean())
                     run.accelerator.backward(loss / (num_train_steps * args.gradient_accumulation_steps))
                     for k, v in [("loss", loss.detach()), ("approx_kl", st["approx_kl"]), ("clipfrac", st["clipfrac"]),
                                  ("ratio_min", st["ratio"].min()), ("ratio_max", st["ratio"].max()), ("ratio_mean", st["ratio"].mean())]:  # fmt: skip
@@ -272,20 +332,22 @@ def main(args: Args):
                     stats["grad_norm"].append(run.reduce_and_clip(params))  # averaged across processes, clipped
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                    run.update_ema()  # --ema-decay
 
         # --- log, evaluate, checkpoint ---------------------------------------------------------------
         st = {k: torch.stack([v.float() for v in vals]) for k, vals in stats.items()}
         record = {
-            **{k: st[k].mean().item() for k in ("loss", "approx_kl", "clipfrac", "ratio_mean", "grad_norm")},
+            **{k: v.mean().item() for k, v in st.items() if k not in ("ratio_min", "ratio_max")},  # loss ... (kl)
             "ratio_min": st["ratio_min"].min().item(),
             "ratio_max": st["ratio_max"].max().item(),
             "advantage_std": advantages.std().item() if len(advantages) > 1 else 0.0,
             "advantage_min": advantages.min().item(),
             "advantage_max": advantages.max().item(),
+            "advantages": advantages.tolist(),  # per sample, in the order of prompt_weights (every process's)
             "exploring": exploring,
             "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
         }
-        run.end_epoch(epoch, rewards, record, show=("approx_kl", "clipfrac", "ratio_min", "ratio_max"), components=components,
+        run.end_epoch(epoch, rewards, record, show=("approx_kl", "clipfrac", "ratio_min", "ratio_max", "kl"), components=components,
                       prompt_weights=weights_used, state={"stat_tracker": tracker.state_dict()})  # fmt: skip
     if reward_worker is not None:
         reward_worker.shutdown()

@@ -30,6 +30,14 @@ def tiny_sd_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """A tiny SD3 checkpoint in the hub layout (flow matching; CLIP-L, CLIP-G and T5), shared by the SD3 tests."""
+    from tools.tiny import make_tiny_sd3
+
+    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     from diffusion import build_clip_tokenizer
 

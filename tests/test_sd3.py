@@ -33,13 +33,6 @@ PROMPTS = ["a red dog", "wow!! a zorblax hedgehog"]
 
 
 @pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory):
-    from tools.tiny import make_tiny_sd3
-
-    return make_tiny_sd3(tmp_path_factory.mktemp("tiny-sd3"))
-
-
-@pytest.fixture(scope="session")
 def tiny_sd3_no_t5_dir(tmp_path_factory):
     from tools.tiny import make_tiny_sd3
 

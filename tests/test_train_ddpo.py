@@ -348,3 +348,23 @@ print(json.dumps({{"fresh": fresh, "worker": seen}}))
     threads = json.loads(proc.stdout.strip().splitlines()[-1])
     assert threads["fresh"] == [2]  # the default a new thread gets here: the check below can fail
     assert threads["worker"] == [1]
+
+
+def test_two_processes_on_sd3_with_groups_spanning_them(tiny_sd3_dir, tiny_aesthetic, tmp_path):
+    """SD3 in 2 processes with --group-size 2 over 6 samples: samples 0-2 are process 0's, 3-5 process 1's, so
+    group 1 (samples 2 and 3) spans the two. Both processes drew the same groups (the gathered prompts come
+    in pairs), each group's advantages come from both its samples, whichever process holds them (with k = 2
+    they are +-a, a = 1 / (1 + 2e-4 / |reward gap|); a group normalised on one side only gives 0), and the
+    processes keep identical LoRA weights."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
+    out = tmp_path / "run"
+    run_script("train_ddpo.py", *tiny_args(tiny_sd3_dir, out, "--reward", "aesthetic", *tiny_aesthetic, "--num-epochs", 1,
+                                           "--lr", 1e-2, "--samples-per-epoch", 6, "--sample-batch-size", 3,
+                                           "--train-batch-size", 3, "--group-size", 2, "--w-low", 3), launcher=launcher)  # fmt: skip
+    r = read_log(out)[-1]
+    prompts, advantages = [p["prompt"] for p in r["prompt_weights"]], np.array(r["advantages"])
+    assert r["samples"] == 6 and len(prompts) == len(advantages) == 6
+    assert prompts[0::2] == prompts[1::2]
+    np.testing.assert_allclose(advantages[0::2], -advantages[1::2], atol=1e-6)
+    assert np.abs(advantages).min() > 0.5
+    assert r["lora_sync_error"] == 0.0
