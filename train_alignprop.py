@@ -110,12 +110,8 @@ def main(args: Args):
     w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
-    latent_shape = (
-        B,
-        unet.config.in_channels,
-        run.resolution // pipe.vae_scale_factor,
-        run.resolution // pipe.vae_scale_factor,
-    )
+    latent_size = run.resolution // pipe.vae_scale_factor
+    latent_shape = (B, unet.config.in_channels, latent_size, latent_size)
     step_coeffs = [schedule.coefficients(t.expand(B), args.eta) for t in timesteps]  # computed once, on the device
 
     def model_outputs(x, t, cond, w):

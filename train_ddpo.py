@@ -197,12 +197,8 @@ def main(args: Args):
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, samples_per_process = args.sample_batch_size, args.samples_per_epoch // run.world
     sample_batches, train_batches = samples_per_process // B, samples_per_process // args.train_batch_size
-    latent_shape = (
-        B,
-        unet.config.in_channels,
-        run.resolution // pipe.vae_scale_factor,
-        run.resolution // pipe.vae_scale_factor,
-    )
+    latent_size = run.resolution // pipe.vae_scale_factor
+    latent_shape = (B, unet.config.in_channels, latent_size, latent_size)
     sample_coeffs = [schedule.coefficients(t.expand(B), eta) for t in timesteps]
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
 
@@ -286,20 +282,11 @@ def main(args: Args):
         traj["advantages"] = advantages.reshape(run.world, -1)[run.rank].to(device)  # this process's samples
 
         # --- PPO passes: each selected step's log-prob recomputed under its sampling conditions ----------
-        stats = {
-            "loss": [],
-            "approx_kl": [],
-            "clipfrac": [],
-            "ratio_min": [],
-            "ratio_max": [],
-            "ratio_mean": [],
-            "grad_norm": [],
-        } | ({"kl": []} if args.kl_beta > 0 else {})
+        keys = ("loss", "approx_kl", "clipfrac", "ratio_min", "ratio_max", "ratio_mean", "grad_norm")
+        stats = {k: [] for k in keys + (("kl",) if args.kl_beta > 0 else ())}
         for inner in range(args.inner_epochs):
             g = seeded(args.run.seed, epoch, run.rank, 10**4 + inner)
-            perm = torch.randperm(
-                samples_per_process, generator=g
-            )  # on the host: which guidance a row has is read there
+            perm = torch.randperm(samples_per_process, generator=g)  # on the host: each row's guidance is read there
             step_perm = torch.stack([torch.randperm(args.num_steps, generator=g) for _ in perm])[:, :num_train_steps]
             perm_dev, step_perm_dev = perm.to(device), step_perm.to(device)  # copied once per pass, not per step
             for tb in range(train_batches):
