@@ -93,24 +93,24 @@ def test_shipped_model_loads_and_generates_offline():
     assert toy.scorer_accuracy(reward, images, prompts, toy.ALL_SINGLE) >= 0.6
 
 
-def test_bench_toy_passes_every_extra_flag_to_the_trainers():
+def test_bench_arms_passes_every_extra_flag_to_the_trainers():
     """bench_toy's --extra is repeated once per token; every token must reach the trainer's command."""
     import tyro
 
-    from tools import bench_toy
+    from tools import bench_arms as bench
 
-    args = tyro.cli(bench_toy.Args, args=["--extra=--prompt-weight-range", "--extra=1", "--extra=3"])
-    cmd = bench_toy.command(args, "alignprop", "pw", 0, "out")
+    args = tyro.cli(bench.Args, args=["--extra=--prompt-weight-range", "--extra=1", "--extra=3"])
+    cmd = bench.command(args, "alignprop", "pw", 0, "out")
     assert cmd[-5:] == ["--no-cfg-schedule", "--prompt-weighting", "--prompt-weight-range", "1", "3"]
-    assert tyro.cli(bench_toy.Args, args=[]).extra == []
+    assert tyro.cli(bench.Args, args=[]).extra == []
 
 
-def test_bench_toy_report_pairs_seeds(tmp_path):
+def test_bench_arms_report_pairs_seeds(tmp_path):
     """The table's gains are final - start per seed, compared with the baseline's gain of the same seed;
     'samples to reach the baseline's final' is only given when the baseline gained."""
     import json
 
-    from tools import bench_toy
+    from tools import bench_arms as bench
 
     curves = {  # (start, final) of eval_reward_mean per method, arm and seed
         "alignprop": {"baseline": {0: (10.0, 11.0), 1: (12.0, 12.5)}, "diffexp": {0: (10.0, 11.5), 1: (12.0, 13.5)}},
@@ -126,10 +126,10 @@ def test_bench_toy_report_pairs_seeds(tmp_path):
                     {"epoch": 0, "samples": 16, "eval_reward_mean": final},
                 ]
                 (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = bench_toy.Args(
+    args = bench.Args(
         methods=("alignprop", "ddpo"), arms=("baseline", "diffexp"), seeds=(0, 1), epochs=1, output_dir=str(tmp_path)
     )
-    bench_toy.report(args)
+    bench.report(args)
     rows = {}
     for line in (tmp_path / "bench.md").read_text().splitlines()[2:]:
         cells = [c.strip() for c in line.split("|")[1:-1]]
@@ -207,7 +207,7 @@ def test_toy_compose_gradient_reaches_the_pixels_at_any_size():
         assert (x.grad.flatten(1).abs().sum(1) > 0).all()  # every image gets a gradient
 
 
-def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
+def test_bench_arms_success_rates_from_the_saved_evaluations(tmp_path):
     """The success column re-scores a run's first and last evaluation images (PNG + prompts.json, as
     evaluate_held_out writes them) with toy-compose: renders captioned with a missing shape at the
     first evaluation fail, the same renders with their own captions at the last succeed."""
@@ -215,7 +215,7 @@ def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
 
     from torchvision.utils import save_image
 
-    from tools import bench_toy
+    from tools import bench_arms as bench
 
     pairs = [(("red", "circle"), "left of", ("green", "square")), (("blue", "triangle"), "above", ("orange", "diamond")),
              (("yellow", "circle"), "left of", ("purple", "square")), (("green", "diamond"), "above", ("blue", "square"))]  # fmt: skip
@@ -228,18 +228,16 @@ def test_bench_toy_success_rates_from_the_saved_evaluations(tmp_path):
         (run / "eval" / name / "prompts.json").write_text(json.dumps({"prompts": prompts}))
     rows = [{"epoch": -1, "samples": 0, "eval_reward_mean": 1.0}, {"epoch": 0, "samples": 16, "eval_reward_mean": 2.0}]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert bench_toy.success_rates(run, epochs=1) == (0.0, 1.0)
-    assert json.loads((run / "success.json").read_text()) == [0.0, 1.0]  # cached for the next report
-    bench_toy.report(
-        bench_toy.Args(
-            methods=("alignprop",), arms=("baseline",), seeds=(0,), epochs=1, eval_num=4, output_dir=str(tmp_path)
-        )
-    )
+    assert bench.success_curve(run, "toy-compose", 0.5) == [(0, 0.0), (16, 1.0)]
+    assert json.loads((run / "success_toy-compose_0.5.json").read_text()) == [[0, 0.0], [16, 1.0]]  # cached
+    args = bench.Args(methods=("alignprop",), arms=("baseline",), seeds=(0,), epochs=1, eval_num=4, output_dir=str(tmp_path),
+                      success_reward="toy-compose", success_target=0.5)  # fmt: skip
+    bench.report(args)
     row = (tmp_path / "bench.md").read_text().splitlines()[2]
-    assert row.endswith("| 0.0% → 100.0% (1 × 4 images) |"), row
-    assert (
-        bench_toy.success_rates(tmp_path / "alignprop" / "baseline" / "seed1", epochs=1) is None
-    )  # no evaluations: no rate
+    assert row.endswith("| 0.0% → 100.0% | — | 16 |"), row  # first -> last; no baseline to pair with; 50% reached at 16
+    empty = tmp_path / "alignprop" / "baseline" / "seed1"
+    empty.mkdir()
+    assert bench.success_curve(empty, "toy-compose", 0.5) == []  # no evaluations: no points
 
 
 def test_toy_compose_refuses_prompts_outside_the_toy_grammar():

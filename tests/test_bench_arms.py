@@ -1,0 +1,53 @@
+"""tools/bench_arms.py as a user runs it: the budget and time estimate it prints, a finished comparison
+skipped, an interrupted run continued with --resume, the paired report."""
+
+import sys
+
+import pytest
+
+from conftest import ROOT, read_log, run_script
+
+
+@pytest.fixture
+def comparison(tiny_sd_dir, tiny_aesthetic, tmp_path):
+    return [
+        "--pretrained", tiny_sd_dir, "--reward", "aesthetic", *tiny_aesthetic,
+        "--prompts", "simple_animals", "--eval-prompts", "unseen_animals", "--methods", "alignprop", "--arms", "baseline", "diffexp",
+        "--seeds", 0, 1, "--epochs", 2, "--samples-per-epoch", 2, "--batch-size", 2, "--num-steps", 2, "--eval-every", 1,
+        "--eval-num", 2, "--output-dir", tmp_path / "bench", "--extra=--mixed-precision", "--extra=no", "--extra=--t-sw",
+        "--extra=0.4",
+    ]  # fmt: skip
+
+
+def test_a_comparison_runs_reports_and_resumes(comparison, tmp_path):
+    proc = run_script("tools/bench_arms.py", *comparison)
+    assert "4 runs x 2 epochs x 2 samples = 16 training samples (4 a run); 4 runs to go" in proc.stdout
+    assert "first epoch:" in proc.stdout and "the comparison needs about" in proc.stdout
+    table = (tmp_path / "bench" / "bench.md").read_text().splitlines()
+    assert len(table) == 4 and "| alignprop | diffexp | 2 |" in table[3]
+    assert (tmp_path / "bench" / "bench.png").stat().st_size > 10_000
+    # An interrupted run (its last epoch and checkpoint gone) is continued, the finished ones skipped.
+    run = tmp_path / "bench" / "alignprop" / "diffexp" / "seed1"
+    log = (run / "log.jsonl").read_text().splitlines()
+    (run / "log.jsonl").write_text("\n".join(log[:-1]) + "\n")
+    for ckpt in (run / "checkpoints").glob("epoch_0001"):
+        import shutil
+
+        shutil.rmtree(ckpt)
+    again = run_script("tools/bench_arms.py", *comparison)
+    assert "1 runs to go" in again.stdout and "[1/1] alignprop diffexp seed 1" in again.stdout
+    assert [r["epoch"] for r in read_log(run)] == [-1, 0, 1]
+    history = (run / "args.jsonl").read_text().splitlines()
+    assert '"mode": "resume"' in history[-1]
+
+
+def test_wrong_arms_fail_in_one_line(tmp_path):
+    import subprocess
+
+    for argv, message in [(["--arms", "diffexp"], "--arms must include baseline"), (["--methods", "ppo"], "unknown method/arm ['ppo']"),
+                          (["--config", "nope"], "--config: unknown preset 'nope'")]:  # fmt: skip
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_arms.py"), *argv, "--output-dir", str(tmp_path)],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode != 0 and proc.stderr.strip().startswith("error: ") and message in proc.stderr, (
+            proc.stderr
+        )
