@@ -181,6 +181,24 @@ def parse_args_with_presets(cls, presets: dict[str, dict], argv: list[str] | Non
     return replace_flat(args, **{k: {**v, **flat[k]} for k, v in dicts.items()})
 
 
+def cli(cls, presets: dict[str, dict], argv: list[str] | None = None):
+    """A trainer's command line (sys.argv by default) with `--config NAME` presets; one error line for an unknown preset."""
+    try:
+        return parse_args_with_presets(cls, presets, argv)
+    except ValueError as e:
+        fail(str(e))
+
+
+# The shipped offline toy world (--config toy): 32 px shapes, the toy-scorer CLIP as a PickScore-style reward,
+# two-shape training prompts, unseen shape-colour combinations held out; a few minutes on a CPU. Each trainer
+# adds its batch sizes and output directory.
+TOY_WORLD = dict(
+    pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
+    prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
+    samples_per_epoch=16, gradient_accumulation_steps=2, eval_every=5, eval_num=16,
+)  # fmt: skip
+
+
 def fail(msg: str):
     """The one line a wrong invocation gets (exit 2)."""
     print(f"error: {msg}", file=sys.stderr)
@@ -191,6 +209,9 @@ def shared_checks(args) -> Iterator[tuple[bool, str]]:
     """(ok, error line) for the options of the shared groups."""
     m, o, r = args.model, args.optim, args.run
     # fmt: off
+    yield args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"
+    yield args.num_steps >= 1, f"--num-steps must be >= 1 (denoising steps; paper: 50), got {args.num_steps}"
+    yield args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"
     yield m.lora_rank >= 1, f"--lora-rank must be >= 1, got {m.lora_rank}"
     yield m.lora_alpha > 0, f"--lora-alpha must be > 0 (the LoRA output is scaled by alpha / rank), got {m.lora_alpha}"
     yield m.resolution is None or m.resolution > 0, f"--resolution must be a positive number of pixels, got {m.resolution}"
@@ -401,6 +422,31 @@ class Run:
             self.accelerator.print(line)
         return self.pipe, self.reward_fn
 
+    def sampling_steps(self, num_steps: int):
+        """(timesteps on the host, the same on the device, the schedule that gives every step's coefficients):
+        noise to image, DDIM's or (SD3) the flow's. Says once which steps run at w_low while exploring."""
+        from explore import schedule_note
+        from kernels import schedule_for
+
+        self.pipe.scheduler.set_timesteps(num_steps)
+        host = self.pipe.scheduler.timesteps  # guidance is decided on the host, so choosing rows never syncs
+        schedule = schedule_for(self.pipe.scheduler, num_steps, self.device)
+        self.w_low_share = schedule_note(self.args.diffexp, host, self.pipe.scheduler, self.accelerator.print)
+        return host, host.to(self.device), schedule
+
+    def guided(self, unet):
+        """model_outputs(x, t, cond, w) -> (out_u, out_c), float32: the unconditional and conditional outputs
+        of one denoiser call under the run's autocast (only the half a scale of exactly 1 or 0 needs: `w` holds
+        host numbers, so sampling and DDPO's training pass take the same shortcut)."""
+        from diffusion import cfg_unet
+
+        def model_outputs(x, t, cond, w):
+            with self.accelerator.autocast():
+                out_u, out_c = cfg_unet(unet, x.to(self.weight_dtype), t, cond, self.text.negative, w)
+            return out_u.float(), out_c.float()
+
+        return model_outputs
+
     def add_lora(self, unet):
         """LoRA adapters on `unet` (the same initialisation on every process) and AdamW over them."""
         from diffusion import add_lora, compile_unet
@@ -511,7 +557,10 @@ class Run:
         optimizer, RNG, epoch and sample count, plus the trainer's `state`)."""
         from accelerate.utils import gather_object
 
-        acc, r = self.accelerator, self.args.run
+        from explore import is_exploring
+
+        acc, r, diffexp = self.accelerator, self.args.run, self.args.diffexp
+        exploring = is_exploring(epoch, self.args.num_epochs, diffexp.explore_frac)
         self.samples_seen += len(rewards)
         elapsed = time.time() - self._t0
         weights = gather_object(list(prompt_weights)) if self.world > 1 else list(prompt_weights)
@@ -522,6 +571,8 @@ class Run:
             "reward_std": rewards.std().item() if len(rewards) > 1 else 0.0,
             **{f"reward/{k}": v.mean().item() for k, v in (components or {}).items()},
             **record,
+            "exploring": exploring,
+            "w_low_share": self.w_low_share if exploring and diffexp.cfg_schedule else 0.0,
             "prompt_weights": weights,  # every sample's DiffExp word and weight
             "seconds": elapsed,
             "sec_per_sample": elapsed / len(rewards),

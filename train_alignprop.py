@@ -14,6 +14,7 @@ evaluation, logging, checkpoints) is runs.py.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -56,16 +57,8 @@ class Args:
     """the run and its files"""
 
 
-# `--config NAME`: a named preset whose values become the defaults, each still overridable by its flag.
-PRESETS = {
-    # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
-    # reward, two-shape training prompts, unseen shape-colour combinations held out; a few minutes on a CPU.
-    "toy": dict(
-        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
-        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
-        samples_per_epoch=16, batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16, output_dir="runs/toy-alignprop",
-    ),
-}  # fmt: skip
+# `--config NAME`: a preset whose values become the defaults, each still overridable by its flag.
+PRESETS = {"toy": runs.TOY_WORLD | dict(batch_size=8, output_dir="runs/toy-alignprop")}
 
 
 def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
@@ -73,11 +66,8 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     makes the shared ones and prints the first failing line)."""
     batches = args.samples_per_epoch // max(args.batch_size * world, 1)
     # fmt: off
-    yield args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"
     yield args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (images per epoch; paper: 64), got {args.samples_per_epoch}"
     yield args.batch_size >= 1, f"--batch-size must be >= 1 (images per forward/backward pass), got {args.batch_size}"
-    yield args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"
-    yield args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"
     yield 1 <= args.backprop_steps <= args.num_steps, f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}"
     yield args.eta >= 0, f"--eta must be >= 0, got {args.eta}"
     yield args.samples_per_epoch % (args.batch_size * world) == 0, f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes"
@@ -91,9 +81,9 @@ def main(args: Args):
         return  # --resume of a finished run
     from torch.utils.checkpoint import checkpoint
 
-    from diffusion import cfg_unet, decode, denoiser, seeded
-    from explore import diffexp_conditioning, is_exploring, schedule_note
-    from kernels import cfg_ddim_step, schedule_for
+    from diffusion import decode, denoiser, seeded
+    from explore import diffexp_conditioning, is_exploring
+    from kernels import cfg_ddim_step
 
     pipe, reward_fn = run.load_models()  # the frozen base model and the differentiable reward
     unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
@@ -103,23 +93,14 @@ def main(args: Args):
         unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
 
-    pipe.scheduler.set_timesteps(args.num_steps)
-    timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0, noise to image; guidance is decided on the host
-    timesteps = timesteps_host.to(device)
-    schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
-    w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
+    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or SD3's flow
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
     latent_size = run.resolution // pipe.vae_scale_factor
     latent_shape = (B, unet.config.in_channels, latent_size, latent_size)
     step_coeffs = [schedule.coefficients(t.expand(B), args.eta) for t in timesteps]  # computed once, on the device
 
-    def model_outputs(x, t, cond, w):
-        """The unconditional and conditional outputs of one UNet call (only the half a scale of exactly
-        1 or 0 needs: `w` is the step's guidance as a host number)."""
-        with run.accelerator.autocast():
-            out_u, out_c = cfg_unet(unet, x.to(run.weight_dtype), t, cond, text.negative, w)
-        return out_u.float(), out_c.float()
+    model_outputs = run.guided(unet)  # (x, t, cond, w) -> CFG's two halves of one denoiser call
 
     for epoch in run.epochs():
         exploring = is_exploring(epoch, args.num_epochs, diffexp.explore_frac)
@@ -184,20 +165,13 @@ def main(args: Args):
         record = {
             "loss": torch.stack(losses).mean().item(),
             "grad_norm": torch.stack(grad_norms).mean().item(),
-            "exploring": exploring,
-            "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
         }
         run.end_epoch(
             epoch, rewards, record, show=("loss", "grad_norm"), components=components, prompt_weights=weights_used
         )
 
 
-def cli(argv: list[str] | None = None) -> Args:
-    """The command line (sys.argv by default), with `--config NAME` presets."""
-    try:
-        return runs.parse_args_with_presets(Args, PRESETS, argv)
-    except ValueError as e:
-        runs.fail(str(e))
+cli = functools.partial(runs.cli, Args, PRESETS)  # the command line: cli() reads sys.argv, cli(argv) a list
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ The run's plumbing (checks, output directory, resume, evaluation, logging, check
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Iterator
@@ -76,17 +77,8 @@ class Args:
     """the run and its files"""
 
 
-# `--config NAME`: a named preset whose values become the defaults, each still overridable by its flag.
-PRESETS = {
-    # The shipped offline toy world (README): 32 px shapes, the toy-scorer CLIP as a PickScore-style
-    # reward, two-shape training prompts, unseen shape-colour combinations held out; a few minutes on a CPU.
-    "toy": dict(
-        pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
-        prompts="toy_two_shapes", eval_prompts="toy_unseen", num_steps=10, mixed_precision="no", num_epochs=30,
-        samples_per_epoch=16, sample_batch_size=8, train_batch_size=8, gradient_accumulation_steps=2, eval_every=5, eval_num=16,
-        output_dir="runs/toy-ddpo",
-    ),
-}  # fmt: skip
+# `--config NAME`: a preset whose values become the defaults, each still overridable by its flag.
+PRESETS = {"toy": runs.TOY_WORLD | dict(sample_batch_size=8, train_batch_size=8, output_dir="runs/toy-ddpo")}
 
 
 def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
@@ -94,12 +86,9 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     the shared ones and prints the first failing line)."""
     per_process = args.samples_per_epoch // max(world, 1)
     # fmt: off
-    yield args.num_epochs >= 1, f"--num-epochs must be >= 1, got {args.num_epochs}"
     yield args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (trajectories per epoch; paper: 64), got {args.samples_per_epoch}"
     yield args.sample_batch_size >= 1, f"--sample-batch-size must be >= 1 (trajectories sampled at once), got {args.sample_batch_size}"
     yield args.train_batch_size >= 1, f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}"
-    yield args.gradient_accumulation_steps >= 1, f"--gradient-accumulation-steps must be >= 1, got {args.gradient_accumulation_steps}"
-    yield args.num_steps >= 1, f"--num-steps must be >= 1 (DDIM denoising steps; paper: 50), got {args.num_steps}"
     yield args.eta is None or args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; leave it out for the default"
     yield args.inner_epochs >= 1, f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}"
     yield 0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}"
@@ -177,9 +166,9 @@ def main(args: Args):
         return  # --resume of a finished run
     from accelerate.utils import gather_object
 
-    from diffusion import Conditioning, cfg_unet, decode, denoiser, seeded
-    from explore import diffexp_conditioning, is_exploring, schedule_note
-    from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
+    from diffusion import Conditioning, decode, denoiser, seeded
+    from explore import diffexp_conditioning, is_exploring
+    from kernels import cfg_ddim_step, ddpo_clip_loss
     from kernels.cfg_ddim import ddim_mean
 
     pipe, reward_fn = run.load_models()  # the frozen base model and the reward
@@ -188,12 +177,8 @@ def main(args: Args):
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     tracker.load_state_dict(run.resume(unet, optimizer).get("stat_tracker", {}))
 
-    pipe.scheduler.set_timesteps(args.num_steps)
-    timesteps_host = pipe.scheduler.timesteps  # T-1 ... 0, noise to image; guidance is decided on the host
-    timesteps = timesteps_host.to(device)
-    schedule = schedule_for(pipe.scheduler, args.num_steps, device)  # DDIM, or SD3's flow matching
-    eta = args.eta if args.eta is not None else schedule.stochastic_eta
-    w_low_share = schedule_note(diffexp, timesteps_host, pipe.scheduler, run.accelerator.print)
+    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or SD3's flow
+    eta = args.eta if args.eta is not None else schedule.stochastic_eta  # DDIM's eta or the flow SDE's noise level
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, samples_per_process = args.sample_batch_size, args.samples_per_epoch // run.world
     sample_batches, train_batches = samples_per_process // B, samples_per_process // args.train_batch_size
@@ -202,12 +187,7 @@ def main(args: Args):
     sample_coeffs = [schedule.coefficients(t.expand(B), eta) for t in timesteps]
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
 
-    def model_outputs(x, t, cond, w):
-        """The unconditional and conditional outputs of one UNet call (only the half a scale of exactly
-        1 or 0 needs; `w` holds host numbers, and sampling and training take the same shortcut)."""
-        with run.accelerator.autocast():
-            out_u, out_c = cfg_unet(unet, x.to(run.weight_dtype), t, cond, text.negative, w)
-        return out_u.float(), out_c.float()
+    model_outputs = run.guided(unet)  # (x, t, cond, w) -> CFG's two halves of one denoiser call
 
     def score(images, prompts):
         with torch.no_grad(), run.accelerator.autocast():
@@ -331,8 +311,6 @@ def main(args: Args):
             "advantage_min": advantages.min().item(),
             "advantage_max": advantages.max().item(),
             "advantages": advantages.tolist(),  # per sample, in the order of prompt_weights (every process's)
-            "exploring": exploring,
-            "w_low_share": w_low_share if exploring and diffexp.cfg_schedule else 0.0,
         }
         run.end_epoch(epoch, rewards, record, show=("approx_kl", "clipfrac", "ratio_min", "ratio_max", "kl"), components=components,
                       prompt_weights=weights_used, state={"stat_tracker": tracker.state_dict()})  # fmt: skip
@@ -340,12 +318,7 @@ def main(args: Args):
         reward_worker.shutdown()
 
 
-def cli(argv: list[str] | None = None) -> Args:
-    """The command line (sys.argv by default), with `--config NAME` presets."""
-    try:
-        return runs.parse_args_with_presets(Args, PRESETS, argv)
-    except ValueError as e:
-        runs.fail(str(e))
+cli = functools.partial(runs.cli, Args, PRESETS)  # the command line: cli() reads sys.argv, cli(argv) a list
 
 
 if __name__ == "__main__":
