@@ -113,11 +113,7 @@ def main(args: Args):
                 diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T, g
             )
             guidance = guidance_host.to(device)
-            K = (
-                int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g))
-                if args.backprop_steps_random
-                else args.backprop_steps
-            )
+            K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g)) if args.backprop_steps_random else args.backprop_steps  # fmt: skip
             x = torch.randn(latent_shape, generator=g).to(device)
             noise = [torch.randn(latent_shape, generator=g).to(device) if args.eta > 0 else None for _ in timesteps]
             for i, t in enumerate(timesteps):
@@ -128,15 +124,7 @@ def main(args: Args):
                         out_u, out_c = checkpoint(model_outputs, x, t, cond, w, use_reentrant=False)
                     else:
                         out_u, out_c = model_outputs(x, t, cond, w)
-                    x = cfg_ddim_step(
-                        out_u,
-                        out_c,
-                        x,
-                        guidance[i].expand(B),
-                        step_coeffs[i],
-                        noise=noise[i],
-                        backend=args.model.kernels,
-                    )
+                    x = cfg_ddim_step(out_u, out_c, x, guidance[i].expand(B), step_coeffs[i], noise=noise[i], backend=args.model.kernels)  # fmt: skip
 
             # --- reward and its gradient ------------------------------------------------------------------
             with run.accelerator.autocast():
@@ -162,13 +150,8 @@ def main(args: Args):
         # --- log, evaluate, checkpoint -------------------------------------------------------------------
         rewards = run.accelerator.gather(torch.cat(scores_seen))  # every process's samples
         components = {k: run.accelerator.gather(torch.cat(v)) for k, v in components_seen.items()}
-        record = {
-            "loss": torch.stack(losses).mean().item(),
-            "grad_norm": torch.stack(grad_norms).mean().item(),
-        }
-        run.end_epoch(
-            epoch, rewards, record, show=("loss", "grad_norm"), components=components, prompt_weights=weights_used
-        )
+        record = {"loss": torch.stack(losses).mean().item(), "grad_norm": torch.stack(grad_norms).mean().item()}
+        run.end_epoch(epoch, rewards, record, show=("loss", "grad_norm"), components=components, prompt_weights=weights_used)  # fmt: skip
 
 
 cli = functools.partial(runs.cli, Args, PRESETS)  # the command line: cli() reads sys.argv, cli(argv) a list
