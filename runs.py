@@ -5,12 +5,14 @@ evaluation cadence, checkpoint) and the gradient all-reduce. The algorithms them
 loss, update) stay in the trainer files; this module is what they call before and after them:
 
     run = runs.start(args, "ddpo", check_args)      # every argument checked, --output-dir held, nothing loaded yet
-    pipe, reward_fn = run.load_models()             # the frozen base model and the reward
-    params, optimizer = run.add_lora(pipe.unet)     # the trainable LoRA weights and AdamW
-    state = run.resume(pipe.unet, optimizer)        # {} for a new run
+    pipe, reward_fn = run.load_models()             # the frozen base model and the reward (and run.text)
+    params, optimizer = run.add_lora(unet)          # unet = diffusion.denoiser(pipe): LoRA weights and AdamW
+    state = run.resume(unet, optimizer)             # {} for a new run
+    timesteps_host, timesteps, schedule = run.sampling_steps(num_steps)
+    model_outputs = run.guided(unet)                # CFG's two halves of one denoiser call
     for epoch in run.epochs():
         ...                                         # sample, score, loss, update
-        grad_norm = run.reduce_and_clip(params)     # before optimizer.step()
+        grad_norm = run.reduce_and_clip(params)     # before optimizer.step(); run.update_ema() after
         run.end_epoch(epoch, rewards, record, ...)  # log, grid, evaluation, checkpoint
 
 Files of a run (--output-dir): run.json (which trainer and model family made it), args.json (its current
@@ -51,7 +53,7 @@ from rewards import DEFAULT_MODELS, NAMES
 @dataclass
 class ModelArgs:
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x or SDXL base checkpoint (diffusers layout); 'toy': the shipped toy world"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x, SDXL base or SD3/SD3.5 checkpoint (diffusers layout); 'toy': the shipped toy world"""
     vae: str | None = None
     """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
     reward: Annotated[
