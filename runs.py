@@ -244,12 +244,63 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
     called with the WORLD_SIZE the launcher set before anything starts, and again with the accelerator's.
     Any failure is one `error:` line (exit 2) before a model is loaded. Returns None when --resume finds the
     run already finished (nothing to do)."""
+    env_world = int(os.environ.get("WORLD_SIZE", "1"))  # what torchrun / accelerate launch asked for
+    prompts, eval_prompts, plan, family, notes = preflight(args, trainer, check_args, env_world, differentiable_reward)
+    r = args.run
+    if plan.finished:
+        print(
+            f"nothing to do: the run in {r.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of "
+            f"--num-epochs {args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that "
+            f"moves DiffExp's exploration window)"
+        )
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:  # one holder per run, however many processes
+        try:
+            notes += hold(r.output_dir, trainer)
+        except ValueError as e:
+            fail(str(e))
+
+    from accelerate import Accelerator
+
+    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
+    accelerator = Accelerator(mixed_precision=args.model.mixed_precision, cpu=not torch.cuda.is_available())
+    asked = max(env_world, launcher_processes() or 1)
+    if asked > 1 and accelerator.num_processes == 1:
+        notes.append(
+            f"note: {asked} processes were asked for but this is the only one (accelerate launch --num_processes N starts one "
+            f"process on a machine without GPUs): training as one process; for N CPU processes launch with accelerate launch "
+            f"--multi_gpu --num_processes {asked} ... or python -m torch.distributed.run --nproc_per_node {asked} ..."
+        )
+    for ok, msg in check_args(args, accelerator.num_processes):
+        if not ok:
+            fail(msg)
+    run = Run(args, trainer, prompts, eval_prompts, plan, family)
+    run.accelerator, run.device = accelerator, accelerator.device
+    run.world, run.rank = accelerator.num_processes, accelerator.process_index
+    run.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.model.mixed_precision]
+    accelerator.wait_for_everyone()  # every process has read --output-dir before anything in it is deleted
+    deleted = prepare_run_dir(r.output_dir, plan) if accelerator.is_main_process else []
+    accelerator.wait_for_everyone()
+    notes += run_dir_notes(r.output_dir, plan, deleted)
+    if args.optim.lr == 0:
+        notes.append("note: --lr 0: the LoRA weights will not change (a dry run)")
+    for line in notes:
+        accelerator.print(line)
+    global _current
+    _current = run
+    return run
+
+
+def preflight(args, trainer: str, check_args, world: int, differentiable_reward: bool):
+    """Everything checked before anything is held or loaded: the arguments (shared and the trainer's), the
+    reward, the prompt sets and what the reward can read of them, the precision, every checkpoint, the
+    model family, the output directory's plan, the resolution. One `error:` line on the first problem.
+    Returns (prompts, eval_prompts, plan, family, notes to print)."""
     import rewards
     from diffusion import CheckpointError, check_checkpoints, inspect_pipeline, load_prompts, vae_downsampling
 
     m, r = args.model, args.run
-    env_world = int(os.environ.get("WORLD_SIZE", "1"))  # what torchrun / accelerate launch asked for
-    for ok, msg in itertools.chain(shared_checks(args), check_args(args, env_world)):
+    for ok, msg in itertools.chain(shared_checks(args), check_args(args, world)):
         if not ok:
             fail(msg)
     notes = []
@@ -302,48 +353,7 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
             import wandb  # noqa: F401
         except ImportError:
             fail("--track logs to Weights & Biases: pip install wandb (or drop --track for plain logs)")
-    if plan.finished:
-        print(
-            f"nothing to do: the run in {r.output_dir} has finished (its checkpoint {plan.checkpoint.name} is the last of "
-            f"--num-epochs {args.num_epochs}); to train on, pass a larger --num-epochs (and --allow-changed-args if that "
-            f"moves DiffExp's exploration window)"
-        )
-        return None
-    if int(os.environ.get("RANK", "0")) == 0:  # one holder per run, however many processes
-        try:
-            notes += hold(r.output_dir, trainer)
-        except ValueError as e:
-            fail(str(e))
-
-    from accelerate import Accelerator
-
-    # cpu=True lets several CPU processes (torchrun, accelerate launch) form a gloo group when there is no GPU.
-    accelerator = Accelerator(mixed_precision=m.mixed_precision, cpu=not torch.cuda.is_available())
-    asked = max(env_world, launcher_processes() or 1)
-    if asked > 1 and accelerator.num_processes == 1:
-        notes.append(
-            f"note: {asked} processes were asked for but this is the only one (accelerate launch --num_processes N starts one "
-            f"process on a machine without GPUs): training as one process; for N CPU processes launch with accelerate launch "
-            f"--multi_gpu --num_processes {asked} ... or python -m torch.distributed.run --nproc_per_node {asked} ..."
-        )
-    for ok, msg in check_args(args, accelerator.num_processes):
-        if not ok:
-            fail(msg)
-    run = Run(args, trainer, prompts, eval_prompts, plan, family)
-    run.accelerator, run.device = accelerator, accelerator.device
-    run.world, run.rank = accelerator.num_processes, accelerator.process_index
-    run.weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[m.mixed_precision]
-    accelerator.wait_for_everyone()  # every process has read --output-dir before anything in it is deleted
-    deleted = prepare_run_dir(r.output_dir, plan) if accelerator.is_main_process else []
-    accelerator.wait_for_everyone()
-    notes += run_dir_notes(r.output_dir, plan, deleted)
-    if args.optim.lr == 0:
-        notes.append("note: --lr 0: the LoRA weights will not change (a dry run)")
-    for line in [precision_note, *notes]:
-        accelerator.print(line)
-    global _current
-    _current = run
-    return run
+    return prompts, eval_prompts, plan, family, [precision_note, *notes]
 
 
 def launcher_processes() -> int | None:

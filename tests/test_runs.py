@@ -351,3 +351,19 @@ def test_bf16_end_to_end_on_cpu(tiny_sd_dir, tiny_aesthetic, tmp_path):
     proc = run_script("sample.py", "generate", "--pretrained", tiny_sd_dir, "--prompt", "a cat", "--num-steps", 2,
                       "--mixed-precision", "bf16", "--eval-rewards", "aesthetic", *tiny_aesthetic, "--output-dir", tmp_path / "g")  # fmt: skip
     assert "aesthetic: mean" in proc.stdout
+
+
+def test_a_run_written_before_run_json_and_the_new_flags_still_resumes(tiny_sd_dir, tmp_path):
+    """Runs written before this layout have no run.json and an args.json without the flags added since
+    (--group-size, --kl-beta, --ema-decay, --ema-every); they resume, and their trainer is still told."""
+    out = tmp_path / "run"
+    run_script("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1))
+    (out / "run.json").unlink()
+    old = json.loads((out / "args.json").read_text())
+    for key in ("group_size", "kl_beta", "ema_decay", "ema_every"):
+        del old[key]
+    (out / "args.json").write_text(json.dumps(old))
+    assert runs.run_identity(out) == {"trainer": "ddpo", "family": None}
+    run_script("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 2, "--resume"))
+    assert [r["epoch"] for r in read_log(out)] == [-1, 0, 1]
+    assert json.loads((out / "run.json").read_text()) == {"trainer": "ddpo", "family": "sd"}
