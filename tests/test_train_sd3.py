@@ -141,3 +141,15 @@ def test_alignprop_on_sd3_lora_loads_in_the_sd3_pipeline_and_resume_is_exact(mon
         got, mine, plain = (diffusion.denoise(m, x, t, cond) for m in (oracle.transformer, ours.transformer, base))
     torch.testing.assert_close(got, mine, atol=1e-5, rtol=1e-5)
     assert (got - plain).abs().max() > 1e-4  # the LoRA does something
+
+    # sample.py generate --lora loads the same checkpoint: the same seed gives other images than the base model.
+    import numpy as np
+    from PIL import Image
+
+    import sample
+
+    for name, extra in (("base", []), ("lora", ["--lora", str(ckpt)])):
+        sample.main(["generate", "--pretrained", str(tiny_sd3_dir), "--prompt", "a cat", "--num-steps", "2",
+                     "--output-dir", str(tmp_path / name), *extra])  # fmt: skip
+    base_png, lora_png = (np.asarray(Image.open(tmp_path / n / "0000.png"), dtype=np.int16) for n in ("base", "lora"))
+    assert np.abs(base_png - lora_png).max() > 0
