@@ -133,7 +133,17 @@ def fail(msg: str):
 
 
 def validate(args: Args) -> torch.device:
-    """The flags on their own (no file read): one-line errors naming the flag and the fix. Returns the device."""
+    """The flags on their own (no file read): one-line errors naming the flag and the fix. Returns the device.
+    The groups run in this order, so a run with several wrong flags names the same one first every time."""
+    validate_inputs(args)
+    validate_numbers(args)
+    validate_classes_and_target(args)
+    return parse_device(args)
+
+
+def validate_inputs(args: Args):
+    """Where the data comes from: --data or --attribute given, no empty path or name, --only-make-data with
+    something to make."""
     if args.attribute is None and args.data is None:
         raise ValueError("give --data (a folder, a CSV or a generated dataset) or --attribute (to generate one)")
     for flag, value in (("--out", args.out), ("--data", args.data), ("--source", args.source), ("--pretrained", args.pretrained),
@@ -142,6 +152,10 @@ def validate(args: Args) -> torch.device:
             raise ValueError(f"{flag} is empty: give a value or leave the flag out")
     if args.attribute is None and args.only_make_data:
         raise ValueError("--only-make-data needs --attribute (what to generate)")
+
+
+def validate_numbers(args: Args):
+    """The numeric flags: counts >= 1, sizes, rates and fractions in range, so nothing fails mid-run on them."""
     if args.levels == 1 or args.levels < 0:
         raise ValueError(f"--levels must be 0 (continuous strengths) or >= 2, got {args.levels}")
     for flag, value in (("--variants", args.variants), ("--data-size", args.data_size), ("--sample-steps", args.sample_steps),
@@ -171,6 +185,11 @@ def validate(args: Args) -> torch.device:
         raise ValueError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.label_range is not None and not args.label_range[0] < args.label_range[1]:
         raise ValueError(f"--label-range must be 'lo hi' with lo < hi, got {args.label_range}")
+
+
+def validate_classes_and_target(args: Args):
+    """--classes and --reward-mode/--target agree with each other (the dataset's own classes are checked later,
+    in check_reward_mode and load_dataset)."""
     if args.classes is not None:
         names = [c.strip() for c in args.classes.split(",")]
         if "" in names or len(set(names)) < len(names) or len(names) < 2:
@@ -193,6 +212,10 @@ def validate(args: Args) -> torch.device:
                 raise ValueError
         except ValueError:
             raise ValueError(f"--target must be a number for --reward-mode target, got '{args.target}'") from None
+
+
+def parse_device(args: Args) -> torch.device:
+    """--device as a torch.device that exists here (auto: cuda if available, else cpu)."""
     if args.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -692,9 +715,14 @@ def plot_report(out: Path, history: list[dict], config: dict, val_labels: np.nda
     plt.close(fig)
 
 
-def main(args: Args) -> dict:
-    # --- check everything that can be checked before any model is loaded or anything is written ---------
-    data = Path(args.data) if args.data else Path(args.out) / "data"
+# ----------------------------------------------------------------------------------------------
+# The steps of a run, in the order main() takes them.
+
+
+def check(args: Args, data: Path):
+    """Everything that can be checked before any model is loaded or anything is written: the flags, --out,
+    the dataset (or, for data still to generate, its sources) and --clip-model; a wrong one exits with one
+    'error:' line. Returns (device, whether the generated data is cached, the prepared dataset or None)."""
     dataset, cached = None, False
     try:
         device = validate(args)
@@ -711,7 +739,12 @@ def main(args: Args) -> dict:
             from_pretrained(CLIPConfig, args.clip_model, "--clip-model")  # config.json only: is the checkpoint there?
     except (ValueError, CheckpointError) as e:
         fail(str(e))
+    return device, cached, dataset
 
+
+def make_data_unless_cached(args: Args, device, data: Path, cached: bool):
+    """With --attribute, generate the dataset into `data` unless check() found it there already; a given
+    --data needs nothing here."""
     if cached:
         print(f"using cached dataset {data} ({args.attribute})")
     elif args.attribute:
@@ -719,14 +752,19 @@ def main(args: Args) -> dict:
             make_data(args, device, data)
         except CheckpointError as e:  # --pretrained missing (offline, wrong id or directory)
             fail(str(e))
-    if args.only_make_data:
-        return {"data": str(data)}
-    if dataset is None:  # generated just now
-        try:
-            dataset = prepare(args, data)
-        except ValueError as e:
-            fail(str(e))
-    paths, targets, origins, task, source, train_idx, val_idx = dataset
+
+
+def prepare_generated(args: Args, data: Path):
+    """prepare() on the data generated just now (check() could not see it yet): the same checks and split."""
+    try:
+        return prepare(args, data)
+    except ValueError as e:
+        fail(str(e))
+
+
+def build_model(args: Args, task: dict, source: str, device):
+    """The reward's config (what rewards.py needs to rebuild and score it) and its network, initialised from
+    --seed. Returns (config, network)."""
     config = dict(**task, backbone=args.backbone, image_size=args.image_size, width=args.width,
                   reward_mode=args.reward_mode, target=args.target, data=source, attribute=args.attribute)  # fmt: skip
     if args.backbone == "clip":
@@ -739,9 +777,13 @@ def main(args: Args) -> dict:
         fail(str(e))
     if args.backbone == "clip":  # CLIP's input size is its own, not --image-size
         config["image_size"] = net.clip.config.vision_config.image_size
+    return config, net
 
-    # Inputs go through the very preprocessing the reward applies (rewards.custom_preprocess). With the
-    # frozen CLIP backbone its normalised embedding is computed once and only the head is trained.
+
+def embed_images(args: Args, net, config: dict, paths: list[Path], origins: list[str], device) -> torch.Tensor:
+    """Every image as the model's input, read once: through the very preprocessing the reward applies
+    (rewards.custom_preprocess), and with the frozen CLIP backbone its normalised embedding, so that only
+    the head is trained."""
     feats, chunk = [], []
     bar = tqdm(paths, desc="loading images")
     for i, p in enumerate(bar):
@@ -759,9 +801,13 @@ def main(args: Args) -> dict:
                     x = e / e.norm(dim=-1, keepdim=True)
             feats.append(x.cpu())
             chunk = []
-    X = torch.cat(feats)
-    model = net.head if args.backbone == "clip" else net
-    if task["task"] == "regression":
+    return torch.cat(feats)
+
+
+def training_tensors(config: dict, X: torch.Tensor, targets: list, train_idx: list[int], val_idx: list[int], device):
+    """The train and validation tensors and the loss. Regression labels are standardised with the training
+    split's mean and std, which go into the config (the reward undoes them). Returns (Xtr, ytr, Xva, yva, loss_fn)."""
+    if config["task"] == "regression":
         y_all = torch.tensor(targets, dtype=torch.float32)
         mean, std = y_all[train_idx].mean().item(), y_all[train_idx].std().item() or 1.0
         config.update(label_mean=mean, label_std=std)
@@ -770,35 +816,52 @@ def main(args: Args) -> dict:
     else:
         y = torch.tensor(targets, dtype=torch.long)
         loss_fn = F.cross_entropy
-    Xtr, ytr, Xva, yva = X[train_idx].to(device), y[train_idx].to(device), X[val_idx].to(device), y[val_idx].to(device)
+    return X[train_idx].to(device), y[train_idx].to(device), X[val_idx].to(device), y[val_idx].to(device), loss_fn
 
+
+def predict(model, X: torch.Tensor) -> torch.Tensor:
+    """The model's outputs on X, in batches of 256, without gradients."""
+    with torch.no_grad():
+        return torch.cat([model(xb) for xb in X.split(256)])
+
+
+def train_epoch(
+    args: Args, model, opt, loss_fn, Xtr: torch.Tensor, ytr: torch.Tensor, gen: torch.Generator, device
+) -> float:
+    """One pass over the training split in a random order (drawn from `gen`), with random horizontal flips for
+    the CNN. Returns the loss summed over the images."""
+    model.train()
+    total = 0.0
+    for b in torch.randperm(len(Xtr), generator=gen).split(args.batch_size):
+        x, t = Xtr[b.to(device)], ytr[b.to(device)]
+        if args.backbone == "cnn":  # horizontal flips change none of the attributes
+            flip = torch.rand(len(x), generator=gen).to(device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        loss = loss_fn(model(x), t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(b)
+    return total
+
+
+def train(args: Args, model, config: dict, loss_fn, Xtr, ytr, Xva, yva, device) -> list[dict]:
+    """AdamW for up to --epochs, one line per epoch, stopping after --patience epochs without a better
+    validation loss; leaves the model with its best weights, in eval mode. Returns the per-epoch history."""
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     gen = torch.Generator().manual_seed(args.seed)
     history, best, best_state, bad_epochs = [], float("inf"), None, 0
-    print(
-        f"{task['task']} on {len(train_idx)} train / {len(val_idx)} val images, backbone {args.backbone}, device {device}"
-    )
+    print(f"{config['task']} on {len(Xtr)} train / {len(Xva)} val images, backbone {args.backbone}, device {device}")
     bar = tqdm(range(1, args.epochs + 1), desc="epochs")
     for epoch in bar:
-        model.train()
-        t0, total = time.time(), 0.0
-        for b in torch.randperm(len(Xtr), generator=gen).split(args.batch_size):
-            x, t = Xtr[b.to(device)], ytr[b.to(device)]
-            if args.backbone == "cnn":  # horizontal flips change none of the attributes
-                flip = torch.rand(len(x), generator=gen).to(device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            loss = loss_fn(model(x), t)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
+        t0 = time.time()
+        total = train_epoch(args, model, opt, loss_fn, Xtr, ytr, gen, device)
         model.eval()
-        with torch.no_grad():
-            out_va = torch.cat([model(xb) for xb in Xva.split(256)])
-            val_loss = loss_fn(out_va, yva).item()
+        out_va = predict(model, Xva)
+        val_loss = loss_fn(out_va, yva).item()
         h = dict(epoch=epoch, train_loss=total / len(Xtr), val_loss=val_loss, seconds=time.time() - t0)
-        if task["task"] == "regression":
-            h["val_mse"] = val_loss * std**2  # in label units
+        if config["task"] == "regression":
+            h["val_mse"] = val_loss * config["label_std"] ** 2  # in label units
         else:
             h["val_acc"] = (out_va.argmax(-1) == yva).float().mean().item()
         history.append(h)
@@ -816,55 +879,93 @@ def main(args: Args) -> dict:
                 break
     model.load_state_dict(best_state)
     model.eval()
+    return history
 
-    # Validation report with the best weights, in the reward's own terms.
-    with torch.no_grad():
-        out_va = torch.cat([model(xb) for xb in Xva.split(256)]).cpu()
+
+def evaluate(model, config: dict, Xva, paths, targets, train_idx, val_idx, history: list[dict]):
+    """The validation report with the best weights, in the reward's own terms (labels, not standardised
+    values or class indices), against a trivial baseline; prints its line. Returns (raw outputs, metrics,
+    labels, predictions, the val_predictions.csv table)."""
+    out_va = predict(model, Xva).cpu()
     val_paths = [str(paths[i]) for i in val_idx]
-    if task["task"] == "regression":
-        labels = np.array([targets[i] for i in val_idx])
-        pred = (out_va.squeeze(-1) * std + mean).numpy()
+    labels = np.array([targets[i] for i in val_idx])
+    if config["task"] == "regression":
+        pred = (out_va.squeeze(-1) * config["label_std"] + config["label_mean"]).numpy()
         train_mean = float(np.mean([targets[i] for i in train_idx]))
         metrics = dict(val_mse=float(np.mean((pred - labels) ** 2)), baseline_mse=float(np.mean((train_mean - labels) ** 2)),
                        val_spearman=spearman(pred, labels))  # fmt: skip
         print(
             f"validation MSE {metrics['val_mse']:.4f} vs {metrics['baseline_mse']:.4f} predicting the training mean; Spearman {metrics['val_spearman']:.3f}"
         )
-        rows = [(p, f"{lab:g}", f"{q:.4f}") for p, lab, q in zip(val_paths, labels, pred)]
-        header = ("path", "label", "prediction")
+        table = [
+            ("path", "label", "prediction"),
+            *((p, f"{lab:g}", f"{q:.4f}") for p, lab, q in zip(val_paths, labels, pred)),
+        ]
     else:
-        labels = np.array([targets[i] for i in val_idx])
+        classes = config["classes"]
         probs = out_va.softmax(-1).numpy()
         pred = probs.argmax(-1)
-        counts = np.bincount([targets[i] for i in train_idx], minlength=len(task["classes"]))
+        counts = np.bincount([targets[i] for i in train_idx], minlength=len(classes))
         metrics = dict(val_acc=float((pred == labels).mean()), majority_acc=float((labels == counts.argmax()).mean()),
-                       chance_acc=1.0 / len(task["classes"]))  # fmt: skip
+                       chance_acc=1.0 / len(classes))  # fmt: skip
         print(
             f"validation accuracy {metrics['val_acc']:.3f} (majority class {metrics['majority_acc']:.3f}, chance {metrics['chance_acc']:.3f})"
         )
-        rows = [
-            (p, task["classes"][lab], task["classes"][q], *(f"{x:.4f}" for x in pr))
+        table = [("path", "label", "prediction", *(f"p_{c}" for c in classes))]
+        table += [
+            (p, classes[lab], classes[q], *(f"{x:.4f}" for x in pr))
             for p, lab, q, pr in zip(val_paths, labels, pred, probs)
         ]
-        header = ("path", "label", "prediction", *(f"p_{c}" for c in task["classes"]))
     metrics.update(best_epoch=int(min(history, key=lambda h: h["val_loss"])["epoch"]), epochs_run=len(history),
                    n_train=len(train_idx), n_val=len(val_idx))  # fmt: skip
+    return out_va, metrics, labels, pred, table
 
+
+def save_model(args: Args, model, config: dict, metrics: dict, out_va: torch.Tensor) -> Path:
+    """config.json + model.safetensors in --out, what `--reward custom:OUT` loads; the config carries the
+    metrics and every flag. The reward value is computed once first, so a config it cannot score (e.g. a
+    class_prob target that is not a class) fails here, not in fine-tuning. Returns the directory."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     config["metrics"] = metrics
     config["args"] = {k: v for k, v in asdict(args).items()}
-    # Check the reward value works before saving (e.g. a class_prob target that is not a class).
     custom_value(out_va[:1], config)
     from safetensors.torch import save_file
 
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def report(out: Path, config: dict, history: list[dict], table: list[tuple], labels: np.ndarray, pred: np.ndarray):
+    """The rest of --out, for people: validation predictions against labels, the history, the learning curve;
+    then the line saying how to use the model."""
     with open(out / "val_predictions.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+        csv.writer(f).writerows(table)
     (out / "history.json").write_text(json.dumps(history, indent=2))
     plot_report(out, history, config, labels, pred)
     print(f"saved reward model to {out}: use it with --reward custom:{out}")
+
+
+def main(args: Args) -> dict:
+    """Check, make (or find) the data, load it, build the model, embed the images, train, evaluate, save,
+    report. Returns the validation metrics ({'data': DIR} with --only-make-data)."""
+    data = Path(args.data) if args.data else Path(args.out) / "data"
+    device, cached, dataset = check(args, data)
+    make_data_unless_cached(args, device, data, cached)
+    if args.only_make_data:
+        return {"data": str(data)}
+    if dataset is None:  # generated just now
+        dataset = prepare_generated(args, data)
+    paths, targets, origins, task, source, train_idx, val_idx = dataset
+    config, net = build_model(args, task, source, device)
+    X = embed_images(args, net, config, paths, origins, device)
+    model = net.head if args.backbone == "clip" else net
+    Xtr, ytr, Xva, yva, loss_fn = training_tensors(config, X, targets, train_idx, val_idx, device)
+    history = train(args, model, config, loss_fn, Xtr, ytr, Xva, yva, device)
+    out_va, metrics, labels, pred, table = evaluate(model, config, Xva, paths, targets, train_idx, val_idx, history)
+    out = save_model(args, model, config, metrics, out_va)
+    report(out, config, history, table, labels, pred)
     return metrics
 
 
