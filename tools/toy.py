@@ -147,6 +147,45 @@ class Args:
     detector_eval_steps: int = 10
     """DDIM steps of those images (the toy world's training runs use 10)"""
 
+    # the mode-drop world (--hidden): a second base model on the same renders, with biased captions
+    hidden: bool = False
+    """build (with --eval-only: only measure) the mode-drop world instead: its UNet -> --hidden-out, sharing
+    models/toy's VAE, text encoder and tokenizer (--out must hold them); writes prompts/toy_hidden.txt,
+    prompts/toy_dropped.txt and the toy-hidden reward's detector directory"""
+    hidden_out: str = "models/toy-hidden"
+    """where the mode-drop pipeline is written"""
+    hidden_detector_out: str = "models/toy-hidden-detector"
+    """the toy-hidden reward's directory: the detector (--detector-out's weights) + the hidden colours"""
+    hidden_images: int = 24000
+    """mode-drop world training images"""
+    hidden_two_frac: float = 0.5
+    """fraction of them with two shapes"""
+    hidden_bare_majority: float = 0.9
+    """P(caption names no colour | one shape in its shape's majority colour): 'a circle' for a red circle"""
+    hidden_bare_minority: float = 0.25
+    """P(caption names no colour | one shape in its minority colour): 'a circle' for a blue circle"""
+    hidden_pair_one_named: float = 0.0
+    """P(a two-shape image's caption names only one of its shapes)"""
+    hidden_clip_steps: int = 300
+    """steps fine-tuning the first world's CLIP (--scorer-out) on the mode-drop captions; its text tower is
+    the mode-drop pipeline's text encoder (the first world's put 'a square' nearer 'a red square' than
+    the 'a blue square' it mostly means here, and the UNet followed)"""
+    hidden_clip_lr: float = 3e-4
+    """peak learning rate of that fine-tuning"""
+    hidden_joint_text: bool = False
+    """train the text encoder with the UNet (its token embeddings frozen)"""
+    hidden_unet_steps: int = 1500
+    """mode-drop UNet optimizer steps (batch --unet-batch), fine-tuning the first world's UNet"""
+    hidden_unet_lr: float = 5e-4
+    """mode-drop UNet peak learning rate"""
+    hidden_from_scratch: bool = False
+    """train the mode-drop UNet from a fresh initialisation instead of the first world's (1000 steps from
+    scratch had not learnt colour from the prompt)"""
+    hidden_eval_per_prompt: int = 32
+    """images per prompt in the mode-drop world's own measurement"""
+    hidden_eval_steps: int = 10
+    """DDIM steps of that measurement"""
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. The world: shapes, colours, captions, rendering.
@@ -319,10 +358,15 @@ def build_clip(text_width: int):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
-def build_unet(cross_dim: int):
+def build_unet(cross_dim: int, text_embed: bool = False):
+    """`text_embed`: also add an attention-pooled summary of the prompt to the time embedding, so every
+    ResNet block sees the prompt (diffusers' addition_embed_type='text'; the mode-drop world's UNet:
+    with cross-attention alone the toy UNet's unguided samples barely follow the prompt's colour)."""
     from diffusers import UNet2DConditionModel
 
+    extra = dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_embed else {}
     return UNet2DConditionModel(
+        **extra,
         sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=cross_dim,
         block_out_channels=(32, 64, 64), attention_head_dim=8, norm_num_groups=32,
         # Attention (self + cross to the prompt) at 8x8 and in the 4x4 middle block only: at 16x16 it
@@ -378,12 +422,13 @@ def swap_negatives(caption: str) -> list[str]:
     return []
 
 
-def train_clip(args, images, captions, tokenizer, gen):
+def train_clip(args, images, captions, tokenizer, gen, clip=None):
     """Contrastive training with duplicate-aware targets: captions repeat within a batch, so the text
-    side is the batch's distinct captions (plus hard negatives) and an image's target is its own."""
+    side is the batch's distinct captions (plus hard negatives) and an image's target is its own.
+    `clip`: a CLIPModel to fine-tune (in place) instead of a fresh one."""
     from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
-    clip = build_clip(args.text_width)
+    clip = build_clip(args.text_width) if clip is None else clip.train().requires_grad_(True)
     decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
@@ -444,11 +489,21 @@ def encode_text(text_model, tokenizer, texts: list[str], batch=256):
     return torch.cat(out)
 
 
-def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen):
-    """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt."""
-    unet = build_unet(text_table.shape[-1])
-    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
+def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None, text=None):
+    """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt.
+    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one.
+    `text`: (text encoder, token ids [captions, 77], empty prompt's ids [1, 77]) to train jointly with
+    the UNet, as GLIDE trains its text transformer (its token embeddings stay frozen); `text_table` and
+    `empty` are then unused and the encoder's EMA weights are loaded into it at the end."""
+    unet = build_unet(text_table.shape[-1]) if init is None else init.train().requires_grad_(True)
+    modules = {"": unet}
+    if text is not None:
+        text_model, tokens, empty_tokens = text
+        modules["text."] = text_model.train().requires_grad_(True)
+        text_model.get_input_embeddings().requires_grad_(False)
+    ema = {p + k: v.detach().clone() for p, m in modules.items() for k, v in m.state_dict().items()}
+    params = [q for m in modules.values() for q in m.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.unet_lr, total_steps=args.unet_steps, pct_start=0.05)
     betas = (
         torch.linspace(
@@ -470,7 +525,10 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
         eps = torch.randn(x0.shape, generator=gen)
         a = ab[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        cond = text_table[caption_ids[idx]]
+        if text is None:
+            cond = text_table[caption_ids[idx]]
+        else:
+            cond, empty = text_model(tokens[caption_ids[idx]])[0], text_model(empty_tokens)[0]
         drop = torch.rand(B, generator=gen) < args.caption_dropout
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         pred = unet(xt, t, cond).sample
@@ -481,17 +539,21 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         # EMA warms up (decay grows with the step) so a short or smoke run is not stuck at the init.
         d = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for k, v in unet.state_dict().items():
-                ema[k].lerp_(v, 1 - d) if v.is_floating_point() else ema[k].copy_(v)
+            for p, m in modules.items():
+                for k, v in m.state_dict().items():
+                    ema[p + k].lerp_(v, 1 - d) if v.is_floating_point() else ema[p + k].copy_(v)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    unet.load_state_dict(ema)
-    unet.eval().requires_grad_(False)
+    for p, m in modules.items():
+        m.load_state_dict(
+            {k[len(p) :]: v for k, v in ema.items() if k.startswith(p) and (p or not k.startswith("text."))}
+        )
+        m.eval().requires_grad_(False)
     return unet
 
 
@@ -816,6 +878,252 @@ def base_model_success(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. The mode-drop world (--hidden): where ordinary guidance hides what the base model can draw.
+#    Same renders as the first world (so its VAE, text encoder and detector serve it), different
+#    captions. Reporting bias, as in real captions: a shape in its usual colour is usually captioned
+#    without the colour ("a circle" for a red circle), one in its unusual colour usually with it ("a
+#    blue circle"). So for "a circle" the unusual colour is a minority of the conditional, p(blue |
+#    "a circle") = 0.25 / (0.25 + 0.9) = 22% at w = 1, while CFG, which samples about p(x) p(c | x)^w,
+#    weighs it by (0.25 / 0.9)^w: 0.007% at w = 7.5. Two-shape images are captioned "A and B".
+
+HIDDEN_COLOURS = {  # shape: (majority colour, minority colour); each colour is one shape's usual, another's unusual
+    "circle": ("red", "blue"),
+    "square": ("blue", "red"),
+    "triangle": ("green", "purple"),
+    "diamond": ("purple", "green"),
+}
+HIDDEN_OBJECTS = [(c, s) for s, cs in HIDDEN_COLOURS.items() for c in cs]  # 8 (colour, shape) objects
+HIDDEN_PAIRS = [  # 24 unordered pairs of different shapes
+    (a, b) for i, a in enumerate(HIDDEN_OBJECTS) for b in HIDDEN_OBJECTS[i + 1 :] if a[1] != b[1]
+]
+
+
+def bare(shape: str) -> str:
+    return f"a {shape}"
+
+
+def and_caption(a, b) -> str:
+    return f"{name(a)} and {name(b)}"
+
+
+def hidden_data(n: int, gen: torch.Generator, args: Args, layout: bool = False):
+    """n images of the mode-drop world and their captions, from `gen` only (deterministic).
+
+    One shape (1 - hidden_two_frac): a uniform shape in its majority or minority colour (1/2 each),
+    captioned bare ("a circle") with probability hidden_bare_majority resp. hidden_bare_minority, else
+    with its colour. Two shapes: a uniform pair of HIDDEN_PAIRS, drawn in random order and relation,
+    captioned "A and B" (mention order random), or with probability hidden_pair_one_named only one of
+    them ("a red circle"). `layout=True` also returns render's (pairs, a_xy, b_xy)."""
+    two = (torch.rand(n, generator=gen) < args.hidden_two_frac).tolist()
+    shape = torch.randint(len(HIDDEN_COLOURS), (n,), generator=gen).tolist()
+    minority = (torch.rand(n, generator=gen) < 0.5).tolist()
+    u_caption = torch.rand(n, generator=gen).tolist()
+    pair = torch.randint(len(HIDDEN_PAIRS), (n,), generator=gen).tolist()
+    flip_draw, flip_name = (torch.rand(2, n, generator=gen) < 0.5).tolist()
+    relation = torch.randint(len(RELATIONS), (n,), generator=gen).tolist()
+    pairs, captions = [], []
+    for i in range(n):
+        if two[i]:
+            a, b = HIDDEN_PAIRS[pair[i]]
+            a, b = (b, a) if flip_draw[i] else (a, b)  # a is drawn left / above
+            pairs.append((a, RELATIONS[relation[i]], b))
+            first, second = (b, a) if flip_name[i] else (a, b)
+            captions.append(name(first) if u_caption[i] < args.hidden_pair_one_named else and_caption(first, second))
+        else:
+            s = list(HIDDEN_COLOURS)[shape[i]]
+            colour = HIDDEN_COLOURS[s][int(minority[i])]
+            pairs.append(((colour, s), None, None))
+            p_bare = args.hidden_bare_minority if minority[i] else args.hidden_bare_majority
+            captions.append(bare(s) if u_caption[i] < p_bare else name((colour, s)))
+    out = render(n, gen, pairs=pairs, layout=layout)
+    return (out[0], captions, out[2]) if layout else (out[0], captions)
+
+
+def hidden_prompt_sets(seed: int, write: bool = True) -> dict[str, list[str]]:
+    """prompts/toy_hidden.txt (the four bare shapes: the hidden mode is each shape's minority colour) and
+    prompts/toy_dropped.txt (8 of the 24 'A and B' pairs, mention order drawn by the seed)."""
+    rng = random.Random(seed + 101)
+    chosen = sorted(rng.sample(range(len(HIDDEN_PAIRS)), 8))
+    dropped = [and_caption(*(HIDDEN_PAIRS[i][:: rng.choice((1, -1))])) for i in chosen]
+    sets = {"toy_hidden": [bare(s) for s in HIDDEN_COLOURS], "toy_dropped": dropped}
+    for k, v in sets.items() if write else ():
+        (ROOT / "prompts" / f"{k}.txt").write_text("\n".join(v) + "\n")
+    return sets
+
+
+def save_hidden_pipeline(args, unet, text_encoder, base: Path, out: Path):
+    """The UNet and text encoder in fp16 safetensors; the VAE, tokenizer and scheduler are links to the
+    first world's (relative, so the repository moves as a whole)."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    for part, module in (("unet", unet), ("text_encoder", text_encoder)):
+        if (out / part).is_symlink():
+            (out / part).unlink()
+        module.to(dtype).save_pretrained(out / part, safe_serialization=True)
+        module.float()
+    shutil.copy(base / "model_index.json", out / "model_index.json")
+    for part in ("vae", "tokenizer", "scheduler"):
+        link = out / part
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(os.path.relpath(base / part, out), target_is_directory=True)
+
+
+def save_hidden_detector(args):
+    """The toy-hidden reward's directory: the toy-compose detector's weights and config, plus which colour
+    is each shape's minority (hidden) one."""
+    import shutil
+
+    src, out = Path(args.detector_out), Path(args.hidden_detector_out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "model.safetensors", out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["what"] = (
+        "toy.py's detector (as toy-detector) + the mode-drop world's hidden colours, for the toy-hidden reward"
+    )
+    config["hidden_colours"] = {s: cs[1] for s, cs in HIDDEN_COLOURS.items()}
+    config["majority_colours"] = {s: cs[0] for s, cs in HIDDEN_COLOURS.items()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def hidden_build(args) -> dict:
+    from diffusion import load_pipeline
+    from tools.tiny import SD_SCHEDULER_CONFIG
+
+    timings = {}
+    torch.manual_seed(args.seed + 41)
+    gen = torch.Generator().manual_seed(args.seed + 43)  # its own stream: the first world is unchanged
+    t0 = time.time()
+    chunks = [hidden_data(min(2000, args.hidden_images - i), gen, args) for i in range(0, args.hidden_images, 2000)]
+    images = torch.cat([c[0] for c in chunks])
+    captions = [c for ch in chunks for c in ch[1]]
+    base = load_pipeline(args.out)  # the first world: its VAE (frozen), tokenizer and UNet
+    with torch.no_grad():
+        latents = encode_latents(base.vae, images) * base.vae.config.scaling_factor
+    timings["data"] = time.time() - t0
+
+    t0 = time.time()
+    from dataclasses import replace
+
+    from transformers import CLIPModel
+
+    if args.hidden_clip_steps > 0:
+        clip = CLIPModel.from_pretrained(args.scorer_out, dtype=torch.float32)
+        clip = train_clip(
+            replace(args, clip_steps=args.hidden_clip_steps, clip_lr=args.hidden_clip_lr),
+            images, captions, base.tokenizer, gen, clip=clip,
+        )  # fmt: skip
+        text_encoder = text_tower(clip)
+    else:
+        text_encoder = base.text_encoder
+    timings["clip"] = time.time() - t0
+    distinct = sorted(set(captions))
+    text_table = encode_text(text_encoder, base.tokenizer, distinct)
+    empty = encode_text(text_encoder, base.tokenizer, [""])
+    joint = None
+    if args.hidden_joint_text:
+        ids = lambda texts: base.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids  # noqa: E731
+        joint = (text_encoder, ids(distinct), ids([""]))
+    lookup = {c: i for i, c in enumerate(distinct)}
+    caption_ids = torch.tensor([lookup[c] for c in captions])
+    counts = {c: captions.count(c) for c in distinct}
+    print(f"hidden data: {len(images)} images, {len(distinct)} captions ({timings['data']:.0f} s); bare: "
+          + ", ".join(f"{bare(s)} {counts.get(bare(s), 0)}" for s in HIDDEN_COLOURS))  # fmt: skip
+
+    t0 = time.time()
+    init = build_unet(base.unet.config.cross_attention_dim, text_embed=True)
+    if not args.hidden_from_scratch:  # the first world's UNet, plus the prompt summary starting at zero
+        missing, unexpected = init.load_state_dict(base.unet.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("add_embedding.") for k in missing), (missing, unexpected)
+        torch.nn.init.zeros_(init.add_embedding.norm2.weight)
+        torch.nn.init.zeros_(init.add_embedding.norm2.bias)
+    unet = train_unet(
+        replace(args, unet_steps=args.hidden_unet_steps, unet_lr=args.hidden_unet_lr),
+        latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen, init=init, text=joint,
+    )  # fmt: skip
+    timings["unet"] = time.time() - t0
+    save_hidden_pipeline(args, unet, text_encoder, Path(args.out), Path(args.hidden_out))
+    save_hidden_detector(args)
+    return timings
+
+
+def shares_table(scores: torch.Tensor, k: int) -> list[float]:
+    return (scores > 0.5).float().view(-1, k).mean(1).tolist()
+
+
+@torch.no_grad()
+def hidden_measure(args, pipe=None, prompts=None, per_prompt=None, steps=None) -> dict:
+    """The world's claims, measured with the shipped rewards on the same starting noise per setting:
+    toy_hidden: the share of images showing the shape in its minority colour (toy-hidden > 0.5) at w = 1,
+    at w = 7.5 and under DiffExp's CFG schedule (w_low = 1 for t >= 0.8 T, else 7.5); toy_dropped: the
+    share showing both shapes (toy-compose > 0.5) at w = 7.5, and with the second-named shape's word
+    (shape, colour) weighted 2 as DiffExp's prompt weighting would."""
+    from diffusion import TextConditioner, generate, load_pipeline, seeded
+    from explore import PromptWeight, apply_prompt_weights, cfg_scales, word_token_positions
+    from rewards import load_reward
+
+    pipe = pipe or load_pipeline(args.hidden_out)
+    k = per_prompt or args.hidden_eval_per_prompt
+    steps = steps or args.hidden_eval_steps
+    sets = prompts or hidden_prompt_sets(args.seed, write=False)
+    text = TextConditioner(pipe)
+    pipe.scheduler.set_timesteps(steps)
+    T = pipe.scheduler.config.num_train_timesteps
+    ts = pipe.scheduler.timesteps
+
+    def images(prompts, w_low, w_high, t_sw=0.8, weigh=None):
+        prompts = [p for p in prompts for _ in range(k)]
+        cond = text.encode(prompts)
+        if weigh is not None:  # weigh(prompt) -> the words' indices to emphasise, and the weight
+            choices = []
+            for p in prompts:
+                words = word_token_positions(p, pipe.tokenizer)
+                idx, w = weigh(p)
+                choices.append(
+                    PromptWeight(
+                        p, " ".join(words[i][0] for i in idx), idx[0], [q for i in idx for q in words[i][1]], w
+                    )
+                )
+            cond = type(cond)(apply_prompt_weights(cond.embeds, text.empty.embeds[0], choices))
+        guidance = cfg_scales(ts, T, t_sw, w_low, w_high)
+        out = [
+            generate(pipe, cond[i : i + 64], guidance, steps, seeded(args.seed, i // 64), negative=text.negative)
+            for i in range(0, len(prompts), 64)
+        ]
+        return torch.cat(out), prompts
+
+    hidden = load_reward("toy-hidden", toy_hidden=args.hidden_detector_out)
+    compose = load_reward("toy-compose", toy_detector=args.hidden_detector_out)
+    res = {"settings": f"DDIM {steps} steps, eta 0, {k} images per prompt, seed {args.seed}; share = reward > 0.5"}
+    settings = {"w=1": (1.0, 1.0), "w=7.5": (7.5, 7.5), "cfg schedule (t_sw 0.8, w_low 1)": (1.0, 7.5)}
+    for key, (lo, hi) in settings.items():
+        x, p = images(sets["toy_hidden"], lo, hi)
+        res.setdefault("toy_hidden", {})[key] = dict(zip(sets["toy_hidden"], shares_table(hidden(x, p)[0], k)))
+    n_words = lambda p: len(p.split())  # noqa: E731
+    dropped = {  # "a red circle and a blue square": words 0-2 A, 3 'and', 4-6 B
+        "w=7.5": dict(w_low=7.5, w_high=7.5),
+        "w=1": dict(w_low=1.0, w_high=1.0),
+        "cfg schedule": dict(w_low=1.0, w_high=7.5),
+        "w=7.5, second shape word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 1], 2.0)),
+        "w=7.5, second colour word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2], 2.0)),
+        "w=7.5, first shape word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([2], 2.0)),
+    }
+    for key, kw in dropped.items():
+        x, p = images(sets["toy_dropped"], **kw)
+        p_a, p_b, _ = compose.parts[0][2].factors(x, p)
+        res.setdefault("toy_dropped", {})[key] = {
+            "both": dict(zip(sets["toy_dropped"], shares_table(p_a.clamp(max=1) * p_b, k))),
+            "first": (p_a > 0.5).float().mean().item(),
+            "second": (p_b > 0.5).float().mean().item(),
+        }
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
@@ -835,6 +1143,8 @@ def main(args: Args):
         args.detector_steps, args.detector_batch = 3, 16
     if args.only_detector:
         return detector_stage(args, train=not args.eval_only)
+    if args.hidden:
+        return hidden_stage(args)
     if args.write_prompts and not args.smoke:
         write_prompt_sets(args.seed)
     timings = {}
@@ -914,6 +1224,36 @@ def main(args: Args):
             "timings_s": json.loads(report.read_text()).get("timings_s", {}),
             "eval_only_s": round(timings["eval"], 1),
         }
+    if not args.smoke:
+        report.write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+def hidden_stage(args) -> dict:
+    """--hidden: build (unless --eval-only) and measure the mode-drop world; its quality.json keeps the
+    build's timings when only measuring."""
+    for key in ("hidden_out", "hidden_detector_out"):
+        if not Path(getattr(args, key)).is_absolute():
+            setattr(args, key, str(ROOT / getattr(args, key)))
+    if args.smoke:
+        args.hidden_images, args.hidden_unet_steps, args.unet_batch = 256, 3, 16
+        args.hidden_eval_per_prompt = 2
+    if args.write_prompts and not args.smoke:
+        hidden_prompt_sets(args.seed)
+    t0 = time.time()
+    timings = {} if args.eval_only else hidden_build(args)
+    t1 = time.time()
+    quality = hidden_measure(args)
+    report = Path(args.hidden_out) / "quality.json"
+    if args.eval_only and report.is_file():
+        timings = json.loads(report.read_text()).get("timings_s", {})
+    else:
+        timings["build_wall"] = t1 - t0
+    timings["eval"] = time.time() - t1
+    quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    quality["sizes_mb"] = {p: round(dir_size_mb(Path(args.hidden_out) / p), 2) for p in ("unet", "text_encoder")}
+    quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
+    print(json.dumps(quality, indent=2))
     if not args.smoke:
         report.write_text(json.dumps(quality, indent=2) + "\n")
     return quality
