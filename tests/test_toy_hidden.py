@@ -21,21 +21,29 @@ def test_world_is_deterministic_and_captions_follow_the_stated_rates():
     assert torch.equal(a, b) and caps_a == caps_b
     c, caps_c = toy.hidden_data(64, torch.Generator().manual_seed(4), ARGS)
     assert not torch.equal(a, c) and caps_a != caps_c
-    # Each caption says what was drawn: the named objects are the drawn ones (a bare caption names its shape).
+    # Each caption says what was drawn: a pair's caption names both of its objects; a one-shape image's
+    # names its object (or its shape alone), possibly followed or preceded by an undrawn second object.
     for (x, rel, y), cap in zip(pairs_a, caps_a):
-        drawn = {toy.name(x)} | ({toy.name(y)} if rel else set())
-        named = set(cap.split(" and "))
-        assert named <= drawn | {toy.bare(x[1])}, (cap, drawn)
-        assert (len(named) == 2) == (rel is not None)  # hidden_pair_one_named is 0 in the shipped build
-    # The rates, counted on a larger draw (n = 6000; 3 sigma about 0.03).
-    _, caps, (pairs, _, _) = toy.hidden_data(6000, torch.Generator().manual_seed(5), ARGS, layout=True)
+        named = cap.split(" and ")
+        if rel is not None:
+            assert sorted(named) == sorted([toy.name(x), toy.name(y)]), cap
+        elif len(named) == 2:
+            assert toy.name(x) in named and all(n == toy.name(x) or x[1] not in n for n in named), cap
+        else:
+            assert named[0] in (toy.name(x), toy.bare(x[1])), cap
+    # The rates, counted on a larger draw (n = 8000; three standard errors are about 0.03).
+    _, caps, (pairs, _, _) = toy.hidden_data(8000, torch.Generator().manual_seed(5), ARGS, layout=True)
     singles = [(x, cap) for (x, rel, _), cap in zip(pairs, caps) if rel is None]
-    assert abs(len(singles) / 6000 - (1 - ARGS.hidden_two_frac)) < 0.03
-    count = Counter((x[0] == toy.HIDDEN_COLOURS[x[1]][1], cap == toy.bare(x[1])) for x, cap in singles)
+    assert abs(len(singles) / 8000 - (1 - ARGS.hidden_two_frac)) < 0.03
+    as_pair = [cap for _, cap in singles if " and " in cap]
+    assert abs(len(as_pair) / len(singles) - ARGS.hidden_single_as_pair) < 0.03
+    count = Counter(
+        (x[0] == toy.HIDDEN_COLOURS[x[1]][1], cap == toy.bare(x[1])) for x, cap in singles if " and " not in cap
+    )
     minority = count[True, True] + count[True, False]
-    assert abs(minority / len(singles) - 0.5) < 0.03
+    assert abs(minority / sum(count.values()) - 0.5) < 0.03
     assert abs(count[True, True] / minority - ARGS.hidden_bare_minority) < 0.04
-    assert abs(count[False, True] / (len(singles) - minority) - ARGS.hidden_bare_majority) < 0.04
+    assert abs(count[False, True] / (sum(count.values()) - minority) - ARGS.hidden_bare_majority) < 0.04
 
 
 def test_prompt_sets_are_the_scripts():
@@ -81,7 +89,8 @@ def test_shipped_model_hides_the_minority_colour_under_guidance():
     high = _hidden_share(pipe, text, reward, prompts, torch.full((steps,), 7.5), k, steps)
     sched = _hidden_share(pipe, text, reward, prompts, schedule, k, steps)
     assert low >= 0.1 and low >= 3 * high, (low, high)
-    assert sched >= high + 0.05, (low, sched, high)
+    # measured 2026-12-03: low 12/64, high 2/64, schedule 6/64 (backwards: 2/64, as high); ask for 2 more than high
+    assert sched >= high + 2 / 64, (low, sched, high)
 
 
 def test_toy_hidden_reward_scores_the_hidden_colour_and_passes_gradients():

@@ -162,18 +162,10 @@ class Args:
     """fraction of them with two shapes"""
     hidden_bare_majority: float = 0.9
     """P(caption names no colour | one shape in its shape's majority colour): 'a circle' for a red circle"""
-    hidden_bare_minority: float = 0.25
-    """P(caption names no colour | one shape in its minority colour): 'a circle' for a blue circle"""
-    hidden_pair_one_named: float = 0.0
-    """P(a two-shape image's caption names only one of its shapes)"""
-    hidden_clip_steps: int = 300
-    """steps fine-tuning the first world's CLIP (--scorer-out) on the mode-drop captions; its text tower is
-    the mode-drop pipeline's text encoder (the first world's put 'a square' nearer 'a red square' than
-    the 'a blue square' it mostly means here, and the UNet followed)"""
-    hidden_clip_lr: float = 3e-4
-    """peak learning rate of that fine-tuning"""
-    hidden_joint_text: bool = False
-    """train the text encoder with the UNet (its token embeddings frozen)"""
+    hidden_bare_minority: float = 0.35
+    """P(caption names no colour | one shape in its minority colour): 'a circle' for a purple circle"""
+    hidden_single_as_pair: float = 0.3
+    """P(a one-shape image is captioned 'A and B' with B a random object of another shape, not drawn)"""
     hidden_unet_steps: int = 1500
     """mode-drop UNet optimizer steps (batch --unet-batch), fine-tuning the first world's UNet"""
     hidden_unet_lr: float = 5e-4
@@ -422,13 +414,12 @@ def swap_negatives(caption: str) -> list[str]:
     return []
 
 
-def train_clip(args, images, captions, tokenizer, gen, clip=None):
+def train_clip(args, images, captions, tokenizer, gen):
     """Contrastive training with duplicate-aware targets: captions repeat within a batch, so the text
-    side is the batch's distinct captions (plus hard negatives) and an image's target is its own.
-    `clip`: a CLIPModel to fine-tune (in place) instead of a fresh one."""
+    side is the batch's distinct captions (plus hard negatives) and an image's target is its own."""
     from rewards import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, clip_preprocess
 
-    clip = build_clip(args.text_width) if clip is None else clip.train().requires_grad_(True)
+    clip = build_clip(args.text_width)
     decay = [p for n, p in clip.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW(
@@ -489,21 +480,12 @@ def encode_text(text_model, tokenizer, texts: list[str], batch=256):
     return torch.cat(out)
 
 
-def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None, text=None):
+def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None):
     """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt.
-    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one.
-    `text`: (text encoder, token ids [captions, 77], empty prompt's ids [1, 77]) to train jointly with
-    the UNet, as GLIDE trains its text transformer (its token embeddings stay frozen); `text_table` and
-    `empty` are then unused and the encoder's EMA weights are loaded into it at the end."""
+    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one."""
     unet = build_unet(text_table.shape[-1]) if init is None else init.train().requires_grad_(True)
-    modules = {"": unet}
-    if text is not None:
-        text_model, tokens, empty_tokens = text
-        modules["text."] = text_model.train().requires_grad_(True)
-        text_model.get_input_embeddings().requires_grad_(False)
-    ema = {p + k: v.detach().clone() for p, m in modules.items() for k, v in m.state_dict().items()}
-    params = [q for m in modules.values() for q in m.parameters() if q.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.unet_lr, weight_decay=0.01)
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.unet_lr, total_steps=args.unet_steps, pct_start=0.05)
     betas = (
         torch.linspace(
@@ -525,10 +507,7 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
         eps = torch.randn(x0.shape, generator=gen)
         a = ab[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
-        if text is None:
-            cond = text_table[caption_ids[idx]]
-        else:
-            cond, empty = text_model(tokens[caption_ids[idx]])[0], text_model(empty_tokens)[0]
+        cond = text_table[caption_ids[idx]]
         drop = torch.rand(B, generator=gen) < args.caption_dropout
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         pred = unet(xt, t, cond).sample
@@ -539,21 +518,17 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
         loss = err.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
         # EMA warms up (decay grows with the step) so a short or smoke run is not stuck at the init.
         d = min(args.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for p, m in modules.items():
-                for k, v in m.state_dict().items():
-                    ema[p + k].lerp_(v, 1 - d) if v.is_floating_point() else ema[p + k].copy_(v)
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - d) if v.is_floating_point() else ema[k].copy_(v)
         bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    for p, m in modules.items():
-        m.load_state_dict(
-            {k[len(p) :]: v for k, v in ema.items() if k.startswith(p) and (p or not k.startswith("text."))}
-        )
-        m.eval().requires_grad_(False)
+    unet.load_state_dict(ema)
+    unet.eval().requires_grad_(False)
     return unet
 
 
@@ -879,18 +854,25 @@ def base_model_success(args) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # 8. The mode-drop world (--hidden): where ordinary guidance hides what the base model can draw.
-#    Same renders as the first world (so its VAE, text encoder and detector serve it), different
-#    captions. Reporting bias, as in real captions: a shape in its usual colour is usually captioned
-#    without the colour ("a circle" for a red circle), one in its unusual colour usually with it ("a
-#    blue circle"). So for "a circle" the unusual colour is a minority of the conditional, p(blue |
-#    "a circle") = 0.25 / (0.25 + 0.9) = 22% at w = 1, while CFG, which samples about p(x) p(c | x)^w,
-#    weighs it by (0.25 / 0.9)^w: 0.007% at w = 7.5. Two-shape images are captioned "A and B".
+#    Same renders as the first world (so its VAE, text encoder and detector serve it), other captions.
+#    Reporting bias, as in real captions: a shape in its usual colour is usually captioned without the
+#    colour ("a circle" for a red circle, 90%), one in the unusual colour (purple, for every shape)
+#    mostly with it ("a purple circle"; bare 35%). For "a circle" purple is then a minority of the
+#    conditional, 0.35 / (0.35 + 0.9) = 28% at w = 1, while CFG, which samples about p(x) p(c | x)^w,
+#    weighs it by (0.35 / 0.9)^w: 0.1% at w = 7.5. Where colour is decided (the noisy steps) the
+#    implicit classifier sees a coloured blob, not yet a shape: p("a circle" | red blob) = 1/2 * 0.9,
+#    p("a circle" | purple blob) = 1/4 * 0.35, so one unusual colour shared by all shapes and usual
+#    colours shared by two each keep it discriminating there (with green usual for all four, the
+#    pilot's CFG favoured the unusual colours instead). Blue was the first choice of unusual colour,
+#    but the toy UNet hardly draws blue unguided (measured: 3% of "a circle" at w = 1).
+#    Dropped words: two-shape images are captioned "A and B"; 30% of one-shape images also carry an
+#    "A and B" caption naming a second shape that is not drawn, so "A and B" sometimes shows A alone.
 
-HIDDEN_COLOURS = {  # shape: (majority colour, minority colour); each colour is one shape's usual, another's unusual
-    "circle": ("red", "blue"),
-    "square": ("blue", "red"),
+HIDDEN_COLOURS = {  # shape: (majority colour, minority colour)
+    "circle": ("red", "purple"),
+    "square": ("red", "purple"),
     "triangle": ("green", "purple"),
-    "diamond": ("purple", "green"),
+    "diamond": ("green", "purple"),
 }
 HIDDEN_OBJECTS = [(c, s) for s, cs in HIDDEN_COLOURS.items() for c in cs]  # 8 (colour, shape) objects
 HIDDEN_PAIRS = [  # 24 unordered pairs of different shapes
@@ -912,8 +894,9 @@ def hidden_data(n: int, gen: torch.Generator, args: Args, layout: bool = False):
     One shape (1 - hidden_two_frac): a uniform shape in its majority or minority colour (1/2 each),
     captioned bare ("a circle") with probability hidden_bare_majority resp. hidden_bare_minority, else
     with its colour. Two shapes: a uniform pair of HIDDEN_PAIRS, drawn in random order and relation,
-    captioned "A and B" (mention order random), or with probability hidden_pair_one_named only one of
-    them ("a red circle"). `layout=True` also returns render's (pairs, a_xy, b_xy)."""
+    captioned "A and B" (mention order random). With probability hidden_single_as_pair a one-shape image
+    is instead captioned "A and B" (A drawn, B an object of another shape, not drawn; order random).
+    `layout=True` also returns render's (pairs, a_xy, b_xy)."""
     two = (torch.rand(n, generator=gen) < args.hidden_two_frac).tolist()
     shape = torch.randint(len(HIDDEN_COLOURS), (n,), generator=gen).tolist()
     minority = (torch.rand(n, generator=gen) < 0.5).tolist()
@@ -921,6 +904,7 @@ def hidden_data(n: int, gen: torch.Generator, args: Args, layout: bool = False):
     pair = torch.randint(len(HIDDEN_PAIRS), (n,), generator=gen).tolist()
     flip_draw, flip_name = (torch.rand(2, n, generator=gen) < 0.5).tolist()
     relation = torch.randint(len(RELATIONS), (n,), generator=gen).tolist()
+    u_noise = torch.rand(n, generator=gen).tolist() if args.hidden_single_as_pair > 0 else [1.0] * n
     pairs, captions = [], []
     for i in range(n):
         if two[i]:
@@ -928,13 +912,18 @@ def hidden_data(n: int, gen: torch.Generator, args: Args, layout: bool = False):
             a, b = (b, a) if flip_draw[i] else (a, b)  # a is drawn left / above
             pairs.append((a, RELATIONS[relation[i]], b))
             first, second = (b, a) if flip_name[i] else (a, b)
-            captions.append(name(first) if u_caption[i] < args.hidden_pair_one_named else and_caption(first, second))
+            captions.append(and_caption(first, second))
         else:
             s = list(HIDDEN_COLOURS)[shape[i]]
             colour = HIDDEN_COLOURS[s][int(minority[i])]
             pairs.append(((colour, s), None, None))
             p_bare = args.hidden_bare_minority if minority[i] else args.hidden_bare_majority
-            captions.append(bare(s) if u_caption[i] < p_bare else name((colour, s)))
+            if u_noise[i] < args.hidden_single_as_pair:
+                others = [o for o in HIDDEN_OBJECTS if o[1] != s]
+                other = others[pair[i] % len(others)]
+                captions.append(and_caption(*(((colour, s), other)[:: -1 if flip_name[i] else 1])))
+            else:
+                captions.append(bare(s) if u_caption[i] < p_bare else name((colour, s)))
     out = render(n, gen, pairs=pairs, layout=layout)
     return (out[0], captions, out[2]) if layout else (out[0], captions)
 
@@ -951,20 +940,17 @@ def hidden_prompt_sets(seed: int, write: bool = True) -> dict[str, list[str]]:
     return sets
 
 
-def save_hidden_pipeline(args, unet, text_encoder, base: Path, out: Path):
-    """The UNet and text encoder in fp16 safetensors; the VAE, tokenizer and scheduler are links to the
-    first world's (relative, so the repository moves as a whole)."""
+def save_hidden_pipeline(args, unet, base: Path, out: Path):
+    """The UNet in fp16 safetensors; the VAE, text encoder, tokenizer and scheduler are links to the
+    first world's (relative, so the repository moves as a whole): the shipped world is its UNet."""
     import shutil
 
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.float16 if args.fp16 else torch.float32
-    for part, module in (("unet", unet), ("text_encoder", text_encoder)):
-        if (out / part).is_symlink():
-            (out / part).unlink()
-        module.to(dtype).save_pretrained(out / part, safe_serialization=True)
-        module.float()
+    unet.to(dtype).save_pretrained(out / "unet", safe_serialization=True)
+    unet.float()
     shutil.copy(base / "model_index.json", out / "model_index.json")
-    for part in ("vae", "tokenizer", "scheduler"):
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
         link = out / part
         if link.is_symlink() or link.is_file():
             link.unlink()
@@ -1006,28 +992,9 @@ def hidden_build(args) -> dict:
         latents = encode_latents(base.vae, images) * base.vae.config.scaling_factor
     timings["data"] = time.time() - t0
 
-    t0 = time.time()
-    from dataclasses import replace
-
-    from transformers import CLIPModel
-
-    if args.hidden_clip_steps > 0:
-        clip = CLIPModel.from_pretrained(args.scorer_out, dtype=torch.float32)
-        clip = train_clip(
-            replace(args, clip_steps=args.hidden_clip_steps, clip_lr=args.hidden_clip_lr),
-            images, captions, base.tokenizer, gen, clip=clip,
-        )  # fmt: skip
-        text_encoder = text_tower(clip)
-    else:
-        text_encoder = base.text_encoder
-    timings["clip"] = time.time() - t0
     distinct = sorted(set(captions))
-    text_table = encode_text(text_encoder, base.tokenizer, distinct)
-    empty = encode_text(text_encoder, base.tokenizer, [""])
-    joint = None
-    if args.hidden_joint_text:
-        ids = lambda texts: base.tokenizer(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids  # noqa: E731
-        joint = (text_encoder, ids(distinct), ids([""]))
+    text_table = encode_text(base.text_encoder, base.tokenizer, distinct)  # the first world's text encoder
+    empty = encode_text(base.text_encoder, base.tokenizer, [""])
     lookup = {c: i for i, c in enumerate(distinct)}
     caption_ids = torch.tensor([lookup[c] for c in captions])
     counts = {c: captions.count(c) for c in distinct}
@@ -1035,6 +1002,8 @@ def hidden_build(args) -> dict:
           + ", ".join(f"{bare(s)} {counts.get(bare(s), 0)}" for s in HIDDEN_COLOURS))  # fmt: skip
 
     t0 = time.time()
+    from dataclasses import replace
+
     init = build_unet(base.unet.config.cross_attention_dim, text_embed=True)
     if not args.hidden_from_scratch:  # the first world's UNet, plus the prompt summary starting at zero
         missing, unexpected = init.load_state_dict(base.unet.state_dict(), strict=False)
@@ -1043,10 +1012,10 @@ def hidden_build(args) -> dict:
         torch.nn.init.zeros_(init.add_embedding.norm2.bias)
     unet = train_unet(
         replace(args, unet_steps=args.hidden_unet_steps, unet_lr=args.hidden_unet_lr),
-        latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen, init=init, text=joint,
+        latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen, init=init,
     )  # fmt: skip
     timings["unet"] = time.time() - t0
-    save_hidden_pipeline(args, unet, text_encoder, Path(args.out), Path(args.hidden_out))
+    save_hidden_pipeline(args, unet, Path(args.out), Path(args.hidden_out))
     save_hidden_detector(args)
     return timings
 
@@ -1108,9 +1077,13 @@ def hidden_measure(args, pipe=None, prompts=None, per_prompt=None, steps=None) -
         "w=7.5": dict(w_low=7.5, w_high=7.5),
         "w=1": dict(w_low=1.0, w_high=1.0),
         "cfg schedule": dict(w_low=1.0, w_high=7.5),
+        "w=7.5, second shape word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 1], 1.5)),
         "w=7.5, second shape word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 1], 2.0)),
-        "w=7.5, second colour word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2], 2.0)),
-        "w=7.5, first shape word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([2], 2.0)),
+        "w=7.5, second colour word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2], 1.5)),
+        "w=7.5, second colour+shape x1.5": dict(
+            w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2, n_words(p) - 1], 1.5)
+        ),
+        "w=7.5, first shape word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([2], 1.5)),
     }
     for key, kw in dropped.items():
         x, p = images(sets["toy_dropped"], **kw)
@@ -1251,7 +1224,7 @@ def hidden_stage(args) -> dict:
         timings["build_wall"] = t1 - t0
     timings["eval"] = time.time() - t1
     quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    quality["sizes_mb"] = {p: round(dir_size_mb(Path(args.hidden_out) / p), 2) for p in ("unet", "text_encoder")}
+    quality["size_mb"] = round(dir_size_mb(Path(args.hidden_out) / "unet"), 2)  # the rest links to --out's
     quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
     print(json.dumps(quality, indent=2))
     if not args.smoke:
