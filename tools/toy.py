@@ -1068,6 +1068,23 @@ def hidden_measure(args, pipe=None, prompts=None, per_prompt=None, steps=None) -
     hidden = load_reward("toy-hidden", toy_hidden=args.hidden_detector_out)
     compose = load_reward("toy-compose", toy_detector=args.hidden_detector_out)
     res = {"settings": f"DDIM {steps} steps, eta 0, {k} images per prompt, seed {args.seed}; share = reward > 0.5"}
+    # The detector on this world's renders (its own seed): does toy-hidden > 0.5 say "minority colour"
+    # exactly when it is, and toy-compose > 0.5 "both drawn" for the 'A and B' pairs?
+    n = 64 if args.smoke else 2000
+    x, _, (drawn, _, _) = hidden_data(n, torch.Generator().manual_seed(args.seed + 3_000_017), args, layout=True)
+    one = [i for i, (a, r, _) in enumerate(drawn) if r is None]
+    truth = torch.tensor([drawn[i][0][0] == HIDDEN_COLOURS[drawn[i][0][1]][1] for i in one])
+    said = hidden(x[one], [bare(drawn[i][0][1]) for i in one])[0] > 0.5
+    two = [i for i, (a, r, _) in enumerate(drawn) if r is not None]
+    both = compose(x[two], [and_caption(drawn[i][0], drawn[i][2]) for i in two])[0] > 0.5
+    absent = [HIDDEN_OBJECTS[HIDDEN_OBJECTS.index(drawn[i][2]) ^ 1] for i in two]  # same shape, other colour
+    wrong = compose(x[two], [and_caption(drawn[i][0], o) for i, o in zip(two, absent)])[0] > 0.5
+    res["detector_on_renders"] = {
+        "renders": n,
+        "toy_hidden_right": round((said == truth).float().mean().item(), 4),
+        "pairs_both_found": round(both.float().mean().item(), 4),
+        "pairs_other_colour_rejected": round((~wrong).float().mean().item(), 4),
+    }
     settings = {"w=1": (1.0, 1.0), "w=7.5": (7.5, 7.5), "cfg schedule (t_sw 0.8, w_low 1)": (1.0, 7.5)}
     for key, (lo, hi) in settings.items():
         x, p = images(sets["toy_hidden"], lo, hi)
