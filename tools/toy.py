@@ -4,6 +4,7 @@
     python toy.py --smoke --out /tmp/toy --scorer-out /tmp/toy-scorer   # a few steps of each stage (CI)
     python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
     python toy.py --only-detector # rebuild only the toy-compose detector -> models/toy-detector (+ its quality.json key)
+    python toy.py --hidden        # the mode-drop world (19 min) -> models/toy-hidden, models/toy-hidden-detector (docs/toy_hidden.md)
 
 The world: 32 px images of one or two coloured shapes on light plain or textured backgrounds, captioned
 "a red circle" or "a blue square left of a green triangle", rendered procedurally from a seed. Stages:
