@@ -13,6 +13,8 @@ weighted sum and keeps the autograd graph when every part is differentiable (`re
 | imagereward            | ImageReward-v1.0 (BLIP), re-implemented on transformers' BLIP | yes |
 | jpeg                   | -(JPEG kB at quality 95): compressibility                     | no (DDPO only) |
 | jpeg_incompressibility | +(JPEG kB at quality 95)                                      | no (DDPO only) |
+| toy-compose            | toy world: detector P(every object asked for, relation)       | yes |
+| toy-hidden             | mode-drop toy world: detector P(shape in its hidden colour)    | yes |
 | custom:DIR             | a model trained by train_reward.py                            | yes |
 
 Every checkpoint is a hub id or a local path, loaded through diffusion.from_pretrained (the same code
@@ -51,6 +53,9 @@ DEFAULT_MODELS = dict(
     toy_detector=str(
         Path(__file__).resolve().parent / "models" / "toy-detector"
     ),  # toy-compose: toy.py's detector (config.json + model.safetensors)
+    toy_hidden=str(
+        Path(__file__).resolve().parent / "models" / "toy-hidden-detector"
+    ),  # toy-hidden: the same detector + the mode-drop world's hidden colours (config.json)
 )
 AESTHETIC_FILE = "aesthetic-model.pth"  # the LAION predictor sac+logos+ava1-l14-linearMSE.pth, renamed
 HPS_FILES = {"hps": "HPS_v2.1_compressed.pt", "hpsv2": "HPS_v2_compressed.pt"}
@@ -60,7 +65,9 @@ IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-NAMES = ("aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility", "toy-compose")
+NAMES = (
+    "aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility", "toy-compose", "toy-hidden",
+)  # fmt: skip
 NOT_DIFFERENTIABLE = ("jpeg", "jpeg_incompressibility")
 
 
@@ -545,7 +552,8 @@ def load_toy_detector(name: str, what: str = "--reward-models toy_detector"):
 
 class ToyGrammar:
     """The toy captions toy-compose reads, from the detector's config.json alone (so every prompt can be
-    checked before any weights load): 'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>'."""
+    checked before any weights load): 'a <colour> <shape>', 'a <colour> <shape> <relation> a <colour> <shape>'
+    or 'a <colour> <shape> and a <colour> <shape>' (both present, anywhere: relation index past the relations)."""
 
     def __init__(self, config: dict):
         import re
@@ -557,10 +565,11 @@ class ToyGrammar:
         if not set(self.relations) <= {"left of", "above"}:
             raise CheckpointError(f"toy-compose: the detector's relations {self.relations} are not 'left of' / 'above'")
         obj = f"an? ({'|'.join(map(re.escape, colours))}) ({'|'.join(map(re.escape, shapes))})"
-        self.pattern = re.compile(f"{obj}(?: ({'|'.join(map(re.escape, self.relations))}) {obj})?")
+        self.words = self.relations + ["and"]  # 'and': both objects, anywhere (the mode-drop world's pairs)
+        self.pattern = re.compile(f"{obj}(?: ({'|'.join(map(re.escape, self.words))}) {obj})?")
         self.text = (
             f"'a <colour> <shape>' or 'a <colour> <shape> <relation> a <colour> <shape>' (two different objects), "
-            f"colours {', '.join(sorted(colours))}; shapes {', '.join(sorted(shapes))}; relations {', '.join(self.relations)}"
+            f"colours {', '.join(sorted(colours))}; shapes {', '.join(sorted(shapes))}; relations {', '.join(self.words)}"
         )
 
     def parse(self, prompt: str) -> tuple[int, int, int]:
@@ -577,14 +586,15 @@ class ToyGrammar:
             raise ValueError(
                 f"toy-compose: prompt {prompt!r} asks for the same object twice; the detector cannot count ({self.text})"
             )
-        return a, 0 if rel is None else 1 + self.relations.index(rel), b
+        return a, 0 if rel is None else 1 + self.words.index(rel), b
 
 
 class ToyComposeReward(nn.Module):
     """The probability that an image shows everything its toy caption asks for, in the stated relation.
 
     "a red circle": P(red circle present). "a red circle left of a blue square": P(red circle) *
-    P(blue square) * P(relation), where P(A left of B) = sigmoid((dx - |dy|) / s) and P(A above B) =
+    P(blue square) * P(relation); "a red circle and a blue square": P(red circle) * P(blue square) (no
+    relation asked). P(A left of B) = sigmoid((dx - |dy|) / s) and P(A above B) =
     sigmoid((dy - |dx|) / s), (dx, dy) = position of B minus position of A (y down) and s the config's
     relation_scale_px: B must lie more to the right of A than above or below it (resp. more below A
     than beside it). Soft throughout, so gradients reach the pixels (AlignProp); DDPO uses the value.
@@ -605,7 +615,8 @@ class ToyComposeReward(nn.Module):
         return self.grammar.parse(prompt)
 
     def factors(self, images, prompts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """P(A present), P(B present), P(relation holds), each [N]; 1 for B and the relation when alone."""
+        """P(A present), P(B present), P(relation holds), each [N]; 1 for B and the relation when alone,
+        1 for the relation of 'A and B'."""
         parsed = torch.tensor([self.parse(p) for p in prompts], device=images.device).view(
             -1, 3
         )  # fail before any work
@@ -628,6 +639,57 @@ class ToyComposeReward(nn.Module):
     def forward(self, images, prompts):
         p_a, p_b, p_rel = self.factors(images, prompts)
         return p_a * p_b * p_rel
+
+
+class ToyHiddenGrammar:
+    """The prompts toy-hidden reads, from the detector's config.json alone: 'a <shape>', each shape scored in
+    its hidden colour (the config's hidden_colours: the colour ordinary guidance hides)."""
+
+    def __init__(self, config: dict, what: str = "--reward-models toy_hidden"):
+        hidden = config.get("hidden_colours")
+        if not isinstance(hidden, dict):
+            raise CheckpointError(
+                f"{what}: its config.json has no hidden_colours (build it with tools/toy.py --hidden)"
+            )
+        index = {tuple(o): i for i, o in enumerate(config["objects"])}
+        unknown = [f"{c} {s}" for s, c in hidden.items() if (c, s) not in index]
+        if unknown:
+            raise CheckpointError(f"{what}: the detector does not know {', '.join(unknown)}")
+        self.target = {s: index[(c, s)] for s, c in hidden.items()}
+        self.text = f"'a <shape>', shapes {', '.join(sorted(self.target))}"
+
+    def parse(self, prompt: str) -> int:
+        """The detector output scored for `prompt`: its shape in the hidden colour."""
+        words = " ".join(str(prompt).lower().strip().rstrip(".").split()).split(" ")
+        if len(words) != 2 or words[0] not in ("a", "an") or words[1] not in self.target:
+            raise ValueError(f"toy-hidden: prompt {prompt!r} is not in its grammar; it scores {self.text}")
+        return self.target[words[1]]
+
+
+class ToyHiddenReward(nn.Module):
+    """The mode-drop world's reward (tools/toy.py --hidden): for the bare prompt "a circle", the detector's
+    probability that the image shows a circle in the circle's minority colour, the one ordinary guidance
+    hides. Differentiable (AlignProp); DDPO uses the value. A prompt outside 'a <shape>' raises a ValueError."""
+
+    differentiable = True
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.net, self.config = load_toy_detector(name, "--reward-models toy_hidden")
+        self.grammar = ToyHiddenGrammar(self.config)
+        self.size = int(self.config["image_size"])
+
+    def parse(self, prompt: str) -> int:
+        return self.grammar.parse(prompt)
+
+    def forward(self, images, prompts):
+        target = torch.tensor([self.parse(p) for p in prompts], device=images.device)  # fail before any work
+        if images.shape[-2:] != (self.size, self.size):  # in float32: see _float32
+            images = F.interpolate(
+                _float32(images), size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )
+        logits, _ = self.net(images)
+        return logits.sigmoid()[torch.arange(len(images), device=images.device), target]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -847,6 +909,8 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
             module = ImageRewardReward(m["imagereward_model"], m["imagereward_tokenizer"])
         elif name == "toy-compose":
             module = ToyComposeReward(m["toy_detector"])
+        elif name == "toy-hidden":
+            module = ToyHiddenReward(m["toy_hidden"])
         elif name in NOT_DIFFERENTIABLE:
             module = JpegReward(-1.0 if name == "jpeg" else 1.0)
         else:
@@ -872,6 +936,7 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
         ]
         + [("imagereward_tokenizer", ("tokenizer_config.json", "vocab.txt"))],
         "toy-compose": [("toy_detector", (TOY_DETECTOR_FILES[0],)), ("toy_detector", (TOY_DETECTOR_FILES[1],))],
+        "toy-hidden": [("toy_hidden", (TOY_DETECTOR_FILES[0],)), ("toy_hidden", (TOY_DETECTOR_FILES[1],))],
     }
     out = []
     for name, _ in parse_reward_spec(spec):
@@ -887,15 +952,17 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
 
 def check_prompts(spec: str, prompts: list[str], flag: str = "--prompts", **model_overrides):
     """A one-line ValueError naming the first prompt of `prompts` that a reward of `spec` cannot read
-    (toy-compose reads only its toy grammar), and what it accepts; read from the rewards' configs, before
-    any weights load. Rewards that read any prompt (or whose config is not at hand yet) pass."""
+    (toy-compose and toy-hidden read only their toy grammars), and what it accepts; read from the rewards'
+    configs, before any weights load. Rewards that read any prompt (or whose config is not at hand) pass."""
+    grammars = {"toy-compose": ("toy_detector", ToyGrammar), "toy-hidden": ("toy_hidden", ToyHiddenGrammar)}
     for name, _ in parse_reward_spec(spec):
-        if name != "toy-compose":
+        if name not in grammars:
             continue
-        where = os.path.expanduser(str(model_overrides.get("toy_detector") or DEFAULT_MODELS["toy_detector"]))
+        key, grammar_cls = grammars[name]
+        where = os.path.expanduser(str(model_overrides.get(key) or DEFAULT_MODELS[key]))
         try:
-            grammar = ToyGrammar(json.loads((Path(where) / TOY_DETECTOR_FILES[0]).read_text()))
-        except (OSError, ValueError, KeyError):
+            grammar = grammar_cls(json.loads((Path(where) / TOY_DETECTOR_FILES[0]).read_text()))
+        except (OSError, ValueError, KeyError, CheckpointError):
             continue  # not a local directory: checked (and reported) with the checkpoints
         for prompt in prompts:
             try:

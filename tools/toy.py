@@ -4,6 +4,7 @@
     python toy.py --smoke --out /tmp/toy --scorer-out /tmp/toy-scorer   # a few steps of each stage (CI)
     python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
     python toy.py --only-detector # rebuild only the toy-compose detector -> models/toy-detector (+ its quality.json key)
+    python toy.py --hidden        # the mode-drop world (19 min) -> models/toy-hidden, models/toy-hidden-detector (docs/toy_hidden.md)
 
 The world: 32 px images of one or two coloured shapes on light plain or textured backgrounds, captioned
 "a red circle" or "a blue square left of a green triangle", rendered procedurally from a seed. Stages:
@@ -146,6 +147,37 @@ class Args:
     """base-model images per prompt when measuring its toy-compose success rate"""
     detector_eval_steps: int = 10
     """DDIM steps of those images (the toy world's training runs use 10)"""
+
+    # the mode-drop world (--hidden): a second base model on the same renders, with biased captions
+    hidden: bool = False
+    """build (with --eval-only: only measure) the mode-drop world instead: its UNet -> --hidden-out, sharing
+    models/toy's VAE, text encoder and tokenizer (--out must hold them); writes prompts/toy_hidden.txt,
+    prompts/toy_dropped.txt and the toy-hidden reward's detector directory"""
+    hidden_out: str = "models/toy-hidden"
+    """where the mode-drop pipeline is written"""
+    hidden_detector_out: str = "models/toy-hidden-detector"
+    """the toy-hidden reward's directory: the detector (--detector-out's weights) + the hidden colours"""
+    hidden_images: int = 24000
+    """mode-drop world training images"""
+    hidden_two_frac: float = 0.5
+    """fraction of them with two shapes"""
+    hidden_bare_majority: float = 0.9
+    """P(caption names no colour | one shape in its shape's majority colour): 'a circle' for a red circle"""
+    hidden_bare_minority: float = 0.35
+    """P(caption names no colour | one shape in its minority colour): 'a circle' for a purple circle"""
+    hidden_single_as_pair: float = 0.3
+    """P(a one-shape image is captioned 'A and B' with B a random object of another shape, not drawn)"""
+    hidden_unet_steps: int = 1500
+    """mode-drop UNet optimizer steps (batch --unet-batch), fine-tuning the first world's UNet"""
+    hidden_unet_lr: float = 5e-4
+    """mode-drop UNet peak learning rate"""
+    hidden_from_scratch: bool = False
+    """train the mode-drop UNet from a fresh initialisation instead of the first world's (1000 steps from
+    scratch had not learnt colour from the prompt)"""
+    hidden_eval_per_prompt: int = 32
+    """images per prompt in the mode-drop world's own measurement"""
+    hidden_eval_steps: int = 10
+    """DDIM steps of that measurement"""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,10 +351,15 @@ def build_clip(text_width: int):
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=64))
 
 
-def build_unet(cross_dim: int):
+def build_unet(cross_dim: int, text_embed: bool = False):
+    """`text_embed`: also add an attention-pooled summary of the prompt to the time embedding, so every
+    ResNet block sees the prompt (diffusers' addition_embed_type='text'; the mode-drop world's UNet:
+    with cross-attention alone the toy UNet's unguided samples barely follow the prompt's colour)."""
     from diffusers import UNet2DConditionModel
 
+    extra = dict(addition_embed_type="text", addition_embed_type_num_heads=4) if text_embed else {}
     return UNet2DConditionModel(
+        **extra,
         sample_size=SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1, cross_attention_dim=cross_dim,
         block_out_channels=(32, 64, 64), attention_head_dim=8, norm_num_groups=32,
         # Attention (self + cross to the prompt) at 8x8 and in the 4x4 middle block only: at 16x16 it
@@ -444,9 +481,10 @@ def encode_text(text_model, tokenizer, texts: list[str], batch=256):
     return torch.cat(out)
 
 
-def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen):
-    """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt."""
-    unet = build_unet(text_table.shape[-1])
+def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None):
+    """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt.
+    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one."""
+    unet = build_unet(text_table.shape[-1]) if init is None else init.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, args.unet_lr, total_steps=args.unet_steps, pct_start=0.05)
@@ -816,6 +854,267 @@ def base_model_success(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# 8. The mode-drop world (--hidden): where ordinary guidance hides what the base model can draw.
+#    Same renders as the first world (so its VAE, text encoder and detector serve it), other captions.
+#    Reporting bias, as in real captions: a shape in its usual colour is usually captioned without the
+#    colour ("a circle" for a red circle, 90%), one in the unusual colour (purple, for every shape)
+#    mostly with it ("a purple circle"; bare 35%). For "a circle" purple is then a minority of the
+#    conditional, 0.35 / (0.35 + 0.9) = 28% at w = 1, while CFG, which samples about p(x) p(c | x)^w,
+#    weighs it by (0.35 / 0.9)^w: 0.1% at w = 7.5. Where colour is decided (the noisy steps) the
+#    implicit classifier sees a coloured blob, not yet a shape: p("a circle" | red blob) = 1/2 * 0.9,
+#    p("a circle" | purple blob) = 1/4 * 0.35, so one unusual colour shared by all shapes and usual
+#    colours shared by two each keep it discriminating there (with green usual for all four, the
+#    pilot's CFG favoured the unusual colours instead). Blue was the first choice of unusual colour,
+#    but the toy UNet hardly draws blue unguided (measured: 3% of "a circle" at w = 1).
+#    Dropped words: two-shape images are captioned "A and B"; 30% of one-shape images also carry an
+#    "A and B" caption naming a second shape that is not drawn, so "A and B" sometimes shows A alone.
+
+HIDDEN_COLOURS = {  # shape: (majority colour, minority colour)
+    "circle": ("red", "purple"),
+    "square": ("red", "purple"),
+    "triangle": ("green", "purple"),
+    "diamond": ("green", "purple"),
+}
+HIDDEN_OBJECTS = [(c, s) for s, cs in HIDDEN_COLOURS.items() for c in cs]  # 8 (colour, shape) objects
+HIDDEN_PAIRS = [  # 24 unordered pairs of different shapes
+    (a, b) for i, a in enumerate(HIDDEN_OBJECTS) for b in HIDDEN_OBJECTS[i + 1 :] if a[1] != b[1]
+]
+
+
+def bare(shape: str) -> str:
+    return f"a {shape}"
+
+
+def and_caption(a, b) -> str:
+    return f"{name(a)} and {name(b)}"
+
+
+def hidden_data(n: int, gen: torch.Generator, args: Args, layout: bool = False):
+    """n images of the mode-drop world and their captions, from `gen` only (deterministic).
+
+    One shape (1 - hidden_two_frac): a uniform shape in its majority or minority colour (1/2 each),
+    captioned bare ("a circle") with probability hidden_bare_majority resp. hidden_bare_minority, else
+    with its colour. Two shapes: a uniform pair of HIDDEN_PAIRS, drawn in random order and relation,
+    captioned "A and B" (mention order random). With probability hidden_single_as_pair a one-shape image
+    is instead captioned "A and B" (A drawn, B an object of another shape, not drawn; order random).
+    `layout=True` also returns render's (pairs, a_xy, b_xy)."""
+    two = (torch.rand(n, generator=gen) < args.hidden_two_frac).tolist()
+    shape = torch.randint(len(HIDDEN_COLOURS), (n,), generator=gen).tolist()
+    minority = (torch.rand(n, generator=gen) < 0.5).tolist()
+    u_caption = torch.rand(n, generator=gen).tolist()
+    pair = torch.randint(len(HIDDEN_PAIRS), (n,), generator=gen).tolist()
+    flip_draw, flip_name = (torch.rand(2, n, generator=gen) < 0.5).tolist()
+    relation = torch.randint(len(RELATIONS), (n,), generator=gen).tolist()
+    u_noise = torch.rand(n, generator=gen).tolist() if args.hidden_single_as_pair > 0 else [1.0] * n
+    pairs, captions = [], []
+    for i in range(n):
+        if two[i]:
+            a, b = HIDDEN_PAIRS[pair[i]]
+            a, b = (b, a) if flip_draw[i] else (a, b)  # a is drawn left / above
+            pairs.append((a, RELATIONS[relation[i]], b))
+            first, second = (b, a) if flip_name[i] else (a, b)
+            captions.append(and_caption(first, second))
+        else:
+            s = list(HIDDEN_COLOURS)[shape[i]]
+            colour = HIDDEN_COLOURS[s][int(minority[i])]
+            pairs.append(((colour, s), None, None))
+            p_bare = args.hidden_bare_minority if minority[i] else args.hidden_bare_majority
+            if u_noise[i] < args.hidden_single_as_pair:
+                others = [o for o in HIDDEN_OBJECTS if o[1] != s]
+                other = others[pair[i] % len(others)]
+                captions.append(and_caption(*(((colour, s), other)[:: -1 if flip_name[i] else 1])))
+            else:
+                captions.append(bare(s) if u_caption[i] < p_bare else name((colour, s)))
+    out = render(n, gen, pairs=pairs, layout=layout)
+    return (out[0], captions, out[2]) if layout else (out[0], captions)
+
+
+def hidden_prompt_sets(seed: int, write: bool = True) -> dict[str, list[str]]:
+    """prompts/toy_hidden.txt (the four bare shapes: the hidden mode is each shape's minority colour) and
+    prompts/toy_dropped.txt (8 of the 24 'A and B' pairs, mention order drawn by the seed)."""
+    rng = random.Random(seed + 101)
+    chosen = sorted(rng.sample(range(len(HIDDEN_PAIRS)), 8))
+    dropped = [and_caption(*(HIDDEN_PAIRS[i][:: rng.choice((1, -1))])) for i in chosen]
+    sets = {"toy_hidden": [bare(s) for s in HIDDEN_COLOURS], "toy_dropped": dropped}
+    for k, v in sets.items() if write else ():
+        (ROOT / "prompts" / f"{k}.txt").write_text("\n".join(v) + "\n")
+    return sets
+
+
+def save_hidden_pipeline(args, unet, base: Path, out: Path):
+    """The UNet in fp16 safetensors; the VAE, text encoder, tokenizer and scheduler are links to the
+    first world's (relative, so the repository moves as a whole): the shipped world is its UNet."""
+    import shutil
+
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.float16 if args.fp16 else torch.float32
+    unet.to(dtype).save_pretrained(out / "unet", safe_serialization=True)
+    unet.float()
+    shutil.copy(base / "model_index.json", out / "model_index.json")
+    for part in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        link = out / part
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+        elif link.is_dir():
+            shutil.rmtree(link)
+        link.symlink_to(os.path.relpath(base / part, out), target_is_directory=True)
+
+
+def save_hidden_detector(args):
+    """The toy-hidden reward's directory: the toy-compose detector's weights and config, plus which colour
+    is each shape's minority (hidden) one."""
+    import shutil
+
+    src, out = Path(args.detector_out), Path(args.hidden_detector_out)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src / "model.safetensors", out / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["what"] = (
+        "toy.py's detector (as toy-detector) + the mode-drop world's hidden colours, for the toy-hidden reward"
+    )
+    config["hidden_colours"] = {s: cs[1] for s, cs in HIDDEN_COLOURS.items()}
+    config["majority_colours"] = {s: cs[0] for s, cs in HIDDEN_COLOURS.items()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def hidden_build(args) -> dict:
+    from diffusion import load_pipeline
+    from tools.tiny import SD_SCHEDULER_CONFIG
+
+    timings = {}
+    torch.manual_seed(args.seed + 41)
+    gen = torch.Generator().manual_seed(args.seed + 43)  # its own stream: the first world is unchanged
+    t0 = time.time()
+    chunks = [hidden_data(min(2000, args.hidden_images - i), gen, args) for i in range(0, args.hidden_images, 2000)]
+    images = torch.cat([c[0] for c in chunks])
+    captions = [c for ch in chunks for c in ch[1]]
+    base = load_pipeline(args.out)  # the first world: its VAE (frozen), tokenizer and UNet
+    with torch.no_grad():
+        latents = encode_latents(base.vae, images) * base.vae.config.scaling_factor
+    timings["data"] = time.time() - t0
+
+    distinct = sorted(set(captions))
+    text_table = encode_text(base.text_encoder, base.tokenizer, distinct)  # the first world's text encoder
+    empty = encode_text(base.text_encoder, base.tokenizer, [""])
+    lookup = {c: i for i, c in enumerate(distinct)}
+    caption_ids = torch.tensor([lookup[c] for c in captions])
+    counts = {c: captions.count(c) for c in distinct}
+    print(f"hidden data: {len(images)} images, {len(distinct)} captions ({timings['data']:.0f} s); bare: "
+          + ", ".join(f"{bare(s)} {counts.get(bare(s), 0)}" for s in HIDDEN_COLOURS))  # fmt: skip
+
+    t0 = time.time()
+    from dataclasses import replace
+
+    init = build_unet(base.unet.config.cross_attention_dim, text_embed=True)
+    if not args.hidden_from_scratch:  # the first world's UNet, plus the prompt summary starting at zero
+        missing, unexpected = init.load_state_dict(base.unet.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("add_embedding.") for k in missing), (missing, unexpected)
+        torch.nn.init.zeros_(init.add_embedding.norm2.weight)
+        torch.nn.init.zeros_(init.add_embedding.norm2.bias)
+    unet = train_unet(
+        replace(args, unet_steps=args.hidden_unet_steps, unet_lr=args.hidden_unet_lr),
+        latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen, init=init,
+    )  # fmt: skip
+    timings["unet"] = time.time() - t0
+    save_hidden_pipeline(args, unet, Path(args.out), Path(args.hidden_out))
+    save_hidden_detector(args)
+    return timings
+
+
+def shares_table(scores: torch.Tensor, k: int) -> list[float]:
+    return (scores > 0.5).float().view(-1, k).mean(1).tolist()
+
+
+@torch.no_grad()
+def hidden_measure(args, pipe=None, prompts=None, per_prompt=None, steps=None) -> dict:
+    """The world's claims, measured with the shipped rewards on the same starting noise per setting:
+    toy_hidden: the share of images showing the shape in its minority colour (toy-hidden > 0.5) at w = 1,
+    at w = 7.5 and under DiffExp's CFG schedule (w_low = 1 for t >= 0.8 T, else 7.5); toy_dropped: the
+    share showing both shapes (toy-compose > 0.5) at w = 7.5, and with the second-named shape's word
+    (shape, colour) weighted 2 as DiffExp's prompt weighting would."""
+    from diffusion import TextConditioner, generate, load_pipeline, seeded
+    from explore import PromptWeight, apply_prompt_weights, cfg_scales, word_token_positions
+    from rewards import load_reward
+
+    pipe = pipe or load_pipeline(args.hidden_out)
+    k = per_prompt or args.hidden_eval_per_prompt
+    steps = steps or args.hidden_eval_steps
+    sets = prompts or hidden_prompt_sets(args.seed, write=False)
+    text = TextConditioner(pipe)
+    pipe.scheduler.set_timesteps(steps)
+    T = pipe.scheduler.config.num_train_timesteps
+    ts = pipe.scheduler.timesteps
+
+    def images(prompts, w_low, w_high, t_sw=0.8, weigh=None):
+        prompts = [p for p in prompts for _ in range(k)]
+        cond = text.encode(prompts)
+        if weigh is not None:  # weigh(prompt) -> the words' indices to emphasise, and the weight
+            choices = []
+            for p in prompts:
+                words = word_token_positions(p, pipe.tokenizer)
+                idx, w = weigh(p)
+                choices.append(
+                    PromptWeight(
+                        p, " ".join(words[i][0] for i in idx), idx[0], [q for i in idx for q in words[i][1]], w
+                    )
+                )
+            cond = type(cond)(apply_prompt_weights(cond.embeds, text.empty.embeds[0], choices))
+        guidance = cfg_scales(ts, T, t_sw, w_low, w_high)
+        out = [
+            generate(pipe, cond[i : i + 64], guidance, steps, seeded(args.seed, i // 64), negative=text.negative)
+            for i in range(0, len(prompts), 64)
+        ]
+        return torch.cat(out), prompts
+
+    hidden = load_reward("toy-hidden", toy_hidden=args.hidden_detector_out)
+    compose = load_reward("toy-compose", toy_detector=args.hidden_detector_out)
+    res = {"settings": f"DDIM {steps} steps, eta 0, {k} images per prompt, seed {args.seed}; share = reward > 0.5"}
+    # The detector on this world's renders (its own seed): does toy-hidden > 0.5 say "minority colour"
+    # exactly when it is, and toy-compose > 0.5 "both drawn" for the 'A and B' pairs?
+    n = 64 if args.smoke else 2000
+    x, _, (drawn, _, _) = hidden_data(n, torch.Generator().manual_seed(args.seed + 3_000_017), args, layout=True)
+    one = [i for i, (a, r, _) in enumerate(drawn) if r is None]
+    truth = torch.tensor([drawn[i][0][0] == HIDDEN_COLOURS[drawn[i][0][1]][1] for i in one])
+    said = hidden(x[one], [bare(drawn[i][0][1]) for i in one])[0] > 0.5
+    two = [i for i, (a, r, _) in enumerate(drawn) if r is not None]
+    both = compose(x[two], [and_caption(drawn[i][0], drawn[i][2]) for i in two])[0] > 0.5
+    absent = [HIDDEN_OBJECTS[HIDDEN_OBJECTS.index(drawn[i][2]) ^ 1] for i in two]  # same shape, other colour
+    wrong = compose(x[two], [and_caption(drawn[i][0], o) for i, o in zip(two, absent)])[0] > 0.5
+    res["detector_on_renders"] = {
+        "renders": n,
+        "toy_hidden_right": round((said == truth).float().mean().item(), 4),
+        "pairs_both_found": round(both.float().mean().item(), 4),
+        "pairs_other_colour_rejected": round((~wrong).float().mean().item(), 4),
+    }
+    settings = {"w=1": (1.0, 1.0), "w=7.5": (7.5, 7.5), "cfg schedule (t_sw 0.8, w_low 1)": (1.0, 7.5)}
+    for key, (lo, hi) in settings.items():
+        x, p = images(sets["toy_hidden"], lo, hi)
+        res.setdefault("toy_hidden", {})[key] = dict(zip(sets["toy_hidden"], shares_table(hidden(x, p)[0], k)))
+    n_words = lambda p: len(p.split())  # noqa: E731
+    dropped = {  # "a red circle and a blue square": words 0-2 A, 3 'and', 4-6 B
+        "w=7.5": dict(w_low=7.5, w_high=7.5),
+        "w=1": dict(w_low=1.0, w_high=1.0),
+        "cfg schedule": dict(w_low=1.0, w_high=7.5),
+        "w=7.5, second shape word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 1], 1.5)),
+        "w=7.5, second shape word x2": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 1], 2.0)),
+        "w=7.5, second colour word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2], 1.5)),
+        "w=7.5, second colour+shape x1.5": dict(
+            w_low=7.5, w_high=7.5, weigh=lambda p: ([n_words(p) - 2, n_words(p) - 1], 1.5)
+        ),
+        "w=7.5, first shape word x1.5": dict(w_low=7.5, w_high=7.5, weigh=lambda p: ([2], 1.5)),
+    }
+    for key, kw in dropped.items():
+        x, p = images(sets["toy_dropped"], **kw)
+        p_a, p_b, _ = compose.parts[0][2].factors(x, p)
+        res.setdefault("toy_dropped", {})[key] = {
+            "both": dict(zip(sets["toy_dropped"], shares_table(p_a.clamp(max=1) * p_b, k))),
+            "first": (p_a > 0.5).float().mean().item(),
+            "second": (p_b > 0.5).float().mean().item(),
+        }
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def main(args: Args):
@@ -835,6 +1134,8 @@ def main(args: Args):
         args.detector_steps, args.detector_batch = 3, 16
     if args.only_detector:
         return detector_stage(args, train=not args.eval_only)
+    if args.hidden:
+        return hidden_stage(args)
     if args.write_prompts and not args.smoke:
         write_prompt_sets(args.seed)
     timings = {}
@@ -914,6 +1215,36 @@ def main(args: Args):
             "timings_s": json.loads(report.read_text()).get("timings_s", {}),
             "eval_only_s": round(timings["eval"], 1),
         }
+    if not args.smoke:
+        report.write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+def hidden_stage(args) -> dict:
+    """--hidden: build (unless --eval-only) and measure the mode-drop world; its quality.json keeps the
+    build's timings when only measuring."""
+    for key in ("hidden_out", "hidden_detector_out"):
+        if not Path(getattr(args, key)).is_absolute():
+            setattr(args, key, str(ROOT / getattr(args, key)))
+    if args.smoke:
+        args.hidden_images, args.hidden_unet_steps, args.unet_batch = 256, 3, 16
+        args.hidden_eval_per_prompt = 2
+    if args.write_prompts and not args.smoke:
+        hidden_prompt_sets(args.seed)
+    t0 = time.time()
+    timings = {} if args.eval_only else hidden_build(args)
+    t1 = time.time()
+    quality = hidden_measure(args)
+    report = Path(args.hidden_out) / "quality.json"
+    if args.eval_only and report.is_file():
+        timings = json.loads(report.read_text()).get("timings_s", {})
+    else:
+        timings["build_wall"] = t1 - t0
+    timings["eval"] = time.time() - t1
+    quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    quality["size_mb"] = round(dir_size_mb(Path(args.hidden_out) / "unet"), 2)  # the rest links to --out's
+    quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
+    print(json.dumps(quality, indent=2))
     if not args.smoke:
         report.write_text(json.dumps(quality, indent=2) + "\n")
     return quality
