@@ -48,7 +48,7 @@ ARMS = {  # DiffExp parts switched on: (a) CFG schedule, (b) prompt weighting
 
 @dataclass
 class Args:
-    config: Literal["toy"] | None = None
+    config: Literal["toy", "toy-hidden", "toy-dropped"] | None = None
     """a preset comparison, any flag still overriding it (see PRESETS in this file)"""
     methods: tuple[str, ...] = ("alignprop", "ddpo")
     """trainers to compare: alignprop, ddpo"""
@@ -86,8 +86,8 @@ class Args:
     """the --success-reward value above which an image is a success"""
     success_target: float = 0.5
     """the success rate the 'samples to reach' column asks for"""
-    method_flags: dict[str, str] = field(default_factory=dict)
-    """extra flags for one method, METHOD 'FLAGS' pairs, e.g. --method-flags ddpo '--lr 1e-3'"""
+    method_flags: tuple[str, ...] = ()
+    """extra flags for one method, each 'METHOD: FLAGS', e.g. --method-flags 'ddpo: --lr 3e-3' 'alignprop: --lr 1e-3'"""
     extra: tyro.conf.UseAppendAction[list[str]] = field(default_factory=list)
     """more flags for every trainer, one token per --extra (a value starting with '-' needs '='): --extra=--w-low --extra=3"""
     output_dir: str = "runs/bench"
@@ -102,6 +102,15 @@ PRESETS = {
     "toy": dict(pretrained="toy", reward="pickscore", reward_models={"pickscore_model": "toy-scorer", "pickscore_processor": "toy-scorer"},
                 prompts="toy_two_shapes", eval_prompts="toy_unseen", epochs=30, samples_per_epoch=16, num_steps=10,
                 output_dir="runs/bench_toy"),
+    # The mode-drop world: the rewarded mode (the shape in purple) is common at w = 1 and rare at w_high.
+    # Evaluation: 8 fixed-seed images per prompt (toy_hidden_eval repeats each prompt 8 times).
+    "toy-hidden": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval",
+                       eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
+                       output_dir="runs/bench_hidden"),
+    # The same world's dropped word: 'A and B' often shows A alone; success = both objects (toy-compose).
+    "toy-dropped": dict(pretrained="toy-hidden", reward="toy-compose", prompts="toy_dropped", eval_prompts="toy_dropped_eval",
+                        eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-compose",
+                        output_dir="runs/bench_dropped"),
 }  # fmt: skip
 
 
@@ -128,7 +137,8 @@ def command(args: Args, method: str, arm: str, seed: int, out: Path) -> list[str
         cmd += ["--batch-size", str(batch), *accumulation]
     else:
         cmd += ["--sample-batch-size", str(batch), "--train-batch-size", str(batch), *accumulation]
-    return cmd + ARMS[arm] + args.method_flags.get(method, "").split() + list(args.extra)
+    own = [flags for m, _, flags in (f.partition(":") for f in args.method_flags) if m.strip() == method]
+    return cmd + ARMS[arm] + " ".join(own).split() + list(args.extra)
 
 
 def read_log(run: Path) -> list[dict]:
@@ -321,6 +331,10 @@ def main(args: Args):
     bad = [m for m in args.methods if m not in ("alignprop", "ddpo")] + [a for a in args.arms if a not in ARMS]
     if bad:
         sys.exit(f"error: unknown method/arm {bad}; methods: alignprop ddpo; arms: {' '.join(ARMS)}")
+    if any(f.partition(":")[0].strip() not in ("alignprop", "ddpo") for f in args.method_flags):
+        sys.exit(
+            f"error: --method-flags takes 'METHOD: FLAGS' with METHOD alignprop or ddpo, got {list(args.method_flags)}"
+        )
     if "baseline" not in args.arms:
         sys.exit("error: --arms must include baseline (every comparison is paired with the same seed's baseline)")
     if args.success_reward is not None:
