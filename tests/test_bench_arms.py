@@ -56,7 +56,8 @@ def test_wrong_arms_fail_in_one_line(tmp_path):
 def test_method_flags_reach_only_their_method():
     from tools import bench_arms
 
-    args = bench_arms.cli(["--config", "toy-hidden", "--method-flags", "ddpo: --lr 3e-3 --clip-range 1e-3"])  # replaces the preset's
+    # --method-flags replaces the preset's DDPO flags
+    args = bench_arms.cli(["--config", "toy-hidden", "--method-flags", "ddpo: --lr 3e-3 --clip-range 1e-3"])
     assert bench_arms.command(args, "ddpo", "baseline", 0, "out")[-4:] == ["--lr", "3e-3", "--clip-range", "1e-3"]
     assert "--lr" not in bench_arms.command(args, "alignprop", "baseline", 0, "out")
     assert args.success_reward == "toy-hidden" and args.eval_prompts == "toy_hidden_eval"
