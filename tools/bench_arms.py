@@ -171,7 +171,7 @@ def run_all(args: Args, out: Path):
     total = len(args.methods) * len(args.arms) * len(args.seeds)
     print(f"{total} runs x {args.epochs} epochs x {args.samples_per_epoch} samples = {total * args.epochs * args.samples_per_epoch:,} "
           f"training samples ({args.samples_per_epoch * args.epochs:,} a run); {len(todo)} runs to go", flush=True)  # fmt: skip
-    estimated = False
+    seconds = {}  # method -> durations of the runs finished in this invocation (for the estimate)
     for i, (method, arm, seed) in enumerate(todo):
         run = out / method / arm / f"seed{seed}"
         # --resume continues an interrupted run (a run stopped before its first checkpoint restarts there).
@@ -180,19 +180,28 @@ def run_all(args: Args, out: Path):
         # Passive OpenMP waiting: on a shared CPU, spinning threads made a run several times slower.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
         t0 = time.time()
+        estimated = method in seconds
         with open(out / "last_run_output.txt", "w") as log:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
             while proc.poll() is None:
                 time.sleep(1)
                 if not estimated and (first := next((r for r in read_log(run) if r.get("epoch", -1) >= 0), None)):
-                    per_epoch = first["seconds"]
-                    left = per_epoch * (args.epochs * (len(todo) - i) - 1)
-                    print(f"  first epoch: {per_epoch:.1f} s ({first['sec_per_sample']:.3f} s/sample), plus evaluations: "
-                          f"the comparison needs about {left / 3600:.1f} h more", flush=True)  # fmt: skip
+                    # A method's first run: its first epoch times the epochs (evaluations come on top).
+                    print(f"  first epoch: {first['seconds']:.1f} s ({first['sec_per_sample']:.3f} s/sample): "
+                          f"a {method} run takes about {first['seconds'] * args.epochs / 60:.0f} min plus evaluations",
+                          flush=True)  # fmt: skip
                     estimated = True
         if proc.returncode != 0:
             sys.exit(f"error: {' '.join(cmd)} exited {proc.returncode}; its output: {out / 'last_run_output.txt'}")
-        print(f"  done in {time.time() - t0:.0f} s", flush=True)
+        seconds.setdefault(method, []).append(time.time() - t0)
+        rest = todo[i + 1 :]
+        if rest:
+            # Each method's mean run time so far; a method not yet run is guessed at the slowest one seen.
+            guess = max(statistics.mean(v) for v in seconds.values())
+            left = sum(statistics.mean(seconds[m]) if m in seconds else guess for m, _, _ in rest)
+            print(f"  done in {time.time() - t0:.0f} s; {len(rest)} runs left, about {left / 3600:.1f} h", flush=True)
+        else:
+            print(f"  done in {time.time() - t0:.0f} s", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
