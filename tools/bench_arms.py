@@ -13,7 +13,8 @@ an estimate of the whole comparison's time. An interrupted comparison resumes wh
 runs are skipped, an interrupted one is continued with the trainer's --resume. Then, from the runs'
 logs and held-out evaluation images: bench.md (per method and arm: final held-out reward, its gain, the
 gain minus the same seed's baseline gain as mean ± s.e. over seeds, success rate first → last, samples
-to reach --success-target, samples to reach the baseline's final reward) and bench.png (held-out reward
+to reach --success-target, samples to reach the baseline's final reward, and the reward of the samples
+trained on in the first sixth of the epochs: what exploration showed the learner) and bench.png (held-out reward
 and success rate against samples, mean over seeds with a ± s.e. band). --report-only redraws them.
 
 Success: the share of held-out images (fixed seeds, w_high, no DiffExp: the model as used after training)
@@ -257,11 +258,17 @@ def paired(values: dict, base: dict) -> str:
     )
 
 
+def early_epochs(args: Args) -> int:
+    """The first sixth of the epochs: the 'what did sampling show' window (the model has barely moved)."""
+    return max(1, args.epochs // 6)
+
+
 def report(args: Args):
     out = Path(args.output_dir)
     succ = args.success_reward
     header = ["method", "arm", "seeds", f"final {args.key} (mean ± s.e.)", "gain over its start (mean ± s.e.)",
-              "gain − baseline's gain, same seed (mean ± s.e.)", "samples to reach the baseline's final"]  # fmt: skip
+              "gain − baseline's gain, same seed (mean ± s.e.)", "samples to reach the baseline's final",
+              f"reward of the samples trained on, first {early_epochs(args)} epochs (mean ± s.e.)"]  # fmt: skip
     if succ:
         header += [f"success ({succ} > {args.success_threshold:g}), first → last", "success − baseline's, same seed (mean ± s.e.)",
                    f"samples to reach {args.success_target:.0%} success"]  # fmt: skip
@@ -296,8 +303,13 @@ def report(args: Args):
                 if base_final is not None
                 else "— (baseline did not gain)"
             )
+            # What exploration showed the learner: the training samples' own reward before the model moved much.
+            early = [statistics.fmean(r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args))
+                     for run in runs[arm].values()]  # fmt: skip
+            early_se = statistics.stdev(early) / len(early) ** 0.5 if len(early) > 1 else 0.0
             cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
-                     paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach)]  # fmt: skip
+                     paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
+                     f"{statistics.fmean(early):.3f} ± {early_se:.3f}"]  # fmt: skip
             xs, ms, ses = zip(*mc)
             axes[0][col].plot(xs, ms, marker="o", markersize=3, label=arm)
             axes[0][col].fill_between(
@@ -328,7 +340,7 @@ def report(args: Args):
             ax.set_xlabel("samples seen in training")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    fig.suptitle(f"{args.pretrained}, {args.reward}: mean over seeds ± s.e.", fontsize=10)
+    fig.suptitle(f"model {args.pretrained}, reward {args.reward}: mean over seeds ± s.e.", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "bench.png", dpi=120)
     table = "\n".join(lines)
