@@ -103,7 +103,7 @@ class OptimArgs:
     max_grad_norm: float = 1.0
     """gradient clipping by global norm (0 disables)"""
     ema_decay: float = 0.0
-    """keep an exponential moving average of the LoRA weights, ema = d * ema + (1 - d) * weights every --ema-every optimizer steps, and evaluate (--eval-every) with it; saved in each checkpoint's training state; 0: off"""
+    """keep an exponential moving average of the LoRA weights, ema = d * ema + (1 - d) * weights every --ema-every optimizer steps, and evaluate (--eval-every) with it; saved in each checkpoint (its LoRA in epoch_NNNN/ema/); 0: off"""
     ema_every: int = 1
     """optimizer steps between EMA updates (with --ema-decay)"""
 
@@ -625,6 +625,7 @@ class Run:
                     self.unet,
                     full | {"samples_seen": self.samples_seen} | (state or {}),
                     r.keep_checkpoints,
+                    ema=self.ema,
                 )
             acc.wait_for_everyone()
         return record
@@ -1158,10 +1159,14 @@ def _jsonable(x):
 # place, so a crash mid-write never leaves a half checkpoint behind.
 
 
-def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3) -> Path:
+def save_checkpoint(
+    output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3, ema: EMA | None = None
+) -> Path:
     """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state) atomically, with the
     permissions of every other output (the umask's), and byte-identical for identical training; keep
-    the last `keep` checkpoints (0: keep all)."""
+    the last `keep` checkpoints (0: keep all). With an EMA (--ema-decay), its weights also go to
+    epoch_NNNN/ema/ in the same LoRA format, so `sample.py --lora .../epoch_NNNN/ema` and diffusers'
+    load_lora_weights use them (resume reads the EMA from training_state.pt)."""
     import shutil
 
     from diffusion import save_lora_weights
@@ -1173,10 +1178,14 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep:
     tmp.mkdir(parents=True)
     save_lora_weights(unet, tmp)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
     _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
+    if ema is not None:
+        with ema.swapped():
+            save_lora_weights(unet, tmp / "ema")
+        _canonical_safetensors_header(tmp / "ema" / "pytorch_lora_weights.safetensors")
     torch.save(state, tmp / "training_state.pt")
     mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
-    for f in tmp.iterdir():
-        os.chmod(f, mode)
+    for f in tmp.rglob("*"):
+        os.chmod(f, 0o777 & ~_umask() if f.is_dir() else mode)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

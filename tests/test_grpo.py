@@ -174,3 +174,19 @@ def test_ema_equals_a_hand_rolled_ema_and_is_what_evaluation_sees(monkeypatch, t
             torch.testing.assert_close(saved.double(), expected, atol=1e-7, rtol=1e-6)
             torch.testing.assert_close(evaluated.double(), expected, atol=1e-7, rtol=1e-6)
         assert max((e - w).abs().max().item() for e, w in zip(ema, weights)) > 1e-3  # EMA != the last weights
+    # The last checkpoint's ema/ holds the EMA as a LoRA in the trainers' format (what --lora and diffusers'
+    # load_lora_weights read): the same tensors as the hand-rolled EMA, written the way the weights are.
+    from safetensors.torch import load_file
+
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    expected = {f"unet.{k}": v for k, v in diffusion.lora_state_dict(pipe.unet).items()}  # SD's pipeline prefix
+    saved = load_file(out / "checkpoints" / "epoch_0002" / "ema" / "pytorch_lora_weights.safetensors")
+    assert sorted(saved) == sorted(expected)
+    for k in expected:
+        torch.testing.assert_close(saved[k].double(), expected[k].double(), atol=1e-7, rtol=1e-6)
+    fresh = diffusion.load_pipeline(str(tiny_sd_dir))
+    fresh.load_lora_weights(str(out / "checkpoints" / "epoch_0002" / "ema"))
+    loaded = [p for n, p in fresh.unet.named_parameters() if "lora_" in n]
+    assert len(loaded) == len(params)
