@@ -61,3 +61,10 @@ def test_method_flags_reach_only_their_method():
     assert bench_arms.command(args, "ddpo", "baseline", 0, "out")[-4:] == ["--lr", "3e-3", "--clip-range", "1e-3"]
     assert "--lr" not in bench_arms.command(args, "alignprop", "baseline", 0, "out")
     assert args.success_reward == "toy-hidden" and args.eval_prompts == "toy_hidden_eval"
+
+
+def test_every_preset_says_how_long_it_takes():
+    from tools import bench_arms
+
+    assert set(bench_arms.PRESET_TIME) == set(bench_arms.PRESETS)
+    assert all(" h on a 2-core CPU" in t for t in bench_arms.PRESET_TIME.values())

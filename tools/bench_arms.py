@@ -8,8 +8,9 @@ part alone, the same sample budget, several seeds paired by seed. Any model, rew
         # the paper's Figure 3/4 setting (a GPU: about a day for 2 methods x 4 arms x 3 seeds)
 
 Each run is the trainer itself (a subprocess, the command a user types) in OUTPUT/<method>/<arm>/seed<k>/.
-Before the first run the script prints the comparison's sample budget; after the first run's first epoch,
-an estimate of the whole comparison's time. An interrupted comparison resumes where it stopped: finished
+Before the first run the script prints the comparison's sample budget (and, for a preset, how long the
+whole comparison took on a 2-core CPU); after each method's first epoch, that method's run time, and
+after each run, an estimate of the time left. An interrupted comparison resumes where it stopped: finished
 runs are skipped, an interrupted one is continued with the trainer's --resume. Then, from the runs'
 logs and held-out evaluation images: bench.md (per method and arm: final held-out reward, its gain, the
 gain minus the same seed's baseline gain as mean ± s.e. over seeds, success rate first → last, samples
@@ -114,6 +115,13 @@ PRESETS = {
                         eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-compose",
                         seeds=(0, 1, 2, 3, 4), method_flags=("ddpo: --lr 3e-3",), output_dir="runs/bench_dropped"),
 }  # fmt: skip
+# How long each preset's whole comparison took here (printed before it starts): a shared 2-core CPU.
+PRESET_TIME = {
+    "toy": "about 0.8 h on a 2-core CPU (24 runs: AlignProp ~80 s, DDPO ~160 s a run; measured 2026-11-23)",
+    "toy-hidden": "about 1.4 h on a 2-core CPU (40 runs: AlignProp 75-100 s, DDPO 160-200 s a run; measured "
+    "2026-12-03, with toy-dropped running beside it at one thread each, which took no longer than alone)",
+    "toy-dropped": "about 1.4 h on a 2-core CPU (as toy-hidden; measured 2026-12-03)",
+}
 
 
 def command(args: Args, method: str, arm: str, seed: int, out: Path) -> list[str]:
@@ -172,6 +180,8 @@ def run_all(args: Args, out: Path):
     total = len(args.methods) * len(args.arms) * len(args.seeds)
     print(f"{total} runs x {args.epochs} epochs x {args.samples_per_epoch} samples = {total * args.epochs * args.samples_per_epoch:,} "
           f"training samples ({args.samples_per_epoch * args.epochs:,} a run); {len(todo)} runs to go", flush=True)  # fmt: skip
+    if args.config in PRESET_TIME and todo:
+        print(f"--config {args.config}, all of it: {PRESET_TIME[args.config]}", flush=True)
     seconds = {}  # method -> durations of the runs finished in this invocation (for the estimate)
     for i, (method, arm, seed) in enumerate(todo):
         run = out / method / arm / f"seed{seed}"
@@ -189,7 +199,7 @@ def run_all(args: Args, out: Path):
                 if not estimated and (first := next((r for r in read_log(run) if r.get("epoch", -1) >= 0), None)):
                     # A method's first run: its first epoch times the epochs (evaluations come on top).
                     print(f"  first epoch: {first['seconds']:.1f} s ({first['sec_per_sample']:.3f} s/sample): "
-                          f"a {method} run takes about {first['seconds'] * args.epochs / 60:.0f} min plus evaluations",
+                          f"one {method} run takes about {first['seconds'] * args.epochs / 60:.0f} min plus evaluations",
                           flush=True)  # fmt: skip
                     estimated = True
         if proc.returncode != 0:
