@@ -181,7 +181,10 @@ def run_all(args: Args, out: Path):
     print(f"{total} runs x {args.epochs} epochs x {args.samples_per_epoch} samples = {total * args.epochs * args.samples_per_epoch:,} "
           f"training samples ({args.samples_per_epoch * args.epochs:,} a run); {len(todo)} runs to go", flush=True)  # fmt: skip
     if args.config in PRESET_TIME and todo:
-        print(f"--config {args.config}, all of it: {PRESET_TIME[args.config]}", flush=True)
+        preset = Args(**PRESETS[args.config])  # the preset as it stands, to say whether this run is all of it
+        whole = (args.methods, args.arms, args.seeds) == (preset.methods, preset.arms, preset.seeds)
+        print(f"--config {args.config}{'' if whole else ' (the whole preset; this run is a part of it)'}: "
+              f"{PRESET_TIME[args.config]}", flush=True)  # fmt: skip
     seconds = {}  # method -> durations of the runs finished in this invocation (for the estimate)
     for i, (method, arm, seed) in enumerate(todo):
         run = out / method / arm / f"seed{seed}"
@@ -210,7 +213,8 @@ def run_all(args: Args, out: Path):
             # Each method's mean run time so far; a method not yet run is guessed at the slowest one seen.
             guess = max(statistics.mean(v) for v in seconds.values())
             left = sum(statistics.mean(seconds[m]) if m in seconds else guess for m, _, _ in rest)
-            print(f"  done in {time.time() - t0:.0f} s; {len(rest)} runs left, about {left / 3600:.1f} h", flush=True)
+            when = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+            print(f"  done in {time.time() - t0:.0f} s; runs left: {len(rest)}, about {when}", flush=True)
         else:
             print(f"  done in {time.time() - t0:.0f} s", flush=True)
 
