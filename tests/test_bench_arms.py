@@ -22,7 +22,9 @@ def comparison(tiny_sd_dir, tiny_aesthetic, tmp_path):
 def test_a_comparison_runs_reports_and_resumes(comparison, tmp_path):
     proc = run_script("tools/bench_arms.py", *comparison)
     assert "4 runs x 2 epochs x 2 samples = 16 training samples (4 a run); 4 runs to go" in proc.stdout
-    assert "first epoch:" in proc.stdout and "the comparison needs about" in proc.stdout
+    # the method's run time from its first epoch, then after each run the time left (4 runs: 3, 2, 1 left)
+    assert "first epoch:" in proc.stdout and "one alignprop run takes about" in proc.stdout
+    assert [f"runs left: {n}, about" in proc.stdout for n in (3, 2, 1)] == [True] * 3
     table = (tmp_path / "bench" / "bench.md").read_text().splitlines()
     assert len(table) == 4 and "| alignprop | diffexp | 2 |" in table[3]
     assert (tmp_path / "bench" / "bench.png").stat().st_size > 10_000

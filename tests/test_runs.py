@@ -34,7 +34,10 @@ def ddpo_argv(sd, out, *extra):
 def start(script, *argv, env=None):
     cmd = [sys.executable, str(ROOT / script), *map(str, argv)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # SIGINT as in a terminal: a shell without job control (CI in the background, nohup) starts children
+    # with SIGINT ignored, and Python then never raises KeyboardInterrupt (the Ctrl-C test's run finished).
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
 
 
 def wait_for(path: Path, proc, timeout=120):

@@ -318,12 +318,17 @@ def report(args: Args):
                 else "— (baseline did not gain)"
             )
             # What exploration showed the learner: the training samples' own reward before the model moved much.
-            early = [statistics.fmean(r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args))
-                     for run in runs[arm].values()]  # fmt: skip
-            early_se = statistics.stdev(early) / len(early) ** 0.5 if len(early) > 1 else 0.0
+            early = [statistics.fmean(v) for run in runs[arm].values()
+                     if (v := [r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args) and "reward_mean" in r])]  # fmt: skip
+            seen = (
+                "—"
+                if not early
+                else f"{statistics.fmean(early):.3f} ± "
+                + (f"{statistics.stdev(early) / len(early) ** 0.5:.3f}" if len(early) > 1 else "0.000")
+            )
             cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
                      paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
-                     f"{statistics.fmean(early):.3f} ± {early_se:.3f}"]  # fmt: skip
+                     seen]  # fmt: skip
             xs, ms, ses = zip(*mc)
             axes[0][col].plot(xs, ms, marker="o", markersize=3, label=arm)
             axes[0][col].fill_between(
