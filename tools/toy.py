@@ -36,9 +36,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# Passive OpenMP waiting: on a shared 2-core machine spinning threads fight other processes and a
-# training step can get several times slower (measured 7.5 s vs 0.9 s); must be set before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Passive OpenMP waiting for the build: on a shared 2-core machine spinning threads fight other processes
+# and a training step can get several times slower (measured 7.5 s vs 0.9 s); must be set before torch
+# loads. Only when run as a script: set on import, it leaked into every process the test suite started
+# and made each trainer there about 1.7x slower (a lone process loses from passive waiting).
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
