@@ -260,16 +260,19 @@ def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, 
     out = []
     for s in common:
         vals = [dict(c)[s] for c in curves]
-        out.append((s, statistics.fmean(vals), statistics.stdev(vals) / len(vals) ** 0.5 if len(vals) > 1 else 0.0))
+        out.append((s, statistics.fmean(vals), sem(vals)))
     return out
+
+
+def sem(values: list[float]) -> float:
+    """The standard error of the mean over seeds (0 for a single seed)."""
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
 def paired(values: dict, base: dict) -> str:
     """mean ± s.e. of value − the same seed's baseline value, over the seeds both have."""
     diffs = [values[s] - base[s] for s in values if s in base]
-    return (
-        f"{statistics.fmean(diffs):+.3f} ± {statistics.stdev(diffs) / len(diffs) ** 0.5:.3f}" if len(diffs) > 1 else "—"
-    )
+    return f"{statistics.fmean(diffs):+.3f} ± {sem(diffs):.3f}" if len(diffs) > 1 else "—"
 
 
 def early_epochs(args: Args) -> int:
@@ -311,7 +314,7 @@ def report(args: Args):
             if not mc:
                 continue
             g = list(gains[arm].values())
-            se = statistics.stdev(g) / len(g) ** 0.5 if len(g) > 1 else 0.0
+            se = sem(g)
             reach = (
                 next((s for s, m, _ in mc if m >= base_final), "not reached")
                 if base_final is not None
@@ -320,12 +323,7 @@ def report(args: Args):
             # What exploration showed the learner: the training samples' own reward before the model moved much.
             early = [statistics.fmean(v) for run in runs[arm].values()
                      if (v := [r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args) and "reward_mean" in r])]  # fmt: skip
-            seen = (
-                "—"
-                if not early
-                else f"{statistics.fmean(early):.3f} ± "
-                + (f"{statistics.stdev(early) / len(early) ** 0.5:.3f}" if len(early) > 1 else "0.000")
-            )
+            seen = f"{statistics.fmean(early):.3f} ± {sem(early):.3f}" if early else "—"
             cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
                      paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
                      seen]  # fmt: skip
