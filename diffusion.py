@@ -35,7 +35,7 @@ def _looks_like_path(name: str) -> bool:
 # Short names for the checkpoints shipped in this repository (built by toy.py), accepted wherever a
 # hub id or directory is: `--pretrained toy`, `--reward-models pickscore_model toy-scorer ...`.
 MODELS_DIR = Path(__file__).resolve().parent / "models"
-ALIASES = {"toy": MODELS_DIR / "toy", "toy-scorer": MODELS_DIR / "toy-scorer", "toy-hidden": MODELS_DIR / "toy-hidden"}
+ALIASES = {name: MODELS_DIR / name for name in ("toy", "toy-scorer", "toy-hidden", "toy-dropped")}
 
 
 def from_pretrained(cls, name: str, what: str, **kwargs):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import read_log, run_script
 from diffusion import ALIASES, TextConditioner, generate, load_pipeline, load_prompts, seeded
-from explore import cfg_scales
+from explore import PromptWeight, apply_prompt_weights, cfg_scales, word_token_positions
 from rewards import DEFAULT_MODELS, checkpoints_needed, load_reward
 from tools import toy
 
@@ -170,3 +170,65 @@ def test_a_short_alignprop_run_with_diffexp_raises_the_hidden_mode_reward(tmp_pa
     assert first["exploring"] and first["w_low_share"] > 0 and any(w for w in first["prompt_weights"]), first
     evals = [r["eval_reward_mean"] for r in log if "eval_reward_mean" in r]
     assert len(evals) == 2 and evals[1] > evals[0] + 0.2, evals
+
+
+def test_dropped_world_marks_which_mentions_are_drawn():
+    """--dropped's fine-tuning set: every 'A and B' caption's four content words are located, and a mention
+    counts as drawn exactly when its object is in the render (a pair: both; a one-shape image: one)."""
+    tokenizer = load_pipeline("toy-hidden").tokenizer
+    args = toy.Args(dropped_images=400)
+    _, caps, masks, drawn, is_pair, _ = toy.dropped_data(args, tokenizer)
+    _, caps_again, _, drawn_again, _, _ = toy.dropped_data(args, tokenizer)
+    assert caps == caps_again and torch.equal(drawn, drawn_again)
+    assert abs(is_pair.float().mean().item() - (0.5 + 0.5 * args.dropped_single_as_pair)) < 0.08
+    for i, cap in enumerate(caps):
+        if " and " not in cap:
+            assert not is_pair[i] and masks[i].sum() == 0
+            continue
+        ids = tokenizer(cap).input_ids
+        words = cap.split()
+        for j, w in enumerate((1, 2, 5, 6)):  # "a red circle and a purple square"
+            (pos,) = masks[i, j].nonzero().flatten().tolist()
+            assert tokenizer.decode([ids[pos]]).strip() == words[w]
+        # the colour and shape words of one mention agree; a pair draws both, a one-shape image one
+        assert drawn[i, 0] == drawn[i, 1] and drawn[i, 2] == drawn[i, 3]
+        assert int(drawn[i, 0]) + int(drawn[i, 2]) in (1, 2)
+
+
+def test_smoke_dropped_build_writes_a_loadable_pipeline(tmp_path):
+    out = tmp_path / "toy-dropped"
+    toy.main(toy.Args(dropped=True, smoke=True, dropped_out=str(out)))
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (out / "text_encoder").is_symlink()
+    assert load_pipeline(str(out)).unet.config.addition_embed_type == "text"
+
+
+def _both_share(pipe, text, compose, prompts, k, weigh=None):
+    """Share of 'A and B' images (k per prompt, 10 steps at w 7.5, the same noise) with toy-compose > 0.5;
+    weigh: (word indices, weight) emphasised as DiffExp's prompt weighting does."""
+    prompts = [p for p in prompts for _ in range(k)]
+    cond = text.encode(prompts)
+    if weigh is not None:
+        choices = []
+        for p in prompts:
+            words = word_token_positions(p, pipe.tokenizer)
+            idx, w = weigh
+            positions = [q for i in idx for q in words[i][1]]
+            choices.append(PromptWeight(p, " ".join(words[i][0] for i in idx), idx[0], positions, w))
+        cond = type(cond)(apply_prompt_weights(cond.embeds, text.empty.embeds[0], choices))
+    images = generate(pipe, cond, torch.full((10,), 7.5), 10, seeded(0, 0), negative=text.negative)
+    return (compose(images, prompts)[0] > 0.5).float().mean().item()
+
+
+def test_shipped_dropped_world_drops_a_word_that_emphasis_brings_back():
+    """models/toy-dropped, toy_dropped prompts, w 7.5: both objects are drawn at a measurable rate, and
+    emphasising the second-named object's shape word (x 1.5, prompt weighting's formula) raises it; the
+    first-named's does not, as that is the object the model keeps."""
+    assert ALIASES["toy-dropped"].joinpath("model_index.json").is_file(), "build it: python tools/toy.py --dropped"
+    pipe = load_pipeline("toy-dropped")
+    pipe.scheduler.set_timesteps(10)
+    text, compose = TextConditioner(pipe), load_reward("toy-compose")
+    prompts, k = load_prompts("toy_dropped"), 8
+    plain = _both_share(pipe, text, compose, prompts, k)
+    second = _both_share(pipe, text, compose, prompts, k, weigh=([6], 1.5))
+    first = _both_share(pipe, text, compose, prompts, k, weigh=([2], 1.5))
+    assert plain >= 0.05 and second >= plain + 6 / 64 and first <= plain + 3 / 64, (plain, second, first)

@@ -110,8 +110,9 @@ PRESETS = {
     "toy-hidden": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval",
                        eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
                        seeds=(0, 1, 2, 3, 4), method_flags=("ddpo: --lr 3e-3",), output_dir="runs/bench_hidden"),
-    # The same world's dropped word: 'A and B' often shows A alone; success = both objects (toy-compose).
-    "toy-dropped": dict(pretrained="toy-hidden", reward="toy-compose", prompts="toy_dropped", eval_prompts="toy_dropped_eval",
+    # The dropped-word world: 'A and B' often shows A alone, emphasising B's word brings it back;
+    # success = both objects (toy-compose).
+    "toy-dropped": dict(pretrained="toy-dropped", reward="toy-compose", prompts="toy_dropped", eval_prompts="toy_dropped_eval",
                         eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-compose",
                         seeds=(0, 1, 2, 3, 4), method_flags=("ddpo: --lr 3e-3",), output_dir="runs/bench_dropped"),
 }  # fmt: skip

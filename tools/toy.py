@@ -182,6 +182,28 @@ class Args:
     hidden_eval_steps: int = 10
     """DDIM steps of that measurement"""
 
+    # the dropped-word world (--dropped): toy-hidden's UNet, fine-tuned so an undrawn object's words read weak
+    dropped: bool = False
+    """build (with --eval-only: only measure) the dropped-word world: the mode-drop world's UNet (--hidden-out)
+    fine-tuned on its renders with more 'A and B' captions whose B is not drawn, the undrawn object's words
+    scaled towards the empty prompt's; written to --dropped-out (VAE, text encoder, tokenizer linked as for
+    --hidden)"""
+    dropped_out: str = "models/toy-dropped"
+    """where the dropped-word pipeline is written"""
+    dropped_images: int = 12000
+    """dropped-word fine-tuning images (the mode-drop world's renders and captions, their own seed)"""
+    dropped_single_as_pair: float = 0.5
+    """P(a one-shape image is captioned 'A and B' with B not drawn), in place of --hidden-single-as-pair"""
+    dropped_drawn_weight: tuple[float, float] = (0.9, 2.2)
+    """in an 'A and B' caption, each word (colour, shape) of a drawn object is weighted U(lo, hi) as prompt
+    weighting does (e_empty + w (e - e_empty)), a fresh draw every step"""
+    dropped_absent_weight: tuple[float, float] = (0.0, 1.1)
+    """... and each word of the object that is not drawn U(lo, hi): a mention the text encoder gives weakly"""
+    dropped_unet_steps: int = 1500
+    """dropped-word UNet optimizer steps (batch --unet-batch)"""
+    dropped_unet_lr: float = 3e-4
+    """dropped-word UNet peak learning rate"""
+
 
 # ---------------------------------------------------------------------------------------------
 # 1. The world: shapes, colours, captions, rendering.
@@ -484,9 +506,10 @@ def encode_text(text_model, tokenizer, texts: list[str], batch=256):
     return torch.cat(out)
 
 
-def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None):
+def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None, weigh=None):
     """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt.
-    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one."""
+    `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one.
+    `weigh(cond, idx, gen) -> cond`: changes the batch's text conditioning before the dropout."""
     unet = build_unet(text_table.shape[-1]) if init is None else init.train().requires_grad_(True)
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     opt = torch.optim.AdamW(unet.parameters(), lr=args.unet_lr, weight_decay=0.01)
@@ -512,6 +535,7 @@ def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, 
         a = ab[t].view(B, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         cond = text_table[caption_ids[idx]]
+        cond = cond if weigh is None else weigh(cond, idx, gen)
         drop = torch.rand(B, generator=gen) < args.caption_dropout
         cond = torch.where(drop[:, None, None], empty.expand_as(cond), cond)
         pred = unet(xt, t, cond).sample
@@ -1139,6 +1163,8 @@ def main(args: Args):
         return detector_stage(args, train=not args.eval_only)
     if args.hidden:
         return hidden_stage(args)
+    if args.dropped:
+        return dropped_stage(args)
     if args.write_prompts and not args.smoke:
         write_prompt_sets(args.seed)
     timings = {}
@@ -1246,6 +1272,118 @@ def hidden_stage(args) -> dict:
     timings["eval"] = time.time() - t1
     quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     quality["size_mb"] = round(dir_size_mb(Path(args.hidden_out) / "unet"), 2)  # the rest links to --out's
+    quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
+    print(json.dumps(quality, indent=2))
+    if not args.smoke:
+        report.write_text(json.dumps(quality, indent=2) + "\n")
+    return quality
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. The dropped-word world (--dropped): where emphasising the dropped object's word brings it back.
+#    On the mode-drop world "A and B" often shows A alone (or A twice), but emphasising B's word there
+#    traded A for B: an 'A and B' caption reads the same whether or not B was drawn, so nothing tied a
+#    word's strength to its object's presence. Real text encoders do give some mentions weakly (the
+#    neglected words prompt weighting is for); this world builds that in: while fine-tuning, each word of
+#    an undrawn object is scaled towards the empty prompt's (x U(0, 1.1)) and each word of a drawn one
+#    away from it (x U(0.9, 2.2)), the weighting formula DiffExp applies. At weight 1 the two overlap, so
+#    the plain prompt stays ambiguous (B is often dropped); an emphasised B word says "drawn".
+
+
+def dropped_data(args, tokenizer):
+    """The fine-tuning set: hidden_data's renders and captions with --dropped-single-as-pair, and for each
+    image the token positions of the four content words of an 'A and B' caption (colour and shape of
+    each mention) and whether that mention's object is drawn."""
+    from dataclasses import replace
+
+    from explore import word_token_positions
+
+    gen = torch.Generator().manual_seed(args.seed + 47)  # its own stream: neither world above changes
+    world = replace(args, hidden_single_as_pair=args.dropped_single_as_pair)
+    n = args.dropped_images
+    chunks = [hidden_data(min(2000, n - i), gen, world, layout=True) for i in range(0, n, 2000)]
+    images = torch.cat([c[0] for c in chunks])
+    captions = [c for ch in chunks for c in ch[1]]
+    drawn_objects = [p for ch in chunks for p in ch[2][0]]
+    L = tokenizer.model_max_length
+    masks = torch.zeros(n, 4, L)  # colour 1, shape 1, colour 2, shape 2
+    drawn = torch.zeros(n, 4, dtype=torch.bool)
+    is_pair = torch.zeros(n, dtype=torch.bool)
+    for i, caption in enumerate(captions):
+        if " and " not in caption:
+            continue
+        is_pair[i] = True
+        words = word_token_positions(caption, tokenizer)  # "a red circle and a purple square": 1, 2, 5, 6
+        a, relation, b = drawn_objects[i]
+        present = {a} | ({b} if relation is not None else set())
+        for j, w in enumerate((1, 2, 5, 6)):
+            masks[i, j, words[w][1]] = 1
+            drawn[i, j] = (words[1 + 4 * (j // 2)][0], words[2 + 4 * (j // 2)][0]) in present
+    return images, captions, masks, drawn, is_pair, gen
+
+
+def dropped_build(args) -> dict:
+    from diffusion import load_pipeline
+    from tools.tiny import SD_SCHEDULER_CONFIG
+
+    timings = {}
+    torch.manual_seed(args.seed + 45)
+    t0 = time.time()
+    pipe = load_pipeline(args.hidden_out)  # the mode-drop world: its UNet is the starting point
+    images, captions, masks, drawn, is_pair, gen = dropped_data(args, pipe.tokenizer)
+    with torch.no_grad():
+        latents = encode_latents(pipe.vae, images) * pipe.vae.config.scaling_factor
+    distinct = sorted(set(captions))
+    text_table = encode_text(pipe.text_encoder, pipe.tokenizer, distinct)
+    empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""])
+    lookup = {c: i for i, c in enumerate(distinct)}
+    caption_ids = torch.tensor([lookup[c] for c in captions])
+    timings["data"] = time.time() - t0
+    print(f"dropped data: {len(images)} images, {is_pair.float().mean():.0%} 'A and B' captions, "
+          f"{(~drawn[is_pair]).float().mean():.0%} of their mentions not drawn ({timings['data']:.0f} s)")  # fmt: skip
+    (d_lo, d_hi), (a_lo, a_hi) = args.dropped_drawn_weight, args.dropped_absent_weight
+
+    def weigh(cond, idx, g):  # prompt weighting's formula, per word: drawn -> strong, undrawn -> weak
+        u = torch.rand(len(idx), 4, generator=g)
+        w = torch.where(drawn[idx], d_lo + u * (d_hi - d_lo), a_lo + u * (a_hi - a_lo))
+        w = torch.where(is_pair[idx, None], w, torch.ones_like(w))
+        per_token = 1 + (masks[idx] * (w[:, :, None] - 1)).sum(1)  # the four words' positions are disjoint
+        return empty[0] + per_token[:, :, None] * (cond - empty[0])
+
+    from dataclasses import replace
+
+    t0 = time.time()
+    unet = train_unet(
+        replace(args, unet_steps=args.dropped_unet_steps, unet_lr=args.dropped_unet_lr),
+        latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen, init=pipe.unet.float(), weigh=weigh,
+    )  # fmt: skip
+    timings["unet"] = time.time() - t0
+    save_hidden_pipeline(args, unet, Path(args.out), Path(args.dropped_out))
+    return timings
+
+
+def dropped_stage(args) -> dict:
+    """--dropped: build (unless --eval-only) and measure the dropped-word world (models/toy-dropped)."""
+    for key in ("hidden_out", "hidden_detector_out", "dropped_out"):
+        if not Path(getattr(args, key)).is_absolute():
+            setattr(args, key, str(ROOT / getattr(args, key)))
+    if args.smoke:
+        args.dropped_images, args.dropped_unet_steps, args.unet_batch = 256, 3, 16
+        args.hidden_eval_per_prompt = 2
+    t0 = time.time()
+    timings = {} if args.eval_only else dropped_build(args)
+    t1 = time.time()
+    from diffusion import load_pipeline
+
+    quality = hidden_measure(args, pipe=load_pipeline(args.dropped_out))
+    report = Path(args.dropped_out) / "quality.json"
+    if args.eval_only and report.is_file():
+        timings = json.loads(report.read_text()).get("timings_s", {})
+    else:
+        timings["build_wall"] = t1 - t0
+    timings["eval"] = time.time() - t1
+    quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
+    quality["size_mb"] = round(dir_size_mb(Path(args.dropped_out) / "unet"), 2)
     quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
     print(json.dumps(quality, indent=2))
     if not args.smoke:
