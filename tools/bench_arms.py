@@ -121,7 +121,7 @@ PRESET_TIME = {
     "toy": "about 0.8 h on a 2-core CPU (24 runs: AlignProp ~80 s, DDPO ~160 s a run; measured 2026-11-23)",
     "toy-hidden": "about 1.4 h on a 2-core CPU (40 runs: AlignProp 75-100 s, DDPO 160-200 s a run; measured "
     "2026-12-03 with toy-dropped beside it, one thread each: both finished in that time)",
-    "toy-dropped": "about 1.4 h on a 2-core CPU (as toy-hidden; measured 2026-12-03)",
+    "toy-dropped": "about 1.5 h on a 2-core CPU (40 runs: AlignProp ~90 s, DDPO ~180 s a run; measured 2026-12-03)",
 }
 
 
