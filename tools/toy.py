@@ -5,6 +5,7 @@
     python toy.py --eval-only     # measure the shipped model and scorer (the README's quality numbers)
     python toy.py --only-detector # rebuild only the toy-compose detector -> models/toy-detector (+ its quality.json key)
     python toy.py --hidden        # the mode-drop world (19 min) -> models/toy-hidden, models/toy-hidden-detector (docs/toy_hidden.md)
+    python toy.py --dropped       # the dropped-word world, a fine-tune of toy-hidden (11 min) -> models/toy-dropped
 
 The world: 32 px images of one or two coloured shapes on light plain or textured backgrounds, captioned
 "a red circle" or "a blue square left of a green triangle", rendered procedurally from a seed. Stages:
