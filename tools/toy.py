@@ -507,6 +507,15 @@ def encode_text(text_model, tokenizer, texts: list[str], batch=256):
     return torch.cat(out)
 
 
+def caption_table(text_encoder, tokenizer, captions: list[str]):
+    """The UNet's text conditioning, encoded once per distinct caption: (table [N, L, D], the empty
+    prompt's [1, L, D], each image's row in the table)."""
+    distinct = sorted(set(captions))
+    lookup = {c: i for i, c in enumerate(distinct)}
+    table = encode_text(text_encoder, tokenizer, distinct)
+    return table, encode_text(text_encoder, tokenizer, [""]), torch.tensor([lookup[c] for c in captions])
+
+
 def train_unet(args, latents, caption_ids, text_table, empty, scheduler_config, gen, init=None, weigh=None):
     """Epsilon prediction with SD's noise schedule; `caption_dropout` of the batch sees the empty prompt.
     `init`: a UNet to start from (fine-tuning; it is trained in place) instead of a fresh one.
@@ -1021,11 +1030,9 @@ def hidden_build(args) -> dict:
         latents = encode_latents(base.vae, images) * base.vae.config.scaling_factor
     timings["data"] = time.time() - t0
 
+    # the first world's text encoder
+    text_table, empty, caption_ids = caption_table(base.text_encoder, base.tokenizer, captions)
     distinct = sorted(set(captions))
-    text_table = encode_text(base.text_encoder, base.tokenizer, distinct)  # the first world's text encoder
-    empty = encode_text(base.text_encoder, base.tokenizer, [""])
-    lookup = {c: i for i, c in enumerate(distinct)}
-    caption_ids = torch.tensor([lookup[c] for c in captions])
     counts = {c: captions.count(c) for c in distinct}
     print(f"hidden data: {len(images)} images, {len(distinct)} captions ({timings['data']:.0f} s); bare: "
           + ", ".join(f"{bare(s)} {counts.get(bare(s), 0)}" for s in HIDDEN_COLOURS))  # fmt: skip
@@ -1208,12 +1215,8 @@ def main(args: Args):
         timings["clip"] = time.time() - t0
 
         t0 = time.time()
-        distinct = sorted(set(captions))
         text_encoder = text_tower(clip)
-        text_table = encode_text(text_encoder, tokenizer, distinct)
-        empty = encode_text(text_encoder, tokenizer, [""])
-        lookup = {c: i for i, c in enumerate(distinct)}
-        caption_ids = torch.tensor([lookup[c] for c in captions])
+        text_table, empty, caption_ids = caption_table(text_encoder, tokenizer, captions)
         from tools.tiny import SD_SCHEDULER_CONFIG
 
         unet = train_unet(args, latents, caption_ids, text_table, empty, SD_SCHEDULER_CONFIG, gen)
@@ -1261,18 +1264,26 @@ def hidden_stage(args) -> dict:
         args.hidden_eval_per_prompt = 2
     if args.write_prompts and not args.smoke:
         hidden_prompt_sets(args.seed)
+    return build_and_measure(args, hidden_build, args.hidden_out)
+
+
+def build_and_measure(args, build, out: str) -> dict:
+    """A mode-drop stage's tail: build (unless --eval-only), measure the pipeline at `out` with
+    hidden_measure, and write out/quality.json with the timings (the build's own, when only measuring)."""
+    from diffusion import load_pipeline
+
     t0 = time.time()
-    timings = {} if args.eval_only else hidden_build(args)
+    timings = {} if args.eval_only else build(args)
     t1 = time.time()
-    quality = hidden_measure(args)
-    report = Path(args.hidden_out) / "quality.json"
+    quality = hidden_measure(args, pipe=load_pipeline(out))
+    report = Path(out) / "quality.json"
     if args.eval_only and report.is_file():
         timings = json.loads(report.read_text()).get("timings_s", {})
     else:
         timings["build_wall"] = t1 - t0
     timings["eval"] = time.time() - t1
     quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    quality["size_mb"] = round(dir_size_mb(Path(args.hidden_out) / "unet"), 2)  # the rest links to --out's
+    quality["size_mb"] = round(dir_size_mb(Path(out) / "unet"), 2)  # the rest links to --out's
     quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
     print(json.dumps(quality, indent=2))
     if not args.smoke:
@@ -1334,11 +1345,7 @@ def dropped_build(args) -> dict:
     images, captions, masks, drawn, is_pair, gen = dropped_data(args, pipe.tokenizer)
     with torch.no_grad():
         latents = encode_latents(pipe.vae, images) * pipe.vae.config.scaling_factor
-    distinct = sorted(set(captions))
-    text_table = encode_text(pipe.text_encoder, pipe.tokenizer, distinct)
-    empty = encode_text(pipe.text_encoder, pipe.tokenizer, [""])
-    lookup = {c: i for i, c in enumerate(distinct)}
-    caption_ids = torch.tensor([lookup[c] for c in captions])
+    text_table, empty, caption_ids = caption_table(pipe.text_encoder, pipe.tokenizer, captions)
     timings["data"] = time.time() - t0
     print(f"dropped data: {len(images)} images, {is_pair.float().mean():.0%} 'A and B' captions, "
           f"{(~drawn[is_pair]).float().mean():.0%} of their mentions not drawn ({timings['data']:.0f} s)")  # fmt: skip
@@ -1371,25 +1378,7 @@ def dropped_stage(args) -> dict:
     if args.smoke:
         args.dropped_images, args.dropped_unet_steps, args.unet_batch = 256, 3, 16
         args.hidden_eval_per_prompt = 2
-    t0 = time.time()
-    timings = {} if args.eval_only else dropped_build(args)
-    t1 = time.time()
-    from diffusion import load_pipeline
-
-    quality = hidden_measure(args, pipe=load_pipeline(args.dropped_out))
-    report = Path(args.dropped_out) / "quality.json"
-    if args.eval_only and report.is_file():
-        timings = json.loads(report.read_text()).get("timings_s", {})
-    else:
-        timings["build_wall"] = t1 - t0
-    timings["eval"] = time.time() - t1
-    quality["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
-    quality["size_mb"] = round(dir_size_mb(Path(args.dropped_out) / "unet"), 2)
-    quality["measured_on"] = f"{time.strftime('%Y-%m-%d')}, torch {torch.__version__}, {args.threads} CPU threads"
-    print(json.dumps(quality, indent=2))
-    if not args.smoke:
-        report.write_text(json.dumps(quality, indent=2) + "\n")
-    return quality
+    return build_and_measure(args, dropped_build, args.dropped_out)
 
 
 def measure_detector(args) -> dict:
