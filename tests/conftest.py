@@ -75,6 +75,24 @@ def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
     return proc
 
 
+def run_main(script: str, *args):
+    """Run a trainer or sample.py in this process, as `run_script` does in a subprocess, less the ~4 s
+    a fresh interpreter spends importing torch and diffusers. For runs whose result is the point; the
+    command line itself (exit codes, signals, locks, launchers, other precisions: accelerate's state
+    is per process) stays with run_script. Returns an object whose .stdout is what it printed."""
+    import contextlib
+    import importlib
+    import io
+    import types
+
+    module = importlib.import_module(script.removesuffix(".py"))
+    argv = [str(a) for a in args]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        module.main(argv) if script == "sample.py" else module.main(module.cli(argv))
+    return types.SimpleNamespace(stdout=printed.getvalue(), stderr="")
+
+
 def read_log(run_dir) -> list[dict]:
     import json
 

@@ -266,7 +266,7 @@ def test_alignprop_raises_toy_compose(tmp_path):
     model rarely gets right. Measured 2026-11-30 (10 steps, 30 epochs x 16 samples, lr 3e-3, no DiffExp;
     held-out reward = mean over 32 fixed seeds): seed 0: 0.073 -> 0.297; seeds 1-5: +0.170, +0.137,
     +0.297, +0.429, +0.127. The test asks for +0.06 (about half the smallest gain)."""
-    from conftest import read_log, run_script
+    from conftest import read_log, run_main
 
     prompt = (
         "a red circle left of a green square"  # base model: 0.067 mean, 8 images (models/toy/quality.json's settings)
@@ -274,7 +274,7 @@ def test_alignprop_raises_toy_compose(tmp_path):
     (tmp_path / "train.txt").write_text(prompt + "\n")
     (tmp_path / "eval.txt").write_text((prompt + "\n") * 32)  # one prompt, 32 fixed noises
     out = tmp_path / "run"
-    run_script(
+    run_main(
         "train_alignprop.py", "--pretrained", "toy", "--reward", "toy-compose", "--prompts", tmp_path / "train.txt",
         "--eval-prompts", tmp_path / "eval.txt", "--eval-num", 32, "--num-steps", 10, "--samples-per-epoch", 16,
         "--batch-size", 8, "--gradient-accumulation-steps", 2, "--num-epochs", 30, "--eval-every", 30, "--lr", 3e-3,

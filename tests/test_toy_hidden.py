@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import read_log, run_script
+from conftest import read_log, run_main
 from diffusion import ALIASES, TextConditioner, generate, load_pipeline, load_prompts, seeded
 from explore import PromptWeight, apply_prompt_weights, cfg_scales, word_token_positions
 from rewards import DEFAULT_MODELS, checkpoints_needed, load_reward
@@ -158,7 +158,7 @@ def test_a_short_alignprop_run_with_diffexp_raises_the_hidden_mode_reward(tmp_pa
     eval_prompts = tmp_path / "eval.txt"  # every shape, 4 fixed-seed images each
     eval_prompts.write_text("".join(f"{p}\n" * 4 for p in load_prompts("toy_hidden")))
     out = tmp_path / "run"
-    run_script(
+    run_main(
         "train_alignprop.py", "--pretrained", "toy-hidden", "--reward", "toy-hidden", "--prompts", "toy_hidden",
         "--eval-prompts", eval_prompts, "--eval-num", 16, "--eval-every", 8, "--num-epochs", 8,
         "--samples-per-epoch", 16, "--batch-size", 8, "--gradient-accumulation-steps", 2, "--num-steps", 10,

@@ -9,7 +9,7 @@ import torch
 
 import diffusion
 import runs
-from conftest import lora_weights, read_log, run_script
+from conftest import lora_weights, read_log, run_main, run_script
 
 
 def tiny_args(tiny_sd_dir, tiny_aesthetic, out, *extra):
@@ -146,7 +146,7 @@ def test_training_moves_the_reward(tiny_sd_dir, tiny_aesthetic, tmp_path):
     every epoch); the eval pass sees the same prompts and noise each time. Measured when written:
     -0.3447 before, -0.3339 after, rising every epoch.
     """
-    run_script(
+    run_main(
         "train_alignprop.py",
         *tiny_args(
             tiny_sd_dir,
@@ -303,7 +303,7 @@ def test_sample_py_generates_with_the_checkpoint_and_scores(two_epoch_run, tiny_
 
     out = tmp_path / "samples"
     models = tiny_aesthetic[1:]
-    run_script(
+    run_main(
         "sample.py",
         "generate",
         "--pretrained",
@@ -328,7 +328,7 @@ def test_sample_py_generates_with_the_checkpoint_and_scores(two_epoch_run, tiny_
     assert all(float(r["aesthetic"]) == float(r["aesthetic"]) for r in rows)  # finite numbers
     assert (out / "grid.png").exists() and (out / "0005.png").exists()
     # The LoRA changes the images: the base model's are different.
-    run_script(
+    run_main(
         "sample.py",
         "generate",
         "--pretrained",
@@ -348,7 +348,7 @@ def test_sample_py_generates_with_the_checkpoint_and_scores(two_epoch_run, tiny_
 
 
 def test_plot_and_gallery_from_a_real_run(two_epoch_run, tmp_path):
-    run_script(
+    run_main(
         "sample.py",
         "plot",
         two_epoch_run,
@@ -360,7 +360,7 @@ def test_plot_and_gallery_from_a_real_run(two_epoch_run, tmp_path):
         tmp_path / "curve.png",
     )
     assert (tmp_path / "curve.png").stat().st_size > 1000
-    run_script("sample.py", "gallery", two_epoch_run, "--output", tmp_path / "gallery.html")
+    run_main("sample.py", "gallery", two_epoch_run, "--output", tmp_path / "gallery.html")
     page = (tmp_path / "gallery.html").read_text()
     assert page.count('type="range"') == 2  # one slider per held-out prompt (--eval-num 2)
     assert page.count("data:image/png;base64,") == 2 * 3 + 2  # initial + 2 epochs per prompt, plus the shown frame

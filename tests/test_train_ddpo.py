@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lora_weights, read_log, run_script
+from conftest import lora_weights, read_log, run_main, run_script
 from kernels import ppo_clip_loss_reference
 from train_ddpo import PerPromptStatTracker
 
@@ -49,7 +49,7 @@ def test_ratio_is_one_before_any_update(tiny_sd_dir, tiny_aesthetic, tmp_path, d
     with the stored guidance scale and weighted embeddings) must equal the stored one. At w_low = 1 both CFG
     halves give the conditional output; at w_low = 3 a training pass that ignored the stored per-step
     guidance (w_high everywhere) would move the ratio off 1."""
-    proc = run_script("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
+    proc = run_main("train_ddpo.py", *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "aesthetic", *tiny_aesthetic,
                       "--num-epochs", 1, "--lr", 0, "--adam-weight-decay", 0, *diffexp))  # fmt: skip
     assert "note: --lr 0: the LoRA weights will not change (a dry run)" in proc.stdout  # allowed, but said
     r = read_log(tmp_path / "run")[-1]

@@ -553,11 +553,11 @@ def test_help_lists_the_flags_with_their_docs():
 def test_alignprop_fine_tunes_towards_the_custom_reward(pixelate_model, tiny_sd_dir, tmp_path):
     """The third README command: a short train_alignprop.py run with --reward custom:DIR moves that reward
     (fixed-seed evaluation before vs after training)."""
-    from conftest import read_log, run_script
+    from conftest import read_log, run_main
 
     root, _, _ = pixelate_model
     out = tmp_path / "run"
-    run_script("train_alignprop.py", "--pretrained", tiny_sd_dir, "--reward", f"custom:{root / 'model'}", "--num-steps", 4,
+    run_main("train_alignprop.py", "--pretrained", tiny_sd_dir, "--reward", f"custom:{root / 'model'}", "--num-steps", 4,
                "--samples-per-epoch", 4, "--batch-size", 2, "--gradient-accumulation-steps", 1, "--mixed-precision", "no",
                "--num-epochs", 8, "--lr", 2e-2, "--backprop-steps", 2, "--eval-every", 8, "--eval-num", 2, "--output-dir", out)  # fmt: skip
     log = read_log(out)
