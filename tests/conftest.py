@@ -79,7 +79,8 @@ def run_main(script: str, *args):
     """Run a trainer or sample.py in this process, as `run_script` does in a subprocess, less the ~4 s
     a fresh interpreter spends importing torch and diffusers. For runs whose result is the point; the
     command line itself (exit codes, signals, locks, launchers, other precisions: accelerate's state
-    is per process) stays with run_script. Returns an object whose .stdout is what it printed."""
+    is per process) stays with run_script, and so do runs compared bit for bit with a subprocess's (this
+    process's thread count may differ from a fresh one's). Returns an object whose .stdout is what it printed."""
     import contextlib
     import importlib
     import io

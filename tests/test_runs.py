@@ -20,7 +20,7 @@ import runs
 import sample
 import train_alignprop
 import train_ddpo
-from conftest import ROOT, lora_weights, read_log, run_script
+from conftest import ROOT, lora_weights, read_log, run_main, run_script
 
 
 def ddpo_argv(sd, out, *extra):
@@ -360,7 +360,7 @@ def test_a_run_written_before_run_json_and_the_new_flags_still_resumes(tiny_sd_d
     """Runs written before this layout have no run.json and an args.json without the flags added since
     (--group-size, --kl-beta, --ema-decay, --ema-every); they resume, and their trainer is still told."""
     out = tmp_path / "run"
-    run_script("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1))
+    run_main("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1))
     (out / "run.json").unlink()
     old = json.loads((out / "args.json").read_text())
     for key in ("group_size", "kl_beta", "ema_decay", "ema_every"):

@@ -12,7 +12,7 @@ import torch
 
 import diffusion
 import runs
-from conftest import ROOT, lora_weights, read_log, run_script
+from conftest import ROOT, lora_weights, read_log, run_main, run_script
 from explore import DiffExpConfig, PromptWeight, apply_prompt_weights, choose_words, diffexp_conditioning
 
 
@@ -251,7 +251,7 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     clip, mlp = make_tiny_clip(tmp_path / "clip"), make_tiny_aesthetic(tmp_path / "mlp", dim=32)
     common = ["--reward", "aesthetic", "--reward-models", "aesthetic_clip", clip, "aesthetic_model", mlp, "--samples-per-epoch", 2,
               "--batch-size", 2, "--gradient-accumulation-steps", 1, "--lora-rank", 4, "--lora-alpha", 16, "--lr", 1e-2]  # fmt: skip
-    run_script("train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common))
+    run_main("train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common))
     ckpt = out / "checkpoints" / "epoch_0000"
     assert (out / "eval" / "epoch_0000" / "000.png").exists()  # the evaluation after epoch 0 = checkpoints/epoch_0000
 
@@ -269,10 +269,12 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     assert (a - c).abs().max() > 1e-5  # the LoRA does something
     assert any(v.abs().max() > 0 for k, v in lora_weights(ckpt).items() if "lora_B" in k or "lora.up" in k)
 
-    run_script("train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common, "--num-epochs", 2, "--resume"))
+    run_script(
+        "train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common, "--num-epochs", 2, "--resume")
+    )  # a fresh process
     assert [r["epoch"] for r in read_log(out)] == [-1, 0, 1]
 
     samples = tmp_path / "samples"
-    run_script("sample.py", "generate", "--pretrained", tiny_sdxl_dir, "--lora", out / "checkpoints" / "epoch_0001", "--prompt", "a cat",
+    run_main("sample.py", "generate", "--pretrained", tiny_sdxl_dir, "--lora", out / "checkpoints" / "epoch_0001", "--prompt", "a cat",
                "--num-steps", 2, "--output-dir", samples)  # fmt: skip
     assert (samples / "grid.png").exists()
