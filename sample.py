@@ -131,6 +131,18 @@ def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, scheduler
         )
 
 
+def note_repeated_prompts(prompt_list: list[str]):
+    """Say when a prompt stands more than once: generate seeds image j of every prompt with --seed + j (the
+    same noise across prompts, so prompts compare), so a repeated prompt gets the same images again."""
+    repeats = len(prompt_list) - len(set(prompt_list))
+    if repeats:
+        print(
+            f"note: --prompts: {repeats} of {len(prompt_list)} prompts repeat an earlier one and get the same images "
+            f"(image j of a prompt is seeded --seed + j); for more images of a prompt use --num-per-prompt",
+            file=sys.stderr,
+        )
+
+
 def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names: list[str], reward_models: dict | None,
                 mixed_precision: str):  # fmt: skip
     """(pipe, {reward name: scorer}, device) for generate and explore: every checkpoint (pipeline,
@@ -247,6 +259,7 @@ def generate(
         fail(str(e))
     check_pooled_weighting(pretrained, diffexp)
     check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards")
+    note_repeated_prompts(prompt_list)
     out = claim_output(output_dir, "sample.py generate", overwrite)
     pipe, scorers, _ = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
 

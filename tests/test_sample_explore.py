@@ -292,6 +292,25 @@ def write_log(run, values):
     )
 
 
+def test_generate_says_when_a_repeated_prompt_repeats_its_images(tiny_sd_dir, tmp_path, capsys):
+    """Image j of every prompt is seeded --seed + j, so a prompt listed twice gets the same images twice:
+    said in one note (a file of distinct prompts gets none)."""
+    import numpy as np
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\na cat\na cat\n")
+    common = ["generate", "--pretrained", str(tiny_sd_dir), "--num-steps", "2"]
+    sample.main([*common, "--prompts", str(prompts), "--output-dir", str(tmp_path / "repeated")])
+    err = capsys.readouterr().err
+    assert "note: --prompts: 2 of 4 prompts repeat an earlier one and get the same images" in err
+    images = [np.asarray(Image.open(tmp_path / "repeated" / f"{i:04d}.png")) for i in range(4)]
+    assert (images[0] == images[2]).all() and (images[0] == images[3]).all() and (images[0] != images[1]).any()
+    prompts.write_text("a cat\na dog\n")
+    sample.main([*common, "--prompts", str(prompts), "--output-dir", str(tmp_path / "distinct")])
+    assert "repeat" not in capsys.readouterr().err
+
+
 def test_plot_writes_next_to_its_runs(tmp_path, monkeypatch, capsys):
     write_log(tmp_path / "runs" / "diffexp", [0.1, 0.2, 0.3])
     write_log(tmp_path / "runs" / "baseline", [0.1, 0.15, 0.2])
