@@ -80,7 +80,8 @@ def run_main(script: str, *args):
     a fresh interpreter spends importing torch and diffusers. For runs whose result is the point; the
     command line itself (exit codes, signals, locks, launchers, other precisions: accelerate's state
     is per process) stays with run_script, and so do runs compared bit for bit with a subprocess's (this
-    process's thread count may differ from a fresh one's). Returns an object whose .stdout is what it printed."""
+    process's thread count may differ from a fresh one's). Returns an object with what it printed, .stdout
+    and .stderr; both are also passed on, so a failing test shows them."""
     import contextlib
     import importlib
     import io
@@ -88,10 +89,17 @@ def run_main(script: str, *args):
 
     module = importlib.import_module(script.removesuffix(".py"))
     argv = [str(a) for a in args]
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        module.main(argv) if script == "sample.py" else module.main(module.cli(argv))
-    return types.SimpleNamespace(stdout=printed.getvalue(), stderr="")
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            if script == "sample.py":
+                module.main(argv)  # its subcommands parse argv themselves
+            else:
+                module.main(module.cli(argv))
+    finally:
+        sys.stdout.write(out.getvalue())
+        sys.stderr.write(err.getvalue())
+    return types.SimpleNamespace(stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def read_log(run_dir) -> list[dict]:
