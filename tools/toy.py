@@ -34,7 +34,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 # Passive OpenMP waiting for the build: on a shared 2-core machine spinning threads fight other processes
@@ -1038,8 +1038,6 @@ def hidden_build(args) -> dict:
           + ", ".join(f"{bare(s)} {counts.get(bare(s), 0)}" for s in HIDDEN_COLOURS))  # fmt: skip
 
     t0 = time.time()
-    from dataclasses import replace
-
     init = build_unet(base.unet.config.cross_attention_dim, text_embed=True)
     if not args.hidden_from_scratch:  # the first world's UNet, plus the prompt summary starting at zero
         missing, unexpected = init.load_state_dict(base.unet.state_dict(), strict=False)
@@ -1152,19 +1150,20 @@ def hidden_measure(args, pipe=None, prompts=None, per_prompt=None, steps=None) -
 # ---------------------------------------------------------------------------------------------
 
 
+def rooted(path: str) -> str:
+    """A relative output path read from the repository root (the defaults' models/...), wherever the build
+    is started from; an absolute one as it is."""
+    return str(Path(path) if Path(path).is_absolute() else ROOT / path)
+
+
 def main(args: Args):
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.smoke:  # a few steps of every stage: exercises the whole build quickly
         args.num_images, args.vae_steps, args.clip_steps, args.unet_steps = 256, 3, 3, 3
         args.vae_batch, args.clip_batch, args.unet_batch = 16, 32, 16
-    out, scorer_out = Path(args.out), Path(args.scorer_out)
-    if not out.is_absolute():
-        args.out = str(ROOT / out)
-    if not scorer_out.is_absolute():
-        args.scorer_out = str(ROOT / scorer_out)
-    detector_out = Path(args.detector_out) if args.detector_out else Path(args.out).parent / "toy-detector"
-    args.detector_out = str(detector_out if detector_out.is_absolute() else ROOT / detector_out)
+    args.out, args.scorer_out = rooted(args.out), rooted(args.scorer_out)
+    args.detector_out = rooted(args.detector_out or str(Path(args.out).parent / "toy-detector"))
     if args.smoke:
         args.detector_steps, args.detector_batch = 3, 16
     if args.only_detector:
@@ -1257,8 +1256,7 @@ def hidden_stage(args) -> dict:
     """--hidden: build (unless --eval-only) and measure the mode-drop world; its quality.json keeps the
     build's timings when only measuring."""
     for key in ("hidden_out", "hidden_detector_out"):
-        if not Path(getattr(args, key)).is_absolute():
-            setattr(args, key, str(ROOT / getattr(args, key)))
+        setattr(args, key, rooted(getattr(args, key)))
     if args.smoke:
         args.hidden_images, args.hidden_unet_steps, args.unet_batch = 256, 3, 16
         args.hidden_eval_per_prompt = 2
@@ -1306,8 +1304,6 @@ def dropped_data(args, tokenizer):
     """The fine-tuning set: hidden_data's renders and captions with --dropped-single-as-pair, and for each
     image the token positions of the four content words of an 'A and B' caption (colour and shape of
     each mention) and whether that mention's object is drawn."""
-    from dataclasses import replace
-
     from explore import word_token_positions
 
     gen = torch.Generator().manual_seed(args.seed + 47)  # its own stream: neither world above changes
@@ -1358,8 +1354,6 @@ def dropped_build(args) -> dict:
         per_token = 1 + (masks[idx] * (w[:, :, None] - 1)).sum(1)  # the four words' positions are disjoint
         return empty[0] + per_token[:, :, None] * (cond - empty[0])
 
-    from dataclasses import replace
-
     t0 = time.time()
     unet = train_unet(
         replace(args, unet_steps=args.dropped_unet_steps, unet_lr=args.dropped_unet_lr),
@@ -1373,8 +1367,7 @@ def dropped_build(args) -> dict:
 def dropped_stage(args) -> dict:
     """--dropped: build (unless --eval-only) and measure the dropped-word world (models/toy-dropped)."""
     for key in ("hidden_out", "hidden_detector_out", "dropped_out"):
-        if not Path(getattr(args, key)).is_absolute():
-            setattr(args, key, str(ROOT / getattr(args, key)))
+        setattr(args, key, rooted(getattr(args, key)))
     if args.smoke:
         args.dropped_images, args.dropped_unet_steps, args.unet_batch = 256, 3, 16
         args.hidden_eval_per_prompt = 2
