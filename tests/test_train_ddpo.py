@@ -127,8 +127,9 @@ def test_policy_gradient_matches_pathwise_gradient(tiny_sd_dir):
     advantages = (f.view(K, B) - f.view(K, B).mean(0)).flatten()  # a per-sample baseline, as per-prompt tracking gives
     old_log_prob = gaussian_log_prob(x_prev, rep(mean.detach()), rep_coeffs.sigma)
 
+    inputs = (rep(out_u), rep(out_c), rep(x_t), x_prev, guidance.repeat(K))  # [K*B]: each draw's row
+
     def surrogate(rows, backend):
-        inputs = (rep(out_u), rep(out_c), rep(x_t), x_prev, guidance.repeat(K))
         coeffs_rows = type(rep_coeffs)(
             rep_coeffs.c_x[rows], rep_coeffs.c_eps[rows], rep_coeffs.sigma[rows], rep_coeffs.eta
         )
