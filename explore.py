@@ -365,9 +365,10 @@ def diffexp_conditioning(
     return cond, guidance, weights
 
 
-def cfg_switch_warning(timesteps, scheduler, t_sw: float) -> str:
+def cfg_switch_warning(timesteps, scheduler, t_sw: float, setting: str | None = None) -> str:
     """The one-line warning for a DiffExp CFG schedule that never switches at this many steps: no sampling
-    step is noisy enough for w_low (every step at w_high), or every one is (every step at w_low)."""
+    step is noisy enough for w_low (every step at w_high), or every one is (every step at w_low).
+    `setting`: the name of a `sample.py explore` setting, whose t_sw is not a flag."""
     ts = [float(t) for t in timesteps]
     shown = ", ".join(f"{t:g}" for t in ts[:6]) + (", ..." if len(ts) > 6 else "")
     T = scheduler.config.num_train_timesteps
@@ -376,15 +377,29 @@ def cfg_switch_warning(timesteps, scheduler, t_sw: float) -> str:
         if _is_flow_matching(scheduler)
         else f"t_sw*T = {t_sw * T:g}"
     )
+    if setting is None:
+        what, t_sw_flag, w, off = f"--t-sw {t_sw}", "--t-sw", "--w-", " (or pass --no-cfg-schedule)"
+    else:  # an explore setting: its t_sw and w_low are not flags
+        what, t_sw_flag, w, off = f"setting '{setting}' (t_sw {t_sw})", "its t_sw", "w_", ""
+    what += f" with --num-steps {len(ts)}"
     if not bool(low_guidance_steps(torch.as_tensor(ts), scheduler, t_sw).any()):
         return (
-            f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: no sampling timestep ({shown}) reaches {threshold}, so the "
-            f"CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
+            f"warning: {what}: no sampling timestep ({shown}) reaches {threshold}, so the CFG schedule never uses "
+            f"{w}low; raise --num-steps or lower {t_sw_flag}{off}"
         )
     return (
-        f"warning: --t-sw {t_sw} with --num-steps {len(ts)}: every sampling timestep ({shown}) is >= {threshold}, so "
-        f"the CFG schedule never switches to --w-high; raise --t-sw (or pass --no-cfg-schedule)"
+        f"warning: {what}: every sampling timestep ({shown}) is >= {threshold}, so the CFG schedule never switches "
+        f"to {w}high; raise {t_sw_flag}{off}"
     )
+
+
+def unswitched_schedule_warning(cfg: DiffExpConfig, timesteps, scheduler, setting: str | None = None) -> str | None:
+    """`cfg_switch_warning` when `cfg`'s CFG schedule is on, matters (w_low != w_high) and never switches at
+    these timesteps; else None."""
+    low = low_guidance_steps(torch.as_tensor(timesteps).cpu(), scheduler, cfg.t_sw)
+    if not cfg.cfg_schedule or cfg.w_low == cfg.w_high or 0 < int(low.sum()) < len(low):
+        return None
+    return cfg_switch_warning(timesteps, scheduler, cfg.t_sw, setting)
 
 
 def schedule_note(cfg: DiffExpConfig, timesteps, scheduler, say=print) -> float:
@@ -395,8 +410,9 @@ def schedule_note(cfg: DiffExpConfig, timesteps, scheduler, say=print) -> float:
     share = low_guidance_steps(timesteps.cpu(), scheduler, cfg.t_sw).float().mean().item()
     if not cfg.cfg_schedule or cfg.explore_frac == 0 or cfg.w_low == cfg.w_high:
         return share
-    if share in (0.0, 1.0):
-        say(cfg_switch_warning(timesteps, scheduler, cfg.t_sw), file=sys.stderr)
+    warning = unswitched_schedule_warning(cfg, timesteps, scheduler)
+    if warning:
+        say(warning, file=sys.stderr)
     else:
         say(describe_cfg_schedule(timesteps, scheduler, cfg.t_sw, cfg.w_low, cfg.w_high))
     return share

@@ -118,17 +118,13 @@ def check_pooled_weighting(pretrained: str, cfg: DiffExpConfig):
             fail("--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL and SD3 do); drop the flag")
 
 
-def note_unswitched_schedule(label: str, cfg, timesteps: torch.Tensor, scheduler):
-    """Say once when a CFG schedule never reaches w_low: no step is noisy enough at this many steps."""
-    from explore import low_guidance_steps, w_low_threshold
+def note_unswitched_schedule(cfg, timesteps: torch.Tensor, scheduler, setting: str | None = None):
+    """Say once (stderr) when a CFG schedule never switches at this many steps; the trainers' warning."""
+    from explore import unswitched_schedule_warning
 
-    if cfg.cfg_schedule and not bool(low_guidance_steps(timesteps, scheduler, cfg.t_sw).any()):
-        print(
-            f"note: {label}: no step has t >= t_sw*T = {w_low_threshold(scheduler, cfg.t_sw):g} (the noisiest is t = "
-            f"{float(timesteps.max()):g} at {len(timesteps)} steps), so the CFG schedule never switches to w_low; lower t_sw "
-            f"or use more steps",
-            file=sys.stderr,
-        )
+    warning = unswitched_schedule_warning(cfg, timesteps, scheduler, setting)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def note_repeated_prompts(prompt_list: list[str]):
@@ -269,7 +265,7 @@ def generate(
     T = pipe.scheduler.config.num_train_timesteps
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
-    note_unswitched_schedule("--cfg-schedule", diffexp, timesteps, pipe.scheduler)
+    note_unswitched_schedule(diffexp, timesteps, pipe.scheduler)
     text = TextConditioner(pipe, resolution)
     exploring = diffexp.cfg_schedule or diffexp.prompt_weighting
     jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
@@ -526,7 +522,7 @@ def explore_sample(pipe, scorers, chosen, prompt_list, seed, num_steps, eta, res
     pipe.scheduler.set_timesteps(num_steps)
     timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
     for label, cfg in chosen:
-        note_unswitched_schedule(f"setting '{label}'", cfg, timesteps, pipe.scheduler)
+        note_unswitched_schedule(cfg, timesteps, pipe.scheduler, setting=label)
     text = TextConditioner(pipe, resolution)
     P, N = len(prompt_list), num_per_prompt
     G, C = min(grid_prompts, P), min(grid_images, N)

@@ -4,7 +4,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from explore import DiffExpConfig, apply_prompt_weights, cfg_scales, choose_words, is_exploring, word_token_positions
+from explore import (
+    DiffExpConfig,
+    apply_prompt_weights,
+    cfg_scales,
+    choose_words,
+    is_exploring,
+    unswitched_schedule_warning,
+    word_token_positions,
+)
 from tools.tiny import SD_SCHEDULER_CONFIG
 
 
@@ -28,6 +36,29 @@ def test_cfg_schedule_t_sw_08_switches_at_800(timesteps_50):
     assert timesteps_50[10] == 781 and w[10] == 5.0
     # Exactly t = t_sw * T is still "early" (t >= t_sw * T).
     assert cfg_scales(torch.tensor([800, 799]), 1000, 0.8, 1.0, 5.0).tolist() == [1.0, 5.0]
+
+
+def test_unswitched_schedule_warning_names_the_flags_or_the_setting():
+    """The warning the trainers and sample.py give when a schedule never switches at this many steps (SD's
+    leading spacing at 4 steps: 751, 501, 251, 1), both ways; none when it switches or cannot matter."""
+    sched = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(4)
+    ts = sched.timesteps
+
+    def warn(setting=None, **kw):
+        return unswitched_schedule_warning(DiffExpConfig(**kw), ts, sched, setting)
+
+    assert warn(t_sw=0.8) == (
+        "warning: --t-sw 0.8 with --num-steps 4: no sampling timestep (751, 501, 251, 1) reaches t_sw*T = 800, so "
+        "the CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
+    )
+    assert warn(t_sw=0.0, setting="cfg:t_sw=0") == (
+        "warning: setting 'cfg:t_sw=0' (t_sw 0.0) with --num-steps 4: every sampling timestep (751, 501, 251, 1) "
+        "is >= t_sw*T = 0, so the CFG schedule never switches to w_high; raise its t_sw"
+    )
+    assert warn(t_sw=0.5) is None  # 751 and 501 at w_low, 251 and 1 at w_high
+    assert warn(t_sw=0.8, w_low=7.5, w_high=7.5) is None  # the schedule cannot change a scale
+    assert warn(t_sw=0.8, cfg_schedule=False) is None
 
 
 def test_cfg_schedule_off_and_per_sample_shape():

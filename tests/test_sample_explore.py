@@ -50,8 +50,12 @@ def test_same_starting_noise_across_settings(tiny_sd_dir, prompts_file, tmp_path
     for same in ["cfg:w_low=7.5", "cfg", "pw:range=1:1"]:
         assert torch.equal(emb[same], emb["none"]), same
         assert torch.equal(grids[same], grids["none"]), same
-    assert "note: setting 'cfg': no step has t >= t_sw*T = 800" in err and "never switches" in err
-    assert "setting 'cfg:t_sw=0.5'" not in err
+    assert (
+        "warning: setting 'cfg' (t_sw 0.8) with --num-steps 4: no sampling timestep (751, 501, 251, 1) reaches t_sw*T = 800"
+        in err
+    )
+    assert "never uses w_low; raise --num-steps or lower its t_sw\n" in err
+    assert "setting 'cfg:t_sw=0.5'" not in err and "setting 'cfg:w_low=7.5'" not in err  # switches; cannot matter
     # Different from 'none', image by image: the schedule switches, a word is weighted, or both.
     for other in ["cfg:t_sw=0.5", "pw", "diffexp:t_sw=0.5"]:
         for p in range(2):
@@ -278,7 +282,7 @@ def test_generate_auto_precision_and_diffexp_draws_do_not_shift_the_noise(tiny_s
     )
     captured = capsys.readouterr()
     assert captured.out.count("--mixed-precision auto: fp32 (no CUDA device)") == 2
-    assert "note: --cfg-schedule: no step has t >= t_sw*T" in captured.err
+    assert "warning: --t-sw 0.8 with --num-steps 4: no sampling timestep" in captured.err
     a, b = (np.asarray(Image.open(tmp_path / d / "0000.png")) for d in ("plain", "pw"))
     assert (a == b).all()
     row = next(csv.DictReader(open(tmp_path / "pw" / "scores.csv")))
