@@ -58,16 +58,19 @@ def tiny_aesthetic(tmp_path_factory):
 def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
     """Run a project script as users do (a subprocess), failing the test with its output on error."""
     import subprocess
+    import tempfile
 
     cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
-    proc = subprocess.run(
-        cmd,
-        cwd=cwd or ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
+    # A private TMPDIR, removed after: torch.distributed.run leaves a torchelastic_* folder in it per run.
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run(
+            cmd,
+            cwd=cwd or ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **({"TMPDIR": tmp} if launcher else {})},
+        )
     if proc.returncode != 0:
         raise AssertionError(
             f"{script} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
