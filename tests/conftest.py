@@ -55,6 +55,10 @@ def tiny_aesthetic(tmp_path_factory):
     return ["--reward-models", "aesthetic_clip", str(clip), "aesthetic_model", str(mlp)]
 
 
+# Two CPU processes (gloo) as a user launches them; --standalone picks a free port, so suites run side by side.
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
     """Run a project script as users do (a subprocess), failing the test with its output on error."""
     import subprocess

@@ -9,7 +9,7 @@ import torch
 
 import diffusion
 import runs
-from conftest import lora_weights, read_log, run_main, run_script
+from conftest import TWO_PROCESSES, lora_weights, read_log, run_main, run_script
 
 
 def tiny_args(tiny_sd_dir, tiny_aesthetic, out, *extra):
@@ -250,15 +250,6 @@ def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch, tiny_sd_di
 
 
 def test_two_processes_keep_identical_lora(tiny_sd_dir, tiny_aesthetic, tmp_path):
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        "29517",
-    ]  # gloo on CPU
     run_script(
         "train_alignprop.py",
         *tiny_args(
@@ -274,7 +265,7 @@ def test_two_processes_keep_identical_lora(tiny_sd_dir, tiny_aesthetic, tmp_path
             "--lr",
             1e-2,
         ),
-        launcher=launcher,
+        launcher=TWO_PROCESSES,
     )
     record = read_log(tmp_path / "run")[-1]
     assert record["samples"] == 4  # both processes' samples counted

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import lora_weights, read_log, run_main, run_script
+from conftest import TWO_PROCESSES, lora_weights, read_log, run_main, run_script
 from kernels import ppo_clip_loss_reference
 from train_ddpo import PerPromptStatTracker
 
@@ -293,7 +293,6 @@ def test_resume_reproduces_uninterrupted(jpeg_run, tiny_sd_dir, tmp_path):
 
 
 def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518"]
     run_script(
         "train_ddpo.py",
         *tiny_args(
@@ -310,7 +309,7 @@ def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
             "--train-batch-size",
             1,
         ),
-        launcher=launcher,
+        launcher=TWO_PROCESSES,
     )
     r = read_log(tmp_path / "run")[-1]
     assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
@@ -362,11 +361,10 @@ def test_two_processes_on_sd3_with_groups_spanning_them(tiny_sd3_dir, tiny_aesth
     in pairs), each group's advantages come from both its samples, whichever process holds them (with k = 2
     they are +-a, a = 1 / (1 + 2e-4 / |reward gap|); a group normalised on one side only gives 0), and the
     processes keep identical LoRA weights."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519"]
     out = tmp_path / "run"
     run_script("train_ddpo.py", *tiny_args(tiny_sd3_dir, out, "--reward", "aesthetic", *tiny_aesthetic, "--num-epochs", 1,
                                            "--lr", 1e-2, "--samples-per-epoch", 6, "--sample-batch-size", 3,
-                                           "--train-batch-size", 3, "--group-size", 2, "--w-low", 3), launcher=launcher)  # fmt: skip
+                                           "--train-batch-size", 3, "--group-size", 2, "--w-low", 3), launcher=TWO_PROCESSES)  # fmt: skip
     r = read_log(out)[-1]
     prompts, advantages = [p["prompt"] for p in r["prompt_weights"]], np.array(r["advantages"])
     assert r["samples"] == 6 and len(prompts) == len(advantages) == 6
