@@ -65,7 +65,8 @@ def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
     import tempfile
 
     cmd = (launcher or [sys.executable]) + [str(ROOT / script), *map(str, args)]
-    # A private TMPDIR, removed after: torch.distributed.run leaves a torchelastic_* folder in it per run.
+    # A private TMPDIR, removed after, so nothing a run leaves there (torch.distributed.run: a torchelastic_*
+    # folder per run) outlives the test.
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
             cmd,
@@ -73,7 +74,7 @@ def run_script(script: str, *args, cwd=None, timeout=600, launcher=None):
             capture_output=True,
             text=True,
             timeout=timeout,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **({"TMPDIR": tmp} if launcher else {})},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp},
         )
     if proc.returncode != 0:
         raise AssertionError(

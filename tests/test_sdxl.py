@@ -269,9 +269,8 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     assert (a - c).abs().max() > 1e-5  # the LoRA does something
     assert any(v.abs().max() > 0 for k, v in lora_weights(ckpt).items() if "lora_B" in k or "lora.up" in k)
 
-    run_script(
-        "train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common, "--num-epochs", 2, "--resume")
-    )  # a fresh process
+    # The resume in a fresh process, as a user runs it.
+    run_script("train_alignprop.py", *sdxl_args(tiny_sdxl_dir, out, *common, "--num-epochs", 2, "--resume"))
     assert [r["epoch"] for r in read_log(out)] == [-1, 0, 1]
 
     samples = tmp_path / "samples"
