@@ -109,11 +109,14 @@ def main(args: Args):
             # --- sampling, with a graph through the last K steps only (truncated backprop) -------------
             g = seeded(args.run.seed, epoch, run.rank, batch)
             prompts = [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g).tolist()]
+            # DiffExp's word and weight, and K, come from streams of their own, so every arm of a seed
+            # (DiffExp on or off, any K) samples from the same x_T and step noise: comparisons pair by seed.
             cond, guidance_host, weights = diffexp_conditioning(
-                diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T, g
-            )
+                diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T,
+                seeded(args.run.seed, epoch, run.rank, batch, 1),
+            )  # fmt: skip
             guidance = guidance_host.to(device)
-            K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=g)) if args.backprop_steps_random else args.backprop_steps  # fmt: skip
+            K = int(torch.randint(1, args.backprop_steps + 1, (1,), generator=seeded(args.run.seed, epoch, run.rank, batch, 2))) if args.backprop_steps_random else args.backprop_steps  # fmt: skip
             x = torch.randn(latent_shape, generator=g).to(device)
             noise = [torch.randn(latent_shape, generator=g).to(device) if args.eta > 0 else None for _ in timesteps]
             for i, t in enumerate(timesteps):

@@ -214,9 +214,12 @@ def main(args: Args):
             first = run.rank * samples_per_process + batch * B  # the batch's place in the epoch (and its groups)
             prompts = (epoch_prompts[first : first + B] if args.group_size
                        else [run.prompts[i] for i in torch.randint(len(run.prompts), (B,), generator=g).tolist()])  # fmt: skip
+            # DiffExp's word and weight come from a stream of their own, so every arm of a seed (DiffExp on
+            # or off) samples from the same x_T and step noise: comparisons pair by seed.
             cond, guidance_host, weights = diffexp_conditioning(
-                diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T, g
-            )
+                diffexp, exploring, prompts, text.encode(prompts), text, timesteps_host, T,
+                seeded(args.run.seed, epoch, run.rank, batch, 1),
+            )  # fmt: skip
             guidance = guidance_host.to(device)
             # x_T and every step's noise in one draw from the CPU generator (the same samples on any device), one copy.
             noise = torch.randn((args.num_steps + 1, *latent_shape), generator=g).to(device)
