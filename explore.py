@@ -183,6 +183,11 @@ def describe_cfg_schedule(timesteps: torch.Tensor, scheduler, t_sw: float, w_low
         rule = f"t >= t_sw*T = {t_sw * T:g}"
         at = lambda t: f"t {float(t):g}"  # noqa: E731
     which = f": {at(ts[low][0])} .. {at(ts[low][-1])}" if k else ""
+    if t_sw == 0:  # asked for: every rollout step at w_low (w_low 1: the CFG-free rollouts of Flow-GRPO and others)
+        return (
+            f"DiffExp CFG schedule (--t-sw 0): w_low {w_low:g} on all {n} steps while exploring"
+            f"{' (CFG-free rollouts)' if w_low == 1 else ''}; w_high {w_high:g} after exploration and in every evaluation"
+        )
     return (
         f"DiffExp CFG schedule (--t-sw {t_sw}): w_low {w_low:g} on {k} of {n} steps ({rule}{which}), "
         f"w_high {w_high:g} on the other {n - k}"
@@ -395,9 +400,9 @@ def cfg_switch_warning(timesteps, scheduler, t_sw: float, setting: str | None = 
 
 def unswitched_schedule_warning(cfg: DiffExpConfig, timesteps, scheduler, setting: str | None = None) -> str | None:
     """`cfg_switch_warning` when `cfg`'s CFG schedule is on, matters (w_low != w_high) and never switches at
-    these timesteps; else None."""
+    these timesteps; else None. t_sw = 0 (w_low on every step, e.g. CFG-free rollouts) is asked for, not warned of."""
     low = low_guidance_steps(torch.as_tensor(timesteps).cpu(), scheduler, cfg.t_sw)
-    if not cfg.cfg_schedule or cfg.w_low == cfg.w_high or 0 < int(low.sum()) < len(low):
+    if not cfg.cfg_schedule or cfg.w_low == cfg.w_high or cfg.t_sw == 0 or 0 < int(low.sum()) < len(low):
         return None
     return cfg_switch_warning(timesteps, scheduler, cfg.t_sw, setting)
 

@@ -9,6 +9,7 @@ from explore import (
     apply_prompt_weights,
     cfg_scales,
     choose_words,
+    describe_cfg_schedule,
     is_exploring,
     unswitched_schedule_warning,
     word_token_positions,
@@ -52,9 +53,14 @@ def test_unswitched_schedule_warning_names_the_flags_or_the_setting():
         "warning: --t-sw 0.8 with --num-steps 4: no sampling timestep (751, 501, 251, 1) reaches t_sw*T = 800, so "
         "the CFG schedule never uses --w-low; raise --num-steps or lower --t-sw (or pass --no-cfg-schedule)"
     )
-    assert warn(t_sw=0.0, setting="cfg:t_sw=0") == (
-        "warning: setting 'cfg:t_sw=0' (t_sw 0.0) with --num-steps 4: every sampling timestep (751, 501, 251, 1) "
-        "is >= t_sw*T = 0, so the CFG schedule never switches to w_high; raise its t_sw"
+    assert warn(t_sw=0.001, setting="cfg:t_sw=0.001") == (
+        "warning: setting 'cfg:t_sw=0.001' (t_sw 0.001) with --num-steps 4: every sampling timestep (751, 501, 251, 1) "
+        "is >= t_sw*T = 1, so the CFG schedule never switches to w_high; raise its t_sw"
+    )
+    assert warn(t_sw=0.0) is None  # w_low on every step was asked for (CFG-free rollouts at w_low 1)
+    assert describe_cfg_schedule(ts, sched, 0.0, 1.0, 7.5) == (
+        "DiffExp CFG schedule (--t-sw 0): w_low 1 on all 4 steps while exploring (CFG-free rollouts); "
+        "w_high 7.5 after exploration and in every evaluation"
     )
     assert warn(t_sw=0.5) is None  # 751 and 501 at w_low, 251 and 1 at w_high
     assert warn(t_sw=0.8, w_low=7.5, w_high=7.5) is None  # the schedule cannot change a scale

@@ -45,17 +45,22 @@ ARMS = {  # DiffExp parts switched on: (a) CFG schedule, (b) prompt weighting
     "diffexp": ["--cfg-schedule", "--prompt-weighting"],
     "cfg": ["--cfg-schedule", "--no-prompt-weighting"],
     "pw": ["--no-cfg-schedule", "--prompt-weighting"],
+    # The field's practice (Flow-GRPO, DanceGRPO, DiffusionNFT): rollouts without CFG (w = 1 on every step, the
+    # whole run), evaluation at w_high as every arm's. A setting of DiffExp's own flags: the schedule at t_sw 0.
+    "cfgfree": ["--cfg-schedule", "--no-prompt-weighting", "--t-sw", "0", "--w-low", "1", "--explore-frac", "1"],
 }
 
 
 @dataclass
 class Args:
-    config: Literal["toy", "toy-hidden", "toy-dropped"] | None = None
+    config: (
+        Literal["toy", "toy-hidden", "toy-hidden-k10", "toy-hidden-krand", "toy-hidden-stuck", "toy-dropped"] | None
+    ) = None
     """a preset comparison, any flag still overriding it (see PRESETS in this file)"""
     methods: tuple[str, ...] = ("alignprop", "ddpo")
     """trainers to compare: alignprop, ddpo"""
     arms: tuple[str, ...] = ("baseline", "diffexp", "cfg", "pw")
-    """baseline (no DiffExp), diffexp (both parts), cfg (CFG schedule alone), pw (prompt weighting alone)"""
+    """baseline (no DiffExp), diffexp (both parts), cfg (CFG schedule alone), pw (prompt weighting alone), cfgfree (w = 1 on every training rollout step, the whole run; w_high in evaluation)"""
     seeds: tuple[int, ...] = (0, 1, 2)
     """seeds, each run by every method and arm (pairs for the paired differences)"""
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -110,6 +115,21 @@ PRESETS = {
     "toy-hidden": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval",
                        eval_num=32, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
                        seeds=(0, 1, 2, 3, 4), method_flags=("ddpo: --lr 3e-3",), output_dir="runs/bench_hidden"),
+    # Round 2 on the mode-drop world: 32 evaluation images per shape (toy_hidden_eval128), the field's CFG-free
+    # rollouts as an arm. AlignProp with the gradient through all 10 steps (K = 10), where the CFG schedule acts,
+    # or through K ~ U{1..10}; DDPO at the paper's lr 3e-4 (the stuck learner) for 960 samples.
+    "toy-hidden-k10": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval128",
+                           eval_num=128, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
+                           seeds=(0, 1, 2, 3, 4), methods=("alignprop",), arms=("baseline", "cfg", "diffexp", "cfgfree"),
+                           method_flags=("alignprop: --backprop-steps 10",), output_dir="runs/bench_hidden_k10"),
+    "toy-hidden-krand": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval128",
+                             eval_num=128, epochs=30, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
+                             seeds=(0, 1, 2, 3, 4), methods=("alignprop",), arms=("baseline", "cfg", "diffexp", "cfgfree"),
+                             method_flags=("alignprop: --backprop-steps 10 --backprop-steps-random",), output_dir="runs/bench_hidden_krand"),
+    "toy-hidden-stuck": dict(pretrained="toy-hidden", reward="toy-hidden", prompts="toy_hidden", eval_prompts="toy_hidden_eval128",
+                             eval_num=128, epochs=60, samples_per_epoch=16, num_steps=10, success_reward="toy-hidden",
+                             seeds=(0, 1, 2, 3, 4), methods=("ddpo",), arms=("baseline", "cfg", "diffexp", "cfgfree"),
+                             method_flags=("ddpo: --lr 3e-4",), output_dir="runs/bench_hidden_stuck"),
     # The dropped-word world: 'A and B' often shows A alone, emphasising B's word brings it back;
     # success = both objects (toy-compose).
     "toy-dropped": dict(pretrained="toy-dropped", reward="toy-compose", prompts="toy_dropped", eval_prompts="toy_dropped_eval",
@@ -121,6 +141,9 @@ PRESET_TIME = {
     "toy": "about 0.8 h on a 2-core CPU (24 runs: AlignProp ~80 s, DDPO ~160 s a run; measured 2026-11-23)",
     "toy-hidden": "about 1.4 h on a 2-core CPU (40 runs: AlignProp 75-100 s, DDPO 160-200 s a run; measured "
     "2026-12-03 with toy-dropped beside it, one thread each: both finished in that time)",
+    "toy-hidden-k10": "about 2 h on a 2-core CPU (20 AlignProp runs at K = 10; estimated before the first measured run)",
+    "toy-hidden-krand": "about 1.5 h on a 2-core CPU (20 AlignProp runs at K ~ U{1..10}; estimated before the first measured run)",
+    "toy-hidden-stuck": "about 2.5 h on a 2-core CPU (20 DDPO runs of 960 samples; estimated before the first measured run)",
     "toy-dropped": "about 1.5 h on a 2-core CPU (40 runs: AlignProp ~90 s, DDPO ~180 s a run; measured 2026-12-03)",
 }
 
@@ -276,6 +299,32 @@ def paired(values: dict, base: dict) -> str:
     return f"{statistics.fmean(diffs):+.3f} ± {sem(diffs):.3f}" if len(diffs) > 1 else "—"
 
 
+def eval_own_se(run: Path, name: str | None, threshold: float) -> tuple[float, float | None]:
+    """The last evaluation's own standard error, from its images: of the mean reward (std / sqrt(n)), and of
+    the success rate (sqrt(p (1 - p) / n), from the success reward's scores) when one is given."""
+    last = max((r for r in read_log(run) if "eval_reward_mean" in r), key=lambda r: r["epoch"])
+    folder = run / "eval" / ("initial" if last["epoch"] < 0 else f"epoch_{last['epoch']:04d}")
+    scores = json.loads((folder / "prompts.json").read_text())["reward"]
+    reward_se = statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0
+    if name is None:
+        return reward_se, None
+    p = dict(success_curve(run, name, threshold))[last["samples"]]
+    return reward_se, (p * (1 - p) / len(scores)) ** 0.5
+
+
+def exploration_split(run: Path, key: str) -> tuple[float, float] | None:
+    """(held-out gain from the start to the last evaluation made while exploring, gain from there to the end):
+    what the held-out reward did during DiffExp's exploration window and after it (the same epochs for every
+    arm, whether or not it explores). None when no evaluation fell inside the window."""
+    log = read_log(run)
+    points = [r for r in log if r.get(key) is not None]
+    inside = [r for r in points if r["epoch"] >= 0 and r.get("exploring")]
+    if not points or not inside:
+        return None
+    start, mid, end = points[0][key], inside[-1][key], points[-1][key]
+    return mid - start, end - mid
+
+
 def early_epochs(args: Args) -> int:
     """The first sixth of the epochs: the 'what did sampling show' window (the model has barely moved)."""
     return max(1, args.epochs // 6)
@@ -286,7 +335,8 @@ def report(args: Args):
     succ = args.success_reward
     header = ["method", "arm", "seeds", f"final {args.key} (mean ± s.e.)", "gain over its start (mean ± s.e.)",
               "gain − baseline's gain, same seed (mean ± s.e.)", "samples to reach the baseline's final",
-              f"reward of the samples trained on, first {early_epochs(args)} epochs (mean ± s.e.)"]  # fmt: skip
+              f"reward of the samples trained on, first {early_epochs(args)} epochs (mean ± s.e.)",
+              "held-out gain while exploring / after (mean ± s.e.)", "final evaluation's own s.e. (reward; success)"]  # fmt: skip
     if succ:
         header += [f"success ({succ} > {args.success_threshold:g}), first → last", "success − baseline's, same seed (mean ± s.e.)",
                    f"samples to reach {args.success_target:.0%} success"]  # fmt: skip
@@ -325,9 +375,18 @@ def report(args: Args):
             early = [statistics.fmean(v) for run in runs[arm].values()
                      if (v := [r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args) and "reward_mean" in r])]  # fmt: skip
             seen = f"{statistics.fmean(early):.3f} ± {sem(early):.3f}" if early else "—"
+            # The held-out reward inside DiffExp's exploration window and after it, separately: does it move only
+            # once exploration stops?
+            split = [x for run in runs[arm].values() if (x := exploration_split(run, args.key))]
+            window = " / ".join(f"{statistics.fmean(v):+.3f} ± {sem(v):.3f}" for v in zip(*split)) if split else "—"
+            # How precisely one evaluation measures a model (its images' spread), beside the spread over seeds.
+            own = [eval_own_se(run, succ, args.success_threshold) for run in runs[arm].values()]
+            own_se = f"{statistics.fmean(r for r, _ in own):.3f}" + (
+                f"; {statistics.fmean(p for _, p in own):.1%}" if succ else ""
+            )
             cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
                      paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
-                     seen]  # fmt: skip
+                     seen, window, own_se]  # fmt: skip
             xs, ms, ses = zip(*mc)
             axes[0][col].plot(xs, ms, marker="o", markersize=3, label=arm)
             axes[0][col].fill_between(
