@@ -113,12 +113,9 @@ def build(seed: int = SEED) -> tuple[list[str], list[str], list[str], list[str]]
     return prompts(train, TEMPLATES_PER_PHRASE["train"]), prompts(held, TEMPLATES_PER_PHRASE["eval"]), train, held
 
 
-def file_text(prompts: list[str], phrases: list[str], what: str) -> str:
-    head = (
-        f"# {what}: {len(prompts)} prompts, {len(phrases)} phrases x {len(prompts) // len(phrases)} templates. Written by\n"
-        f"# tools/text_prompts.py (seed {SEED}); rerun it rather than edit this file. --reward ocr reads the quoted text.\n"
-    )
-    return head + "\n".join(prompts) + "\n"
+def file_text(prompts: list[str]) -> str:
+    """One prompt a line, no comments (the built-in sets are plain lines; this script is their provenance)."""
+    return "\n".join(prompts) + "\n"
 
 
 def lengths(phrases: list[str]) -> str:
@@ -135,8 +132,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     train, held, train_words, held_words = build()
     texts = {
-        TRAIN: file_text(train, train_words, "text rendering, training"),
-        HELD_OUT: file_text(held, held_words, "text rendering, held out (no phrase occurs in text_render.txt)"),
+        TRAIN: file_text(train),
+        HELD_OUT: file_text(held),
     }
     if args.check:
         stale = [str(p.relative_to(ROOT)) for p, t in texts.items() if not p.is_file() or p.read_text() != t]
