@@ -134,6 +134,20 @@ def test_reward_on_rendered_phrases(ocr):
     assert scores[-1] == 0.0  # noise: nothing read
 
 
+def test_the_ocr_runs_the_shipped_models_on_a_bounded_number_of_threads(ocr):
+    """Both onnxruntime sessions hold the wheel's model files and OCR_THREADS intra-op threads (onnxruntime's
+    default, 0, would take every core), and OpenCV is held to the same number."""
+    import cv2
+
+    _, module = ocr
+    assert 1 <= rewards.OCR_THREADS <= 4
+    for part, name in ((module.engine.text_det, rewards.OCR_FILES[0]), (module.engine.text_rec, rewards.OCR_FILES[1])):
+        session = part.session.session
+        assert session._model_path == str(rewards.ocr_model_dir() / name)
+        assert session.get_session_options().intra_op_num_threads == rewards.OCR_THREADS
+    assert cv2.getNumThreads() == rewards.OCR_THREADS
+
+
 def test_the_reward_is_the_formula_on_what_ocr_reads(ocr):
     """'fresh brcad' drawn for "fresh bread": OCR reads it as drawn, and the reward is the hand computation on
     that reading, 1 - 1/10 (one substitution in 10 letters)."""
