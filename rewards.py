@@ -13,6 +13,7 @@ weighted sum and keeps the autograd graph when every part is differentiable (`re
 | imagereward            | ImageReward-v1.0 (BLIP), re-implemented on transformers' BLIP | yes |
 | jpeg                   | -(JPEG kB at quality 95): compressibility                     | no (DDPO only) |
 | jpeg_incompressibility | +(JPEG kB at quality 95)                                      | no (DDPO only) |
+| ocr                    | rapidocr (ONNX, in its wheel): 1 - edit distance to the quoted text / its length | no (DDPO only) |
 | toy-compose            | toy world: detector P(every object asked for, relation)       | yes |
 | toy-hidden             | mode-drop toy world: detector P(shape in its hidden colour)    | yes |
 | custom:DIR             | a model trained by train_reward.py                            | yes |
@@ -27,10 +28,12 @@ the reference processors (PIL) resize in float too.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -66,9 +69,12 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 NAMES = (
-    "aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility", "toy-compose", "toy-hidden",
+    "aesthetic", "pickscore", "hps", "hpsv2", "imagereward", "jpeg", "jpeg_incompressibility", "ocr", "toy-compose",
+    "toy-hidden",
 )  # fmt: skip
-NOT_DIFFERENTIABLE = ("jpeg", "jpeg_incompressibility")
+NOT_DIFFERENTIABLE = ("jpeg", "jpeg_incompressibility", "ocr")
+# Computed on the host CPU from uint8 pixels: a trainer scores these in a thread while the next batch samples.
+ON_HOST = ("jpeg", "jpeg_incompressibility", "ocr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,6 +136,12 @@ def require_differentiable(spec: str, flag: str = "--reward") -> list[tuple[str,
                 f"{flag}: {name} is not differentiable: AlignProp needs a differentiable reward; use train_ddpo.py for {name}"
             )
     return parts
+
+
+def on_host(spec: str) -> bool:
+    """Whether a part of `spec` is computed on the host CPU (JPEG sizes, OCR), so that scoring it in a thread
+    while the next batch samples hides its time; rewards on the device gain little from a thread."""
+    return any(name in ON_HOST for name, _ in parse_reward_spec(spec))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,6 +491,11 @@ class ImageRewardReward(nn.Module):
         return ((self.mlp(hidden[:, 0]) - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).squeeze(-1)
 
 
+def _uint8_pixels(images: torch.Tensor):
+    """N x 3 x H x W floats in [0, 1] -> N x H x W x 3 uint8 RGB on the host (numpy), as a saved PNG holds them."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
 class JpegReward(nn.Module):
     """JPEG file size at quality 95 in kB (1 kB = 1000 bytes), negated for compressibility."""
 
@@ -491,13 +508,115 @@ class JpegReward(nn.Module):
     def forward(self, images, prompts):
         from PIL import Image
 
-        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         sizes = []
-        for p in pixels:
+        for p in _uint8_pixels(images):
             buf = io.BytesIO()
             Image.fromarray(p).save(buf, format="JPEG", quality=95)
             sizes.append(buf.tell() / 1000)
         return self.sign * torch.tensor(sizes, dtype=torch.float32, device=images.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# ocr: text rendering, Flow-GRPO's reward. The OCR models are real pretrained ones that the rapidocr wheel
+# ships (PP-OCR text detection and recognition, ONNX), run by onnxruntime on the host CPU, offline.
+
+OCR_FILES = ("PP-OCRv6_det_small.onnx", "PP-OCRv6_rec_small.onnx")  # in rapidocr==3.10.0's models/ folder
+# The OCR's threads (onnxruntime intra-op, OpenCV): bounded, so scoring in the trainer's reward worker leaves
+# the sampler its cores; one on a small machine, at most 4.
+OCR_THREADS = max(1, min(4, (os.cpu_count() or 1) // 4))
+_QUOTED = re.compile(r'"([^"]*)"|\u201c([^\u201d]*)\u201d')  # "text" or “text”
+
+
+def ocr_target(prompt: str) -> str:
+    """The text `prompt` asks to render: what its first pair of double quotes holds (straight or curly).
+    A one-line ValueError naming the prompt when it has none (or only spaces)."""
+    m = _QUOTED.search(str(prompt))
+    target = next((g for g in m.groups() if g is not None), "") if m else ""
+    if not target.strip():
+        raise ValueError(
+            f"prompt {prompt!r} has no text in double quotes for --reward ocr to read: write the text to render "
+            f"in double quotes, e.g. 'a shop sign that reads \"fresh bread\"'"
+        )
+    return target
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: the fewest single-character insertions, deletions and substitutions turning a into b."""
+    row = list(range(len(b) + 1))  # distances from a[:0] to every prefix of b
+    for i, ca in enumerate(a, 1):
+        diag, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            diag, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, diag + (ca != cb))
+    return row[-1]
+
+
+def ocr_score(reading: str, target: str) -> float:
+    """Flow-GRPO's text-rendering reward of an OCR `reading` (all recognised lines joined) for `target`.
+    Both lowercased, spaces removed; distance 0 if the target occurs in the reading, else
+    min(edit_distance(reading, target), len(target)); reward 1 - distance / len(target), in [0, 1]."""
+    reading, target = "".join(reading.lower().split()), "".join(target.lower().split())
+    distance = 0 if target in reading else min(edit_distance(reading, target), len(target))
+    return 1.0 - distance / len(target)
+
+
+def ocr_model_dir() -> Path:
+    """The folder of rapidocr's ONNX models; a one-line CheckpointError when rapidocr or onnxruntime is missing."""
+    spec = importlib.util.find_spec("rapidocr")
+    if spec is None or importlib.util.find_spec("onnxruntime") is None:
+        raise CheckpointError(
+            "--reward ocr needs the rapidocr and onnxruntime packages: pip install -r requirements.txt"
+        )
+    return Path(spec.submodule_search_locations[0]) / "models"
+
+
+class OcrReward(nn.Module):
+    """How well an image shows the text in its prompt's double quotes (`ocr_score` of what OCR reads).
+
+    rapidocr with its shipped detection and recognition models: each model is passed as a file, so rapidocr's
+    download path is never taken and nothing is written; no text-direction classifier and the detector sees
+    the image at its own size up to 960 px on the long side (PaddleOCR's defaults, the reader Flow-GRPO's
+    reward used), lines whose recognition score is below 0.5 dropped. Not differentiable (DDPO only).
+    """
+
+    differentiable = False
+
+    def __init__(self, threads: int = OCR_THREADS):
+        super().__init__()
+        folder = ocr_model_dir()
+        # onnxruntime's import writes a telemetry device id and event store under ~/.cache/Microsoft unless told
+        # not to (measured with onnxruntime 1.31.1); with this set nothing is written anywhere.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+        import cv2
+        from rapidocr import RapidOCR
+
+        cv2.setNumThreads(threads)  # rapidocr resizes and crops with OpenCV, which would use every core
+        self.engine = RapidOCR(
+            params={
+                "Global.log_level": "error",  # not a warning for every image without text
+                "Global.use_cls": False,
+                "Det.model_path": str(folder / OCR_FILES[0]),
+                "Rec.model_path": str(folder / OCR_FILES[1]),
+                "Det.limit_type": "max",
+                "Det.limit_side_len": 960,
+                "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+            }
+        )
+        # rapidocr loads its models on first use: load them now, so a bad file fails here and not in the worker.
+        self.engine._load_det_model()
+        self.engine._load_rec_model()
+
+    def read(self, pixels) -> str:
+        """All the text OCR finds in one H x W x 3 uint8 RGB image, its lines joined by spaces (top to bottom)."""
+        import numpy as np
+
+        out = self.engine(np.ascontiguousarray(pixels[..., ::-1]))  # a numpy image is read as BGR (OpenCV's order)
+        return " ".join(out.txts or ())
+
+    def forward(self, images, prompts):
+        targets = [ocr_target(p) for p in prompts]  # fail before any work
+        scores = [ocr_score(self.read(p), t) for p, t in zip(_uint8_pixels(images), targets)]
+        return torch.tensor(scores, dtype=torch.float32, device=images.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -911,7 +1030,9 @@ def load_reward(spec: str, device="cpu", dtype=torch.float32, **model_overrides)
             module = ToyComposeReward(m["toy_detector"])
         elif name == "toy-hidden":
             module = ToyHiddenReward(m["toy_hidden"])
-        elif name in NOT_DIFFERENTIABLE:
+        elif name == "ocr":
+            module = OcrReward()
+        elif name in ("jpeg", "jpeg_incompressibility"):
             module = JpegReward(-1.0 if name == "jpeg" else 1.0)
         else:
             module = CustomReward(name[len("custom:") :], device, dtype, custom_mode, custom_target)
@@ -940,6 +1061,9 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
     }
     out = []
     for name, _ in parse_reward_spec(spec):
+        if name == "ocr":  # the models rapidocr's wheel ships, each file checked
+            out += [("--reward ocr", str(ocr_model_dir()), (f,)) for f in OCR_FILES]
+            continue
         items = [("hps_model", (HPS_FILES[name],))] if name in HPS_FILES else needs.get(name, [])
         for key, files in items:
             if os.path.isfile(os.path.expanduser(str(m[key]))):
@@ -950,12 +1074,20 @@ def checkpoints_needed(spec: str, **model_overrides) -> list[tuple[str, str, tup
     return out
 
 
-def check_prompts(spec: str, prompts: list[str], flag: str = "--prompts", **model_overrides):
+def check_prompts(spec: str, prompts: list[str], flag: str = "--prompts", source: str | None = None, **model_overrides):
     """A one-line ValueError naming the first prompt of `prompts` that a reward of `spec` cannot read
-    (toy-compose and toy-hidden read only their toy grammars), and what it accepts; read from the rewards'
-    configs, before any weights load. Rewards that read any prompt (or whose config is not at hand) pass."""
+    (ocr: a prompt without text in double quotes; toy-compose and toy-hidden read only their toy grammars),
+    and what it accepts; read from the rewards' configs, before any weights load. `source`: the prompt set
+    `prompts` came from (what `flag` was given), so that an ocr refusal names the file and line. Rewards that
+    read any prompt (or whose config is not at hand) pass."""
     grammars = {"toy-compose": ("toy_detector", ToyGrammar), "toy-hidden": ("toy_hidden", ToyHiddenGrammar)}
     for name, _ in parse_reward_spec(spec):
+        if name == "ocr":
+            for prompt in prompts:
+                try:
+                    ocr_target(prompt)
+                except ValueError as e:
+                    raise ValueError(f"{flag}{_prompt_line(source, prompt)}: {e}") from None
         if name not in grammars:
             continue
         key, grammar_cls = grammars[name]
@@ -971,3 +1103,21 @@ def check_prompts(spec: str, prompts: list[str], flag: str = "--prompts", **mode
                 raise ValueError(
                     f"{flag}: prompt {prompt!r} is outside what --reward {name} reads: {grammar.text}"
                 ) from None
+
+
+def _prompt_line(source: str | None, prompt: str) -> str:
+    """' FILE line N' for the first line of prompt file `source` (a built-in set's name or a path, as
+    diffusion.load_prompts reads it) that holds `prompt`; '' when `source` is not a file (or not given)."""
+    from diffusion import PROMPTS_DIR
+
+    if not source:
+        return ""
+    path, shown = PROMPTS_DIR / f"{source}.txt", f"prompts/{source}.txt"
+    if not path.is_file():
+        path, shown = Path(os.path.expanduser(source)), source
+    if not path.is_file():
+        return ""  # a table's column (FILE.csv:COLUMN?...) or a built-in table: the prompt alone is named
+    for number, line in enumerate(path.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
+        if line.strip() == prompt or prompt in line:
+            return f" {shown} line {number}"
+    return ""

@@ -320,8 +320,11 @@ def preflight(args, trainer: str, check_args, world: int, differentiable_reward:
                 f"{m.eval_prompts}: evaluating all {len(eval_prompts)}"
             )
         eval_prompts = eval_prompts[: r.eval_num]
-        for flag, found in (("--prompts", prompts), ("--eval-prompts", eval_prompts)):
-            rewards.check_prompts(m.reward, found, flag, **m.reward_models)
+        for flag, found, source in (
+            ("--prompts", prompts, m.prompts),
+            ("--eval-prompts", eval_prompts, m.eval_prompts),
+        ):
+            rewards.check_prompts(m.reward, found, flag, source, **m.reward_models)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     m.mixed_precision, precision_note = resolve_mixed_precision(m.mixed_precision)

@@ -172,9 +172,11 @@ def needed_checkpoints(pretrained, vae, reward_names, reward_models) -> list:
     return needed
 
 
-def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, flag: str) -> None:
+def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, flag: str, prompt: str | None,
+                 prompt_set: str) -> None:  # fmt: skip
     """Every input generate/explore read, checked before anything loads or is written: the LoRA file,
-    each reward's name and checkpoint, and the prompts against what each reward reads."""
+    each reward's name and checkpoint, and the prompts (from --prompt, else --prompts) against what each
+    reward reads."""
     import rewards
     from diffusion import CheckpointError, check_checkpoints
 
@@ -183,7 +185,10 @@ def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, fl
     try:
         for name in reward_names:
             rewards.parse_reward_spec(name, flag)
-            rewards.check_prompts(name, prompts, "--prompts", **(reward_models or {}))
+            if prompt:
+                rewards.check_prompts(name, prompts, "--prompt", **(reward_models or {}))
+            else:
+                rewards.check_prompts(name, prompts, "--prompts", prompt_set, **(reward_models or {}))
         check_checkpoints(needed_checkpoints(pretrained, vae, reward_names, reward_models))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
@@ -254,7 +259,7 @@ def generate(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_pooled_weighting(pretrained, diffexp)
-    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards")
+    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards", prompt, prompts)
     note_repeated_prompts(prompt_list)
     out = claim_output(output_dir, "sample.py generate", overwrite)
     pipe, scorers, _ = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
@@ -456,7 +461,7 @@ def explore(
         prompt_list = ([prompt] if prompt else load_prompts(prompts, "--prompts"))[:max_prompts]
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--rewards")
+    check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--rewards", prompt, prompts)
     out = claim_output(output_dir, "sample.py explore", overwrite)
     pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
     sizes = dict(

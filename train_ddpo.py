@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +27,9 @@ from typing import Literal
 import numpy as np
 import torch
 
+import rewards as rewards_lib
 import runs
 from explore import DiffExpConfig
-from rewards import parse_reward_spec
 
 
 @dataclass
@@ -190,14 +191,15 @@ def main(args: Args):
     model_outputs = run.guided(unet)  # (x, t, cond, w) -> CFG's two halves of one denoiser call
 
     def score(images, prompts):
+        start = time.perf_counter()
         with torch.no_grad(), run.accelerator.autocast():
             scores, components = reward_fn(images, prompts)
-        return scores.float(), {k: v.float() for k, v in components.items()}
+        return scores.float(), {k: v.float() for k, v in components.items()}, time.perf_counter() - start
 
-    # A reward computed on the host (JPEG) is scored in a thread while the next batch samples. The thread
-    # gets one intra-op thread: a second full OpenMP team on the same cores slows the UNet more than the
-    # overlap gains. Rewards on the device gain little from a thread and run inline.
-    host_reward = all(name.startswith("jpeg") for name, _ in parse_reward_spec(args.model.reward))
+    # A reward computed on the host (JPEG, OCR: rewards.on_host) is scored in a thread while the next batch
+    # samples. The thread gets one intra-op thread: a second full OpenMP team on the same cores slows the UNet
+    # more than the overlap gains (OCR bounds its own threads). Rewards on the device gain little and run inline.
+    host_reward = rewards_lib.on_host(args.model.reward)
     reward_worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if host_reward else None
 
     for epoch in run.epochs():
@@ -244,7 +246,9 @@ def main(args: Args):
             })  # fmt: skip
             weights_used += [w.record() for w in weights]
             run.keep_for_grid(images, prompts, sample_batches)
+        waited = time.perf_counter()
         results = [f.result() if reward_worker else f for f in pending]
+        waited = time.perf_counter() - waited  # what scoring in the worker did not hide behind sampling
         local_rewards = torch.cat([r[0] for r in results])
         components = {k: run.accelerator.gather(torch.cat([r[1][k] for r in results])) for k in results[0][1]}
         traj = {k: Conditioning.cat([b[k] for b in trajectories]) if k == "cond" else torch.cat([b[k] for b in trajectories])
@@ -315,8 +319,13 @@ def main(args: Args):
             "advantage_max": advantages.max().item(),
             "advantages": advantages.tolist(),  # per sample, in the order of prompt_weights (every process's)
         }
-        run.end_epoch(epoch, rewards, record, show=("approx_kl", "clipfrac", "ratio_min", "ratio_max", "kl"), components=components,
-                      prompt_weights=weights_used, state={"stat_tracker": tracker.state_dict()})  # fmt: skip
+        if host_reward:  # the reward's own time per sample (in the worker), and the wait it added to the epoch
+            record |= {
+                "reward_sec_per_sample": sum(r[2] for r in results) / len(local_rewards),
+                "reward_wait_sec": waited,
+            }
+        run.end_epoch(epoch, rewards, record, show=("approx_kl", "clipfrac", "ratio_min", "ratio_max", "kl", "reward_sec_per_sample",
+                      "reward_wait_sec"), components=components, prompt_weights=weights_used, state={"stat_tracker": tracker.state_dict()})  # fmt: skip
     if reward_worker is not None:
         reward_worker.shutdown()
 

@@ -264,7 +264,7 @@ def test_parse_reward_spec_valid(tmp_path):
     [
         (
             "hsp",
-            "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, toy-compose, toy-hidden, custom:DIR",
+            "--reward 'hsp': unknown reward 'hsp'; known: aesthetic, pickscore, hps, hpsv2, imagereward, jpeg, jpeg_incompressibility, ocr, toy-compose, toy-hidden, custom:DIR",
         ),
         ("hps:abc", "--reward 'hps:abc': weight 'abc' of 'hps' is not a number (write e.g. 'hps:0.5')"),
         (
