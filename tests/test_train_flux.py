@@ -1,6 +1,7 @@
 """Both trainers and sample.py on FLUX.1, end to end: the tiny FLUX.1-dev / -schnell of conftest (built from config,
 saved in the hub layout, loaded by diffusion.load_pipeline) at 32 px with 3 steps, trained in this process."""
 
+import json
 import math
 import statistics
 import sys
@@ -225,3 +226,23 @@ def test_flux_options_fail_in_one_line_before_loading(monkeypatch, tiny_flux_dir
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith(expected), err
     assert not (tmp_path / "out").exists()
+
+
+def test_explore_runs_on_flux(tiny_flux_dir, tmp_path):
+    """sample.py explore on FLUX.1-dev: --w-high's FLUX default (3.5) is every setting's w_high, so 'cfg:w_low=3.5'
+    samples as 'none' does, bit for bit (the same starting noise); a schedule that switches (g = 1 on the noisy
+    steps) and prompt weighting at T5 positions each give other images."""
+    import sample
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\na blue dog sleeping\n")
+    settings = ("none", "cfg:w_low=3.5", "cfg:t_sw=0.5", "pw")
+    result = sample.explore(pretrained=str(tiny_flux_dir), prompts=str(prompts), rewards="jpeg", settings=settings,
+                            num_steps=3, num_per_prompt=2, batch_size=4, resolution=32, output_dir=str(tmp_path / "out"))  # fmt: skip
+    emb = result["embeddings"]
+    assert emb["none"].shape == (2, 2, 3 * 32 * 32) and torch.equal(emb["cfg:w_low=3.5"], emb["none"])
+    for other in ("cfg:t_sw=0.5", "pw"):
+        assert (emb[other] - emb["none"]).abs().flatten(2).amax(2).min() > 0, other
+    info = {s["setting"]: s for s in json.loads((tmp_path / "out" / "explore.json").read_text())["settings"]}
+    assert {s["w_high"] for s in info.values()} == {3.5} and info["cfg:t_sw=0.5"]["steps_at_w_low"] == 2
+    assert all(w.word for w in result["choices"]["pw"].values())
