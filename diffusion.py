@@ -237,10 +237,18 @@ def resolution_multiple(pretrained: str, vae: str | None = None, family: str | N
 def has_guidance_input(pretrained: str) -> bool | None:
     """Whether a FLUX.1 checkpoint's transformer takes the guidance scale as an input (guidance_embeds:
     FLUX.1-dev yes, FLUX.1-schnell no), read from transformer/config.json in its directory or the Hugging Face
-    cache without loading anything; None when that file is not at hand (the loader then says what is missing)."""
+    cache (online: the one small file is fetched, as model_index.json is) without loading anything; None when
+    that file cannot be had (the loader then says what is missing)."""
     name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
     rel = "transformer/config.json"
     path = os.path.join(name, rel) if os.path.isdir(name) else _in_hf_cache(name, rel)
+    if path is None and not os.path.isdir(name) and not hub_offline():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(name, rel)
+        except Exception:  # noqa: BLE001 - unavailable: the loader reports it with the full advice
+            return None
     try:
         return bool(json.loads(Path(path).read_text()).get("guidance_embeds", False))
     except (TypeError, OSError, ValueError):
