@@ -3,13 +3,16 @@
     python tools/memory_estimate.py                                   # SDXL at 1024 px, batch 1 and 4
     python tools/memory_estimate.py --model sd3.5-medium sd3.5-large --resolution 512 1024 --batch 1 4
     python tools/memory_estimate.py --model sdxl --resolution 512 1024 --no-autocast --lora-rank 0  # the old modelling
+    python tools/memory_estimate.py --model flux.1-dev --resolution 512 1024 --batch 1 4 --trainer alignprop ddpo
 
-The denoiser (UNet or SD3 transformer) and the VAE are built from their published configs (the dicts
+The denoiser (UNet, SD3 or FLUX transformer) and the VAE are built from their published configs (the dicts
 below) on PyTorch's `meta` device, with LoRA adapters where the trainers put them, and one training
 step is traced:
   alignprop  K denoiser calls on the CFG-doubled batch with gradient (K = --backprop-steps), then the
              VAE decode of the batch (reward backprop; the reward model's own activations are not counted)
   ddpo       one denoiser call on the CFG-doubled batch at one timestep (no VAE in the graph)
+FLUX.1-dev is guidance-distilled: its calls are of the batch itself, not doubled (the trainers' default; with
+--true-cfg a call doubles as on SD3, which the batch-2B row approximates).
 Every tensor autograd saves for backward is counted once (by storage; weights are resident memory,
 counted separately). Attention is counted as a memory-efficient kernel keeps it (q, k, v, output, row
 log-sum-exp), as PyTorch's SDPA does on a GPU. With a half --dtype the trace follows CUDA autocast as
@@ -22,7 +25,8 @@ keep + what piece i saves when recomputed). The modes checkpoint:
   call    each denoiser call carrying gradient (torch.utils.checkpoint on the whole call; the VAE is not)
   blocks  what diffusers 0.42 checkpoints when enable_gradient_checkpointing() is on: each UNet resnet
           and each BasicTransformerBlock (attention projections in/out are not), each SD3 joint
-          transformer block, the VAE decoder's mid block and each of its up blocks
+          transformer block, each FLUX double- and single-stream block, the VAE decoder's mid block and
+          each of its up blocks
   none    nothing
 Resident = frozen denoiser + VAE + text encoders + reward model (all in --dtype; SDXL's VAE in fp32
 under fp16, as the loader does) + LoRA weights, gradients and AdamW moments (fp32, 16 bytes per
@@ -37,16 +41,20 @@ import argparse
 import contextlib
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python tools/memory_estimate.py` from anywhere imports the project's modules (FLUX)
+
 GiB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("call", "blocks", "none")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusion.add_lora's target_modules
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusion.add_lora's target_modules (SD, SDXL)
 
 # --- published configs (diffusers layout; keys that only name versions or paths left out) ---------------
 
@@ -86,6 +94,11 @@ VAE_4CH = dict(
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
 )  # fmt: skip
 VAE_16CH = VAE_4CH | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+# black-forest-labs/FLUX.1-dev transformer/config.json (its VAE has VAE_16CH's shapes)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
 
 # Text encoders (transformers configs; frozen, forward only): text_encoder[_2|_3]/config.json of the repos.
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
@@ -105,7 +118,7 @@ AESTHETIC_MLP = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 +
 @dataclass(frozen=True)
 class Family:
     label: str
-    kind: str  # "unet" or "sd3"
+    kind: str  # "unet", "sd3" or "flux"
     denoiser: dict
     vae: dict
     text_encoders: tuple  # (name, builder kind, config) of the encoders always loaded
@@ -142,6 +155,16 @@ FAMILIES = {
         77 + 256,
         t5=True,
     ),
+    # FLUX.1-dev: CLIP-L (pooled only) and T5-XXL always loaded; the transformer sees 512 T5 tokens.
+    "flux.1-dev": Family(
+        "FLUX.1-dev",
+        "flux",
+        FLUX_DEV_TRANSFORMER,
+        VAE_16CH,
+        (("CLIP-L", "clip", CLIP_L), ("T5-XXL", "t5", T5_XXL)),
+        1024,
+        512,
+    ),
 }
 
 
@@ -162,7 +185,9 @@ class EfficientAttention(torch.autograd.Function):
         return out
 
 
-def _attention(q, k, v, *args, **kwargs):
+def _attention(q=None, k=None, v=None, *args, query=None, key=None, value=None, **kwargs):
+    # positional (SD's and SD3's processors) or by keyword (diffusers' attention dispatcher: FLUX)
+    q, k, v = (a if a is not None else b for a, b in ((q, query), (k, key), (v, value)))
     if _autocast:  # SDPA is on autocast's lower-precision list
         q, k, v = (x.to(_autocast[0]) for x in (q, k, v))
     return EfficientAttention.apply(q, k, v)
@@ -289,9 +314,26 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype)))
 
 
+def lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """diffusion.add_lora's target names for the model (FLUX's from diffusion itself; SD/SDXL/SD3's attention
+    projections), matched as peft matches them: the whole name, or its end after a dot."""
+    from diffusers import FluxTransformer2DModel
+
+    if isinstance(model, FluxTransformer2DModel):
+        from diffusion import flux_lora_targets
+
+        return tuple(flux_lora_targets(model))
+    return LORA_TARGETS
+
+
 def add_lora(model: nn.Module, rank: int, dtype) -> int:
     """Wrap diffusion.add_lora's targets; returns the number of LoRA parameters."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LORA_TARGETS)]
+    names = lora_targets(model)
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in names)
+    ]
     count = 0
     for name, lin in targets:
         count += rank * (lin.in_features + lin.out_features)
@@ -335,7 +377,7 @@ class Built:
 
 
 def build(name: str, dtype, lora_rank: int, autocast: bool, reward: str) -> Built:
-    from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from diffusers.utils import logging
 
     logging.set_verbosity_error()  # casting a meta model with .to() warns about fp32 modules it does not have
@@ -343,7 +385,7 @@ def build(name: str, dtype, lora_rank: int, autocast: bool, reward: str) -> Buil
     half = dtype != torch.float32
     vae_dtype = torch.float32 if name == "sdxl" and dtype == torch.float16 else dtype  # diffusion.load_pipeline
     with torch.device("meta"):
-        cls = UNet2DConditionModel if fam.kind == "unet" else SD3Transformer2DModel
+        cls = {"unet": UNet2DConditionModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[fam.kind]
         # eval(), as diffusion.load_pipeline leaves them: dropout (p = 0) then keeps no masks
         den = cls(**fam.denoiser).to(dtype).requires_grad_(False).eval()
         vae = AutoencoderKL(**fam.vae).to(vae_dtype).requires_grad_(False).eval()
@@ -372,6 +414,12 @@ def resident_bytes(b: Built, t5: bool, offload_text: bool) -> int:
 
 
 def cond_inputs(fam: Family, n: int, dtype) -> dict:
+    if fam.kind == "flux":  # T5's states, CLIP-L's pooled vector, the guidance input; zero position ids of the text
+        return dict(
+            encoder_hidden_states=torch.randn(n, fam.tokens, fam.denoiser["joint_attention_dim"], dtype=dtype),
+            pooled_projections=torch.randn(n, fam.denoiser["pooled_projection_dim"], dtype=dtype),
+            guidance=torch.full((n,), 3.5),
+        )
     if fam.kind == "sd3":
         return dict(
             encoder_hidden_states=torch.randn(n, fam.tokens, fam.denoiser["joint_attention_dim"], dtype=dtype),
@@ -396,7 +444,7 @@ def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dt
             m.enable_gradient_checkpointing(tape.checkpoint)
         else:
             m.disable_gradient_checkpointing()
-    latent, channels = px // 8, fam.denoiser["in_channels"]
+    latent, channels = px // 8, fam.vae["latent_channels"]
     amp = Autocast(dtype) if autocast and dtype != torch.float32 else contextlib.nullcontext()
     F.scaled_dot_product_attention = _attention
     call_bytes = []
@@ -407,6 +455,13 @@ def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dt
             t = torch.full((batch,), 500.0)
 
             def denoise(x, t, cond):
+                if fam.kind == "flux":  # distilled: one call of the batch, on packed latents (diffusion.denoise)
+                    from diffusion import latent_image_ids, pack_latents, unpack_latents
+
+                    ids = dict(txt_ids=torch.zeros(fam.tokens, 3), img_ids=latent_image_ids(latent, latent))
+                    with amp:
+                        out = den(hidden_states=pack_latents(x.to(dtype)), timestep=t / 1000, **cond, **ids).sample
+                    return unpack_latents(out, latent, latent).float()
                 both = {k: _cat2(v) for k, v in cond.items()}
                 with amp:
                     # the CFG-doubled batch (diffusion.cfg_unet with a scale w != 0, 1)
@@ -421,7 +476,8 @@ def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dt
                     before = tape.total()
                     out = tape.checkpoint(denoise, x, t, cond) if mode == "call" else denoise(x, t, cond)
                     call_bytes.append(tape.total() - before)
-                    x = x + out[:batch] + out[batch:]  # stands in for the CFG combination and the DDIM step
+                    # stands in for the CFG combination and the step
+                    x = x + out if fam.kind == "flux" else x + out[:batch] + out[batch:]
                 before = tape.total()
                 if trainer == "alignprop":  # diffusion.decode: at the VAE's dtype, under autocast unless fp32
                     vae_amp = amp if vae.dtype != torch.float32 else contextlib.nullcontext()
