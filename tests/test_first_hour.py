@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 import diffusion
 import rewards
+import rundir
 import runs
 import train_alignprop
 import train_ddpo
@@ -287,7 +288,7 @@ def fake_run(out: Path, args: dict | None = None, checkpoints=(), partial=True):
     and the given checkpoint folders."""
     out.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        (out / "args.json").write_text(json.dumps(runs._jsonable(args)))
+        (out / "args.json").write_text(json.dumps(rundir.jsonable(args)))
     if partial:
         (out / "log.jsonl").write_text(json.dumps({"epoch": -1, "samples": 0}) + "\n")
         (out / "eval" / "initial").mkdir(parents=True)
@@ -347,8 +348,10 @@ def test_resume_with_changed_arguments_is_refused_in_one_line(
     )
     code, _, err = run_main(train_alignprop, argv, monkeypatch, capsys)
     assert_one_error_line(code, err, "--resume: these arguments differ from the run's")
+    # --num-epochs says why it matters: the exploration window (the first 75% of the epochs) moves
     assert (
-        "--num-epochs 4 -> 8, --prompts simple_animals -> animals_activities, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
+        "--num-epochs 4 -> 8 (it moves DiffExp's exploration window, the first 0.75 of the epochs: epochs 0-2 of 4, "
+        "0-5 of 8), --prompts simple_animals -> animals_activities, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
     )
     assert "--eval-every" not in err and "--keep-checkpoints" not in err  # harmless ones
     assert "--allow-changed-args" in err
@@ -359,7 +362,7 @@ def test_check_run_dir_decisions(tmp_path):
     base = train_ddpo.cli(["--output-dir", str(tmp_path / "run"), "--num-epochs", "4", "--explore-frac", "1.0"])
 
     def plan(**kw):
-        return runs.check_run_dir(runs.replace_flat(base, **kw))
+        return rundir.plan_run(rundir.jsonable(runs.flat_args(runs.replace_flat(base, **kw))))
 
     assert plan().mode == "new"
     fake_run(tmp_path / "run", runs.flat_args(base))
@@ -373,7 +376,8 @@ def test_check_run_dir_decisions(tmp_path):
     assert plan(resume=True, num_epochs=10).changed == {}
     assert plan(resume=True, num_epochs=2).finished  # ... and a run that holds its last epoch has nothing left to do
     # ... but not when it moves DiffExp's exploration window (explore_frac 0.75 of 4 vs 8 epochs)
-    runs.RunLog(tmp_path / "run", runs.replace_flat(base, explore_frac=0.75))  # args.json = the run's current args
+    # args.json = the run's current args
+    rundir.RunLog(tmp_path / "run").start(runs.flat_args(runs.replace_flat(base, explore_frac=0.75)))
     with pytest.raises(ValueError, match=r"--num-epochs 4 -> 8"):
         plan(resume=True, num_epochs=8, explore_frac=0.75)
     p = plan(resume=True, num_epochs=8, explore_frac=0.75, lr=1.0, allow_changed_args=True)
@@ -389,7 +393,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     (out / "args.jsonl").write_text("{}\n")
     (out / "notes.txt").write_text("mine")
     args = train_ddpo.cli(["--output-dir", str(out), "--overwrite"])
-    deleted = runs.prepare_run_dir(out, runs.check_run_dir(args))
+    deleted = rundir.prepare_run_dir(out, rundir.plan_run(rundir.jsonable(runs.flat_args(args))))
     assert deleted == ["checkpoints", "log.jsonl", "eval", "images", "args.json", "args.jsonl"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
@@ -410,18 +414,18 @@ def test_checkpoints_are_sorted_by_epoch_and_keep_zero_keeps_all(tiny_sd_dir, tm
     pipe = diffusion.load_pipeline(str(tiny_sd_dir))
     diffusion.add_lora(pipe.unet, 4, 4.0)
     for epoch in (9, 10, 11, 12):
-        runs.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
-        runs.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
+        rundir.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
+        rundir.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
     (tmp_path / "all" / "checkpoints" / "epoch_10000").mkdir()  # past 9999 the names no longer sort as numbers
-    assert [p.name for p in runs.checkpoints(tmp_path / "all")] == [
+    assert [p.name for p in rundir.checkpoints(tmp_path / "all")] == [
         "epoch_0009",
         "epoch_0010",
         "epoch_0011",
         "epoch_0012",
         "epoch_10000",
     ]
-    assert [p.name for p in runs.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
-    mode = 0o666 & ~runs._umask()
+    assert [p.name for p in rundir.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
+    mode = 0o666 & ~rundir._umask()
     for f in (tmp_path / "two" / "checkpoints" / "epoch_0012").iterdir():
         assert f.stat().st_mode & 0o777 == mode, f  # like every other output (safetensors alone would give 0600)
     from safetensors import safe_open
@@ -608,7 +612,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_
 
 def test_resume_drops_a_torn_log_line(tmp_path):
     """A run killed while writing log.jsonl leaves half a line: resuming drops it with the later epochs."""
-    from runs import RunLog
+    from rundir import RunLog
 
     (tmp_path / "log.jsonl").write_text('{"epoch": -1}\n{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "rew')
     RunLog(tmp_path).truncate_after(0)

@@ -11,7 +11,7 @@ import torch
 
 import diffusion
 import kernels
-import runs
+import rundir
 from conftest import lora_weights, read_log
 
 
@@ -108,7 +108,7 @@ def test_alignprop_on_sd3_lora_loads_in_the_sd3_pipeline_and_resume_is_exact(mon
     """AlignProp on SD3 with a differentiable reward (the tiny aesthetic), 2 denoising steps, with an EMA of
     the LoRA weights: 2 epochs in one go equal 1 epoch + --resume for the second (LoRA and EMA weights), and
     the checkpoint, read by StableDiffusion3Pipeline.load_lora_weights (alpha != rank), gives the transformer
-    that the project's own loader (runs.load_checkpoint) gives, which is not the base one."""
+    that the project's own loader (rundir.load_checkpoint) gives, which is not the base one."""
     from diffusers import StableDiffusion3Pipeline
 
     common = ["--reward", "aesthetic", *tiny_aesthetic, "--num-steps", 2, "--samples-per-epoch", 4, "--batch-size", 2,
@@ -133,7 +133,7 @@ def test_alignprop_on_sd3_lora_loads_in_the_sd3_pipeline_and_resume_is_exact(mon
     oracle.load_lora_weights(ckpt)
     ours = diffusion.load_pipeline(str(tiny_sd3_dir))
     diffusion.add_lora(ours.transformer, rank=4, alpha=8)
-    runs.load_checkpoint(ckpt, ours.transformer)
+    rundir.load_checkpoint(ckpt, ours.transformer)
     base = diffusion.load_pipeline(str(tiny_sd3_dir)).transformer
     x, t = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
     cond = diffusion.TextConditioner(ours).encode(["a cat"])
