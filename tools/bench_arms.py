@@ -270,6 +270,11 @@ def sem(values: list[float]) -> float:
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
+def mean_se(mean: float, se: float, n: int, fmt: str = ".3f") -> str:
+    """mean ± s.e. over n seeds; one seed has no spread, which is said rather than shown as ± 0."""
+    return f"{mean:{fmt}} ± {se:.3f}" if n > 1 else f"{mean:{fmt}} (1 seed: no spread)"
+
+
 def paired(values: dict, base: dict) -> str:
     """mean ± s.e. of value − the same seed's baseline value, over the seeds both have."""
     diffs = [values[s] - base[s] for s in values if s in base]
@@ -324,8 +329,8 @@ def report(args: Args):
             # What exploration showed the learner: the training samples' own reward before the model moved much.
             early = [statistics.fmean(v) for run in runs[arm].values()
                      if (v := [r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args) and "reward_mean" in r])]  # fmt: skip
-            seen = f"{statistics.fmean(early):.3f} ± {sem(early):.3f}" if early else "—"
-            cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
+            seen = mean_se(statistics.fmean(early), sem(early), len(early)) if early else "—"
+            cells = [method, arm, str(len(g)), mean_se(mc[-1][1], mc[-1][2], len(g)), mean_se(statistics.fmean(g), se, len(g), "+.3f"),
                      paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
                      seen]  # fmt: skip
             xs, ms, ses = zip(*mc)
@@ -384,6 +389,11 @@ def main(args: Args):
             rewards.parse_reward_spec(args.success_reward, "--success-reward")
         except ValueError as e:
             sys.exit(f"error: {e}")
+    runs = [out / m / a / f"seed{s}" for m in args.methods for a in args.arms for s in args.seeds]
+    if args.report_only and not any(finished(run, args.epochs) for run in runs):
+        sys.exit(
+            f"error: --report-only: {out} holds no finished run of these --methods, --arms, --seeds and --epochs {args.epochs}: run without --report-only first"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_all(args, out)
