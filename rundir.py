@@ -347,8 +347,8 @@ def plan_run(args: dict, trainer: str | None = None, family: str | None = None) 
     another trainer's run (which nothing continues), when --resume has nothing to resume, when the
     checkpoint to resume was written on another base model, or when --resume's arguments differ from the
     run's (args.json) in anything but HARMLESS_ARGS."""
+    check_writable(args["output_dir"], "--output-dir")  # the string itself: Path('') would read '.'
     out = Path(args["output_dir"])
-    check_writable(out, "--output-dir")
     if args["resume"] and args["overwrite"]:
         raise ValueError(
             "--resume and --overwrite contradict each other: --resume continues the run in --output-dir, --overwrite deletes it; pass one"
@@ -765,7 +765,7 @@ def load_checkpoint(ckpt: Path, unet) -> dict:
 # Cheap, not a hash of gigabytes: per component folder (unet/, vae/, text_encoder/, ...) a SHA-256 over
 # its config and tokenizer files (*.json, *.txt: whole) and its weight files (each file's name and size,
 # its safetensors header: every tensor's name, dtype, shape and offsets, and 16 slices of 4 KiB spread
-# over the file). Weights replaced at the same path (a fine-tune of the same architecture: the same
+# evenly from the file's start to its end). Weights replaced at the same path (a fine-tune of the same architecture: the same
 # header and size) differ in the slices. Only the files the loader reads count: safetensors over .bin,
 # and no variants (diffusion_pytorch_model.fp16.safetensors), so a later download of another variant
 # does not change it. About 1 MB read for SD 1.5.
@@ -808,8 +808,8 @@ def _fingerprint_folder(folder: Path) -> str:
             if p.suffix == ".safetensors":
                 n = int.from_bytes(f.read(8), "little")
                 h.update(f.read(min(n, 100 * 2**20)))
-            for k in range(16):
-                f.seek(size * k // 16)
+            for k in range(16):  # from the first 4 KiB to the last
+                f.seek(max(0, size - 4096) * k // 15)
                 h.update(f.read(4096))
     return h.hexdigest()[:16]
 
