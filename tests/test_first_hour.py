@@ -108,6 +108,27 @@ ALIGNPROP_WRONG = [
     ("ema_decay_1", ["--ema-decay", "1"], "--ema-decay must be in [0, 1)", None),
     ("ema_every_0", ["--ema-decay", "0.9", "--ema-every", "0"], "--ema-every must be >= 1", "--ema-decay"),
     ("ema_every_without_decay", ["--ema-every", "4"], "--ema-every 4 does nothing without --ema-decay", None),
+    ("eta_above_1", ["--eta", "5"], "--eta must be in [0, 1]", None),  # DDIM's coefficient: not real above 1
+    (
+        "backprop_steps_random_of_1",
+        ["--backprop-steps-random"],
+        "--backprop-steps-random draws K from 1..--backprop-steps, which is 1",
+        None,
+    ),
+    (
+        "pooled_without_weighting",
+        ["--prompt-weight-pooled", "--no-prompt-weighting"],
+        "--prompt-weight-pooled weights the pooled",
+        None,
+    ),
+    ("output_dir_empty", ["--output-dir", ""], "--output-dir '': give a directory", None),
+    ("output_dir_a_file", ["--output-dir", str(ROOT / "README.md")], "README.md' is a file: give a directory", None),
+    (
+        "output_dir_under_a_file",
+        ["--output-dir", str(ROOT / "README.md" / "run")],
+        "is a file, so the directory cannot be made",
+        None,
+    ),
     (
         "pretrained_not_cached",
         ["--pretrained", "someone/not-cached"],
@@ -149,7 +170,16 @@ DDPO_WRONG = [
     ("eval_num_0", ["--eval-every", "1", "--eval-num", "0"], "--eval-num", None),
     ("keep_checkpoints_negative", ["--keep-checkpoints", "-1"], "--keep-checkpoints", None),
     ("resolution_not_multiple", ["--resolution", "33"], "--resolution 33 is not a multiple of 2", None),
-    ("eta_0", ["--eta", "0"], "--eta must be > 0 for DDPO", None),
+    ("eta_0", ["--eta", "0"], "--eta must be in (0, 1] for DDPO (0 gives sigma = 0", None),
+    ("eta_above_1", ["--eta", "5"], "--eta must be in (0, 1] for DDPO", None),  # was accepted, then clamped
+    (
+        "pooled_without_weighting",
+        ["--prompt-weight-pooled", "--no-prompt-weighting"],
+        "--prompt-weight-pooled weights the pooled embedding",
+        None,
+    ),
+    ("output_dir_empty", ["--output-dir", ""], "--output-dir '': give a directory", None),
+    ("output_dir_a_file", ["--output-dir", str(ROOT / "README.md")], "is a file: give a directory", None),
     ("clip_range_0", ["--clip-range", "0"], "--clip-range must be > 0", None),
     ("t_sw", ["--t-sw", "-0.1"], "--t-sw must be in [0, 1]", None),
     (
