@@ -209,12 +209,16 @@ def test_resume_says_what_the_log_lost(tmp_path):
 
 
 def test_a_resumed_run_says_its_log_was_cut(tiny_sd_dir, tmp_path):
-    out = tmp_path / "run"
-    run_main("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1))
+    """Also a run of a prompt set holding a 300 KB line: one tiny epoch of it had not finished after 4 minutes
+    (the caption, and prompt weighting tokenising every word); here it takes seconds."""
+    out, prompts = tmp_path / "run", tmp_path / "prompts.txt"
+    prompts.write_text(("a blue dog on a green mat " * 12_000) + "\n")  # one prompt: every sample has it
+    run_main("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1, "--prompts", prompts))
     (out / "log.jsonl").write_text((out / "log.jsonl").read_text()[:-10])  # the last line cut mid-way
     proc = run_main("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 2, "--resume"))
     assert "dropped 1 unreadable line(s)" in proc.stdout and "has no line for epoch(s) 0 (lost" in proc.stdout
     assert [r["epoch"] for r in read_log(out)] == [-1, 1]
+    assert "epochs:" not in proc.stderr  # stderr is no terminal here: no progress bar frames between the lines
 
 
 # --- a caption of any length ----------------------------------------------------------------------------
@@ -233,7 +237,7 @@ def finishes_within(seconds: float, fn):
 def test_a_megabyte_prompt_is_captioned_quickly_and_fits(tmp_path):
     """A 5 MB prompt line died after minutes in the grid's caption (PIL: too many characters) and a 300 KB one
     took hours (the caption was cut one character at a time, measuring the whole line each time). Placed by
-    hand: the old wrapping did not finish a 30 KB caption within the limit."""
+    hand, the old wrapping failed both: PIL's error on the 5 MB line, and no end within the limit at 300 KB."""
     from PIL import Image, ImageDraw, ImageFont
 
     huge = ("a red cat on a blue mat " * 250_000)[:5_000_000]
@@ -243,6 +247,7 @@ def test_a_megabyte_prompt_is_captioned_quickly_and_fits(tmp_path):
     assert Image.open(grid).size[0] > 128
     draw, font = ImageDraw.Draw(Image.new("RGB", (1, 1))), ImageFont.load_default()
     lines = finishes_within(30, lambda: rundir.wrap_caption(draw, huge, font, 128))
+    assert finishes_within(30, lambda: rundir.wrap_caption(draw, huge[:300_000], font, 128)) == lines  # the slow one
     assert len(lines) == 2 and lines[0].startswith("a red cat") and lines[1].endswith("...")
     assert all(draw.textlength(line, font=font) <= 128 for line in lines)
     assert rundir.wrap_caption(draw, "a cat", font, 128) == ["a cat"]
