@@ -191,9 +191,7 @@ def occupant(out: str | Path, keep: tuple[str, ...] = ()) -> dict | None:
     if not out.is_dir():
         return None
     names = sorted(p.name for p in out.iterdir() if p.name != ".lock" and p.name not in keep)
-    if any(n in names for n in ARGS_FILES + RUN_OUTPUTS[:4]):
-        return {"kind": "run", **(run_identity(out) or {"trainer": None, "family": None})}
-    if RESULT_MARK in names:
+    if RESULT_MARK in names:  # first: a result may hold images/ too (sample.py explore --save-images)
         mark = _read_json(out / RESULT_MARK)
         complete = mark.get("complete", True)  # a mark from before 'complete' existed: a finished result
         return {
@@ -202,6 +200,8 @@ def occupant(out: str | Path, keep: tuple[str, ...] = ()) -> dict | None:
             "time": mark.get("time", "?"),
             "complete": complete,
         }
+    if any(n in names for n in ARGS_FILES + RUN_OUTPUTS[:4]):
+        return {"kind": "run", **(run_identity(out) or {"trainer": None, "family": None})}
     if "config.json" in names or "model.safetensors" in names:  # a reward model from before the mark
         return {"kind": "result", "by": "train_reward.py", "time": None, "complete": True}
     return {"kind": "files", "names": names} if names else None

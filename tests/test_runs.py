@@ -289,8 +289,8 @@ def test_explore_over_another_result_and_into_a_run(tiny_sd_dir, tmp_path, capsy
     out = tmp_path / "explore"
     common = ["explore", "--pretrained", str(tiny_sd_dir), "--prompt", "a red cat", "--rewards", "jpeg", "--num-steps", "2",
               "--num-per-prompt", "2", "--output-dir", str(out)]  # fmt: skip
-    sample.main([*common, "--settings", "none", "cfg", "pw"])
-    assert len(list((out / "grids").glob("0*.png"))) == 3
+    sample.main([*common, "--settings", "none", "cfg", "pw", "--save-images"])  # images/ as a run has one
+    assert len(list((out / "grids").glob("0*.png"))) == 3 and (out / "images").is_dir()
     with pytest.raises(SystemExit):
         sample.main([*common, "--settings", "none"])
     assert "already holds a sample.py explore result" in capsys.readouterr().err
