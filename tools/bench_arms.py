@@ -310,9 +310,11 @@ def eval_own_se(run: Path, name: str | None, threshold: float) -> tuple[float, f
     run kept no evaluation images."""
     last = max((r for r in read_log(run) if "eval_reward_mean" in r), key=lambda r: r["epoch"])
     folder = run / "eval" / ("initial" if last["epoch"] < 0 else f"epoch_{last['epoch']:04d}")
-    if not (folder / "prompts.json").is_file():
+    scores = (
+        json.loads((folder / "prompts.json").read_text()).get("reward") if (folder / "prompts.json").is_file() else None
+    )
+    if not scores:
         return None
-    scores = json.loads((folder / "prompts.json").read_text())["reward"]
     reward_se = statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0
     if name is None:
         return reward_se, None
