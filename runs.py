@@ -43,6 +43,7 @@ from typing import Annotated, Literal
 import torch
 import tyro
 
+import sharding
 from rewards import DEFAULT_MODELS, NAMES
 
 # ---------------------------------------------------------------------------------------------
@@ -86,6 +87,10 @@ class ModelArgs:
     """per-step math (CFG + step, DDPO's loss): the Triton kernels on CUDA (auto), or the eager PyTorch reference"""
     compile: bool = False
     """torch.compile the denoiser (inductor; forward and backward, LoRA included); the first epoch pays the compile time"""
+    fsdp: bool = False
+    """shard the frozen denoiser and its LoRA across the launch's processes (PyTorch FSDP2), for a model that does not fit one GPU; needs several processes (torchrun / accelerate launch); see docs/scaling.md"""
+    cache_text: bool = False
+    """encode every training and evaluation prompt once at the start, then move the text encoders off the device (their memory freed: T5-XXL's 9.5 GB in bf16)"""
 
 
 @dataclass
@@ -271,7 +276,9 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
             f"process on a machine without GPUs): training as one process; for N CPU processes launch with accelerate launch "
             f"--multi_gpu --num_processes {asked} ... or python -m torch.distributed.run --nproc_per_node {asked} ..."
         )
-    for ok, msg in check_args(args, accelerator.num_processes):
+    for ok, msg in itertools.chain(
+        sharding.checks(args, accelerator.num_processes), check_args(args, accelerator.num_processes)
+    ):
         if not ok:
             fail(msg)
     run = Run(args, trainer, prompts, eval_prompts, plan, family)
@@ -300,7 +307,7 @@ def preflight(args, trainer: str, check_args, world: int, differentiable_reward:
     from diffusion import CheckpointError, check_checkpoints, inspect_pipeline, load_prompts, vae_downsampling
 
     m, r = args.model, args.run
-    for ok, msg in itertools.chain(shared_checks(args), check_args(args, world)):
+    for ok, msg in itertools.chain(shared_checks(args), sharding.checks(args, world), check_args(args, world)):
         if not ok:
             fail(msg)
     notes = []
@@ -408,6 +415,7 @@ class Run:
         self.start_epoch, self.samples_seen, self.log = 0, 0, None
         self.pipe = self.reward_fn = None
         self.ema: EMA | None = None  # --ema-decay: made by add_lora
+        self.sharded: list[int] | None = None  # --fsdp: the parameter values each process holds (add_lora)
         self._grid: list = []
         self._t0 = 0.0
         self.epoch = None  # the epoch in progress (what Ctrl-C reports)
@@ -421,7 +429,10 @@ class Run:
 
         m = self.args.model
         try:
-            self.pipe = load_pipeline(m.pretrained, self.device, self.weight_dtype, vae=m.vae)
+            # --fsdp: the denoiser stays on the CPU until add_lora shards it onto the device
+            self.pipe = load_pipeline(m.pretrained, "cpu" if m.fsdp else self.device, self.weight_dtype, vae=m.vae)
+            if m.fsdp:
+                sharding.place(self.pipe, self.device)
             self.reward_fn = rewards.load_reward(
                 m.reward, device=self.device, dtype=self.weight_dtype, **m.reward_models
             )
@@ -431,6 +442,8 @@ class Run:
         self.log = RunLog(self, self.args)
         # prompts -> conditioning (the trainers' one text path); .negative is CFG's, .empty DiffExp's e_empty
         self.text = TextConditioner(self.pipe, self.resolution)
+        if m.cache_text:  # every prompt encoded now, then the text encoders leave the device
+            self.text = sharding.CachedText(self.text, ["", *self.prompts, *self.eval_prompts])
         plain = replace(self.args.diffexp, prompt_weighting=False)  # evaluation never weights a prompt
         notes = prompt_notes(self.prompts, self.text, self.args.diffexp)
         for line in notes + prompt_notes(self.eval_prompts, self.text, plain, "--eval-prompts"):
@@ -469,6 +482,13 @@ class Run:
         m, o = self.args.model, self.args.optim
         torch.manual_seed(self.args.run.seed)
         params = add_lora(unet, m.lora_rank, m.lora_alpha)
+        if m.fsdp:  # the weights become this process's shards: the parameters to train are the new ones
+            self.sharded = sharding.shard(unet, self.device)
+            params = [p for p in unet.parameters() if p.requires_grad]
+            self.accelerator.print(
+                f"--fsdp: the denoiser's {sum(p.numel() for p in unet.parameters()):,} parameter values sharded over "
+                f"{self.world} processes, each holding {', '.join(f'{n:,}' for n in self.sharded)}"
+            )
         if m.compile:
             compile_unet(unet)  # in place, after the adapters exist, so they are compiled too
         optimizer = torch.optim.AdamW(
@@ -493,6 +513,7 @@ class Run:
         except CheckpointError as e:
             fail(str(e))
         optimizer.load_state_dict(state["optimizer"])
+        sharding.shard_optimizer_state(optimizer)  # --fsdp: the checkpoint holds whole moments
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema"), self.accelerator.print)
         torch.set_rng_state(state["torch_rng"])
@@ -543,25 +564,29 @@ class Run:
         self._grid += list(zip(pixels, prompts[:keep]))
 
     def reduce_and_clip(self, params) -> torch.Tensor:
-        """Average the LoRA gradients across processes (the denoiser is not DDP-wrapped), then clip them by
-        global norm (--max-grad-norm; 0: no clipping). Returns the norm before clipping."""
-        if self.world > 1:
+        """Average the LoRA gradients across processes (the denoiser is not DDP-wrapped; with --fsdp, FSDP has
+        reduce-scattered them in backward), then clip them by global norm (--max-grad-norm; 0: no clipping).
+        Returns the norm before clipping."""
+        if self.world > 1 and not self.sharded:
             flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
             torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
         max_norm = self.args.optim.max_grad_norm
-        return self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return sharding.gathered(self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
     def evaluate(self, name: str) -> dict:
         """Held-out evaluation into eval/NAME ('initial' before training, epoch_NNNN after epoch NNNN, the
-        number of that epoch's checkpoint), on the main process; {} when evaluation is off."""
+        number of that epoch's checkpoint), on the main process (with --fsdp on every process, which all take
+        part in each denoiser call; the main one writes); {} when evaluation is off."""
         from diffusion import seeded
 
-        if not self.eval_prompts or not self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if not self.eval_prompts or not (main or self.sharded):
             return {}
         with self.ema.swapped() if self.ema else contextlib.nullcontext(), self.accelerator.autocast():
             return evaluate_held_out(
-                self.pipe, self.reward_fn, self.eval_prompts, self.dir / "eval" / name, self.args.num_steps,
-                self.args.diffexp.w_high, seeded(self.args.run.seed, 10**6), self.resolution, self.args.model.kernels,
+                self.pipe, self.reward_fn, self.eval_prompts, self.dir / "eval" / name if main else None,
+                self.args.num_steps, self.args.diffexp.w_high, seeded(self.args.run.seed, 10**6), self.resolution,
+                self.args.model.kernels, text=self.text,
             )  # fmt: skip
 
     def end_epoch(self, epoch: int, rewards: torch.Tensor, record: dict, show: tuple[str, ...], components=None,
@@ -593,7 +618,9 @@ class Run:
             "sec_per_sample": elapsed / len(rewards),
             **peak_memory(),
         }
-        if self.world > 1:  # processes must hold identical LoRA weights: how far apart they are (0 when in sync)
+        if self.sharded:  # --fsdp: the parameter values each process holds (measured when sharding)
+            record["fsdp_params_per_process"] = self.sharded
+        elif self.world > 1:  # processes must hold identical LoRA weights: how far apart they are (0 when in sync)
             flat = torch.cat([p.detach().flatten() for p in self.params])
             record["lora_sync_error"] = (acc.reduce(flat, "max") + acc.reduce(-flat, "max")).max().item()
         images = {}
@@ -619,9 +646,11 @@ class Run:
                 f"{held_out}{shown} exploring {record.get('exploring')} {record['sec_per_sample']:.3f} s/sample {mem}"
             )
         if (epoch + 1) % r.save_every == 0 or last:
+            # every process: a sharded (--fsdp) run's LoRA, EMA and optimizer state are gathered whole, together
+            full = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch}
+            full |= {"ema": self.ema.state_dict()} if self.ema else {}
+            full, lora = sharding.gathered(full), sharding.gathered_lora(self.unet, self.ema)
             if acc.is_main_process:
-                full = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch}
-                full |= {"ema": self.ema.state_dict()} if self.ema else {}
                 save_checkpoint(
                     self.dir,
                     epoch,
@@ -629,6 +658,7 @@ class Run:
                     full | {"samples_seen": self.samples_seen} | (state or {}),
                     r.keep_checkpoints,
                     ema=self.ema,
+                    lora=lora,
                 )
             acc.wait_for_everyone()
         return record
@@ -687,7 +717,9 @@ class EMA:
             return
         if [e.shape for e in state["weights"]] != [p.shape for p in self.params]:
             fail("--resume: the checkpoint's EMA does not match this model's LoRA layout (check --lora-rank)")
-        self.weights = [e.to(p.device, torch.float32).clone() for e, p in zip(state["weights"], self.params)]
+        self.weights = [
+            sharding.shard_like(e.to(p.device, torch.float32), p).clone() for e, p in zip(state["weights"], self.params)
+        ]
         self.steps = state["steps"]
 
 
@@ -706,25 +738,27 @@ def peak_memory() -> dict:
 
 @torch.no_grad()
 def evaluate_held_out(
-    pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None
+    pipe, reward_fn, prompts, out_dir, num_steps, w_high, generator, resolution=None, backend=None, text=None
 ) -> dict:
     """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
     time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
-    `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log."""
+    `out_dir` (what sample.py's gallery reads; None: nothing saved) and returns the mean rewards for the
+    log. `text`: the run's TextConditioner (default: a new one)."""
     from torchvision.utils import save_image
 
     from diffusion import TextConditioner, generate
 
-    text = TextConditioner(pipe, resolution)
+    text = text or TextConditioner(pipe, resolution)
     cond = text.encode(prompts)
     guidance = torch.full((num_steps,), float(w_high))
     images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend, negative=text.negative)
     scores, components = reward_fn(images, prompts)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        save_image(image, out_dir / f"{i:03d}.png")
-    (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, out_dir / f"{i:03d}.png")
+        (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
     return {"eval_reward_mean": scores.float().mean().item()} | {
         f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()
     }
@@ -885,7 +919,7 @@ ARGS_FILES = ("run.json", "args.json", "args.jsonl")
 # except --num-epochs when DiffExp's exploration window stays where it was (see _same_exploration).
 HARMLESS_ARGS = frozenset({
     "output_dir", "resume", "overwrite", "allow_changed_args", "config", "eval_every", "save_every", "keep_checkpoints",
-    "track", "wandb_project", "kernels", "gradient_checkpointing", "compile",
+    "track", "wandb_project", "kernels", "gradient_checkpointing", "compile", "fsdp", "cache_text",
 })  # fmt: skip
 TRAINER_NAMES = {"ddpo": "a DDPO run (train_ddpo.py)", "alignprop": "an AlignProp run (train_alignprop.py)"}
 FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "unknown": "an unidentified model"}
@@ -1163,27 +1197,30 @@ def _jsonable(x):
 
 
 def save_checkpoint(
-    output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3, ema: EMA | None = None
+    output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3, ema: EMA | None = None, lora=None
 ) -> Path:
     """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state) atomically, with the
     permissions of every other output (the umask's), and byte-identical for identical training; keep
     the last `keep` checkpoints (0: keep all). With an EMA (--ema-decay), its weights also go to
     epoch_NNNN/ema/ in the same LoRA format, so `sample.py --lora .../epoch_NNNN/ema` and diffusers'
-    load_lora_weights use them (resume reads the EMA from training_state.pt)."""
+    load_lora_weights use them (resume reads the EMA from training_state.pt). `lora`: (weights, EMA
+    weights) gathered from a sharded denoiser (sharding.gathered_lora), written instead of `unet`'s."""
     import shutil
 
     from diffusion import save_lora_weights
+
+    weights, ema_weights = lora or (None, None)
 
     ckpt_root = Path(output_dir) / "checkpoints"
     final = ckpt_root / f"epoch_{epoch:04d}"
     tmp = ckpt_root / f".tmp_epoch_{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora_weights(unet, tmp)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
+    save_lora_weights(unet, tmp, weights)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
     _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
     if ema is not None:
-        with ema.swapped():
-            save_lora_weights(unet, tmp / "ema")
+        with ema.swapped() if lora is None else contextlib.nullcontext():
+            save_lora_weights(unet, tmp / "ema", ema_weights)
         _canonical_safetensors_header(tmp / "ema" / "pytorch_lora_weights.safetensors")
     torch.save(state, tmp / "training_state.pt")
     mode = 0o666 & ~_umask()  # safetensors writes 0600 (a private temp file renamed into place)
