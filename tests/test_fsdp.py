@@ -6,7 +6,9 @@ made before --fsdp: the whole model in each process, the LoRA gradients all-redu
 the same noise in the same process, so their LoRA weights agree to float rounding when FSDP's reduce-scatter
 averages what the all-reduce averaged. The parameter count each process holds is measured in the run and
 compared with a count of the whole model made here. Two-process runs are slow to start, so the runs share one
-launch (tests/runs_in_one_launch.py) and one more for the resume.
+launch (tests/runs_in_one_launch.py) and one more for the resume; both are launched with the shipped
+accelerate configs (configs/accelerate_8gpu_fsdp.yaml, configs/accelerate_2node.yaml: two "machines" on
+localhost), with --num_processes 2 and no GPU.
 
 Bugs placed by hand, each failing these tests: a mesh of each process alone (nothing sharded, no gradient
 reduction: the processes train apart), the local shard saved instead of the gathered LoRA, the resumed
@@ -26,7 +28,7 @@ import torch
 
 import diffusion
 import runs
-from conftest import ROOT, TWO_PROCESSES, lora_weights, read_log, run_main
+from conftest import ROOT, lora_weights, read_log, run_main
 
 # DiffExp on in every run: exploring throughout (--explore-frac 1), the CFG schedule switching half way
 # (--t-sw 0.5: w_low 1 on the first of the 2 steps, so cfg_unet's one-half shortcut runs too) and a weighted word.
@@ -66,11 +68,23 @@ def command(name, models, reward, out, *extra):
     return script, [str(a) for a in argv]
 
 
-def launch(cmd, env=None, timeout=600):
-    """A launcher command as a subprocess in a private TMPDIR (torch.distributed.run leaves a folder there)."""
+def accelerate_launch(config, *args):
+    """`accelerate launch` with a shipped config, 2 processes in all, as a user writes it."""
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    return [*accelerate, "--config_file", str(ROOT / "configs" / config), "--num_processes", "2", *map(str, args)]
+
+
+def launch(*commands, timeout=600):
+    """Launcher commands run side by side (the machines of one launch), each a subprocess in a private TMPDIR
+    (the launchers leave a folder there). Returns the finished processes (returncode, stdout, stderr)."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp, **(env or {})}
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp}
+        procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for c in commands]  # fmt: skip
+        outputs = [p.communicate(timeout=timeout) for p in procs]
+    for p, (stdout, stderr) in zip(procs, outputs):
+        p.stdout, p.stderr = stdout, stderr
+    return procs
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +109,9 @@ def runs_done(models, tiny_aesthetic, tmp_path_factory):
         ]
     )
     (root / "runs.json").write_text(json.dumps(plan))
-    proc = launch([*TWO_PROCESSES, str(ROOT / "tests" / "runs_in_one_launch.py"), str(root / "runs.json")])
+    (proc,) = launch(
+        accelerate_launch("accelerate_8gpu_fsdp.yaml", ROOT / "tests" / "runs_in_one_launch.py", root / "runs.json")
+    )
     finished = proc.stdout.count("finished: ")
     assert finished == len(plan) - 1 and proc.returncode != 0, (
         f"{finished} of {len(plan) - 1} runs finished, exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -105,27 +121,24 @@ def runs_done(models, tiny_aesthetic, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(runs_done, models, tiny_aesthetic):
-    """The killed sharded alignprop-sd run resumed with --resume by a two-node launch: two torchrun commands
-    of one process each, meeting on localhost as two machines do. Returns its directory."""
+    """The killed sharded alignprop-sd run resumed with --resume by a two-node launch: the two commands of
+    configs/accelerate_2node.yaml (machine rank 0 and 1, one process each), meeting on localhost as two
+    machines do. Returns its directory."""
     out = runs_done / "alignprop-sd" / "fsdp"
     assert [c.name for c in runs.checkpoints(out)] == ["epoch_0000"]  # killed after its first checkpoint
     script, argv = command("alignprop-sd", models, tiny_aesthetic, out, "--fsdp", "--resume")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    nodes = [
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(rank),
-         "--master_addr", "127.0.0.1", "--master_port", str(port), str(ROOT / script), *argv]
+    machines = [
+        accelerate_launch("accelerate_2node.yaml", "--machine_rank", rank, "--main_process_ip", "127.0.0.1",
+                          "--main_process_port", port, ROOT / script, *argv)
         for rank in (0, 1)
     ]  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp}
-        procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for cmd in nodes]  # fmt: skip
-        results = [p.communicate(timeout=600) for p in procs]
-    for p, (stdout, stderr) in zip(procs, results):
-        assert p.returncode == 0, f"{stdout[-3000:]}\n{stderr[-5000:]}"
-    assert "resumed from" in results[0][0] and f"{out}/checkpoints/epoch_0000" in results[0][0]
+    procs = launch(*machines)
+    for p in procs:
+        assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    assert f"resumed from {out}/checkpoints/epoch_0000" in procs[0].stdout
     return out
 
 
@@ -315,3 +328,21 @@ def test_units_are_the_blocks_of_every_family(tiny_sd_dir, tiny_sd3_dir):
     # every weight of a block is in one unit; what is left to the root is the small stem and head
     in_units = sum(p.numel() for n in names if n.count(".") <= 1 for p in unet.get_submodule(n).parameters())
     assert in_units / sum(p.numel() for p in unet.parameters()) > 0.8
+
+
+def test_shipped_accelerate_configs_are_plain_launches():
+    """The configs README names: one GPU; eight GPUs on one machine (sharded with --fsdp, which the trainer
+    applies itself: accelerate's own FSDP plugin stays off); two machines of eight."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    shape = {
+        "accelerate_1gpu.yaml": (DistributedType.NO, 1, 1),
+        "accelerate_8gpu_fsdp.yaml": (DistributedType.MULTI_GPU, 8, 1),
+        "accelerate_2node.yaml": (DistributedType.MULTI_GPU, 16, 2),
+    }
+    assert sorted(p.name for p in (ROOT / "configs").glob("accelerate_*.yaml")) == sorted(shape)
+    for name, expected in shape.items():
+        config = load_config_from_file(str(ROOT / "configs" / name))
+        assert (config.distributed_type, config.num_processes, config.num_machines) == expected
+        assert not config.fsdp_config and not config.deepspeed_config and config.mixed_precision == "no"
