@@ -151,7 +151,7 @@ def assert_same_lora(a, b):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_sharded_run_equals_replicated(runs_done, resumed, name):
     """The same LoRA (and EMA) as the replicated run at every checkpoint, the same samples (rewards, held-out
-    rewards), gradient norms and KL. alignprop-sd's sharded run was killed after its first epoch and resumed
+    rewards), gradient norms, KL and DDPO's ratio statistics. alignprop-sd's sharded run was killed after its first epoch and resumed
     by a two-node launch: it equals the uninterrupted replicated run, so the optimizer and EMA states came
     back whole and were sharded again."""
     rep, fsdp = runs_done / name / "replicated", runs_done / name / "fsdp"
@@ -167,7 +167,16 @@ def test_sharded_run_equals_replicated(runs_done, resumed, name):
     la, lb = read_log(rep), read_log(fsdp)
     assert [r["epoch"] for r in la] == [r["epoch"] for r in lb] == list(range(-1, len(ckpts)))
     for ra, rb in zip(la, lb):
-        for key in ("reward_mean", "eval_reward_mean", "grad_norm", "kl"):
+        for key in (
+            "reward_mean",
+            "eval_reward_mean",
+            "grad_norm",
+            "kl",
+            "approx_kl",
+            "ratio_min",
+            "ratio_max",
+            "clipfrac",
+        ):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), key
     assert la[-1]["lora_sync_error"] == 0.0 and "lora_sync_error" not in lb[-1]
