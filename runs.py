@@ -748,7 +748,7 @@ def evaluate_held_out(
 
     from diffusion import TextConditioner, generate
 
-    text = text or TextConditioner(pipe, resolution)
+    text = text if text is not None else TextConditioner(pipe, resolution)
     cond = text.encode(prompts)
     guidance = torch.full((num_steps,), float(w_high))
     images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend, negative=text.negative)

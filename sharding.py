@@ -11,6 +11,8 @@ transformer blocks inside them, SD3's and FLUX's transformer blocks), the rest o
 process keeps 1/N of every weight, all-gathers a unit's weights just before the unit runs and frees them
 after, and in backward reduce-scatters the LoRA gradients: FSDP's reduction (a mean over the processes)
 replaces the all-reduce runs.py makes for a replicated run, and each process steps AdamW on its shard.
+The VAE, the reward and the text encoders stay whole in every process: the VAE is small (84 M parameters)
+next to the decode's activations, and the text encoders are better removed than sharded (--cache-text).
 
 Precision: no MixedPrecisionPolicy. Each weight is all-gathered in the dtype it is stored in (the frozen
 ones in --mixed-precision's bf16, the LoRA in fp32: FSDP2 requires one dtype only of a unit's trainable
