@@ -225,6 +225,36 @@ def vae_downsampling(pretrained: str, vae: str | None = None) -> tuple[int, str]
         return 8, "assumed"
 
 
+def resolution_multiple(pretrained: str, vae: str | None = None, family: str | None = None) -> tuple[int, str]:
+    """(n, where it was read): a --resolution must be a multiple of n, the VAE's downsampling factor
+    (vae_downsampling), times 2 on FLUX.1 (`family` 'flux'), whose transformer takes 2x2 latent patches."""
+    factor, source = vae_downsampling(pretrained, vae)
+    if family == "flux":
+        return 2 * factor, f"{source}, times 2 for FLUX's 2x2 latent patches"
+    return factor, source
+
+
+def has_guidance_input(pretrained: str) -> bool | None:
+    """Whether a FLUX.1 checkpoint's transformer takes the guidance scale as an input (guidance_embeds:
+    FLUX.1-dev yes, FLUX.1-schnell no), read from transformer/config.json in its directory or the Hugging Face
+    cache (online: the one small file is fetched, as model_index.json is) without loading anything; None when
+    that file cannot be had (the loader then says what is missing)."""
+    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
+    rel = "transformer/config.json"
+    path = os.path.join(name, rel) if os.path.isdir(name) else _in_hf_cache(name, rel)
+    if path is None and not os.path.isdir(name) and not hub_offline():
+        from huggingface_hub import hf_hub_download
+
+        try:
+            path = hf_hub_download(name, rel)
+        except Exception:  # noqa: BLE001 - unavailable: the loader reports it with the full advice
+            return None
+    try:
+        return bool(json.loads(Path(path).read_text()).get("guidance_embeds", False))
+    except (TypeError, OSError, ValueError):
+        return None
+
+
 def _model_index(pretrained: str) -> dict | None:
     """The model_index.json of a base checkpoint (hub id or directory), read before any weights are
     loaded; None for a hub id whose index cannot be had (offline and not cached): the loader's own
@@ -264,17 +294,23 @@ SD3_REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", 
 SD3_OPTIONAL = ("text_encoder_3", "tokenizer_3")
 
 
+def _missing_components(pretrained: str, config: dict, required, optional=()) -> list[str]:
+    """The components of `required` (and of `optional`, which may be absent only as a whole) that a
+    checkpoint lacks: listed as null in model_index.json or, for a directory, its sub-directory absent."""
+    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
+    missing = [c for c in required if _absent(config.get(c))]
+    present = [c for c in optional if not _absent(config.get(c))]
+    if present and len(present) < len(optional):
+        missing += [c for c in optional if c not in present]
+    if os.path.isdir(name):
+        missing += [c for c in (*required, *present) if c not in missing and not os.path.isdir(os.path.join(name, c))]
+    return missing
+
+
 def _check_sd3(pretrained: str, config: dict):
     """Refuse, in one line and before any weights load, an SD3 checkpoint missing a component the
-    pipeline needs: listed as null in model_index.json or, for a directory, its sub-directory absent.
-    T5 may be absent, but not half of it (an encoder without its tokenizer, or the reverse)."""
-    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
-    missing = [c for c in SD3_REQUIRED if _absent(config.get(c))]
-    t5 = [c for c in SD3_OPTIONAL if not _absent(config.get(c))]
-    if len(t5) == 1:
-        missing += [c for c in SD3_OPTIONAL if c not in t5]
-    if os.path.isdir(name):
-        missing += [c for c in (*SD3_REQUIRED, *t5) if c not in missing and not os.path.isdir(os.path.join(name, c))]
+    pipeline needs. T5 may be absent, but not half of it (an encoder without its tokenizer, or the reverse)."""
+    missing = _missing_components(pretrained, config, SD3_REQUIRED, SD3_OPTIONAL)
     if missing:
         raise CheckpointError(
             f"--pretrained: '{pretrained}' is an SD3 checkpoint without {', '.join(missing)}; SD3 needs transformer, vae, "
@@ -283,11 +319,27 @@ def _check_sd3(pretrained: str, config: dict):
         )
 
 
+# What a FLUX.1 checkpoint must hold: CLIP-L (its pooled output) and T5 (the token states) are both needed.
+FLUX_REQUIRED = ("transformer", "vae", "scheduler", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def _check_flux(pretrained: str, config: dict):
+    """Refuse, in one line and before any weights load, a FLUX.1 checkpoint missing a component."""
+    missing = _missing_components(pretrained, config, FLUX_REQUIRED)
+    if missing:
+        raise CheckpointError(
+            f"--pretrained: '{pretrained}' is a FLUX.1 checkpoint without {', '.join(missing)}; FLUX needs transformer, "
+            f"vae, scheduler, text_encoder + tokenizer (CLIP) and text_encoder_2 + tokenizer_2 (T5): pass a complete "
+            f"FLUX.1 directory or hub id (e.g. black-forest-labs/FLUX.1-dev)"
+        )
+
+
 def inspect_pipeline(pretrained: str) -> str:
-    """'sd', 'sdxl' or 'sd3' for a base checkpoint (hub id or directory), read from its model_index.json
+    """'sd', 'sdxl', 'sd3' or 'flux' for a base checkpoint (hub id or directory), read from its model_index.json
     before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-image
-    SD / SDXL / SD3 base model (an SDXL refiner, a checkpoint without a text encoder it needs, another class).
-    A hub id whose model_index.json cannot be had (offline and not cached) is left to the loader's own error."""
+    SD / SDXL / SD3 / FLUX.1 base model (an SDXL refiner, a checkpoint without a text encoder it needs, a FLUX
+    fill / Kontext / control pipeline, another class). A hub id whose model_index.json cannot be had (offline
+    and not cached) is left to the loader's own error."""
     config = _model_index(pretrained)
     if config is None:
         return "unknown"
@@ -295,6 +347,9 @@ def inspect_pipeline(pretrained: str) -> str:
     if cls.startswith("StableDiffusion3"):
         _check_sd3(pretrained, config)
         return "sd3"
+    if cls == "FluxPipeline":  # FLUX.1-dev and -schnell; FluxFill/Kontext/Control take other inputs
+        _check_flux(pretrained, config)
+        return "flux"
     missing_text_encoder = _absent(config.get("text_encoder")) or _absent(config.get("tokenizer"))
     if config.get("requires_aesthetics_score") or (cls.startswith("StableDiffusionXL") and missing_text_encoder):
         raise CheckpointError(
@@ -306,21 +361,23 @@ def inspect_pipeline(pretrained: str) -> str:
     if cls.startswith("StableDiffusion") and not missing_text_encoder:
         return "sd"
     raise CheckpointError(
-        f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x, SDXL and SD3 / SD3.5 base models"
+        f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x, SDXL, SD3 / SD3.5 "
+        f"and FLUX.1 (FluxPipeline) base models"
     )
 
 
 def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torch.float32, vae: str | None = None):
     """A StableDiffusionPipeline (SD 1.x / 2.x) or StableDiffusionXLPipeline (SDXL base) with a DDIM
-    scheduler, or a StableDiffusion3Pipeline (SD3 / SD3.5) with its own flow-matching scheduler, frozen,
-    on `device`.
+    scheduler, or a StableDiffusion3Pipeline (SD3 / SD3.5) or FluxPipeline (FLUX.1-dev / -schnell) with its
+    own flow-matching scheduler, frozen, on `device`.
 
     `pretrained` is a hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5,
     stabilityai/stable-diffusion-xl-base-1.0, stabilityai/stable-diffusion-3.5-medium) or a directory in
     the same layout (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/; SDXL adds
     text_encoder_2/, tokenizer_2/; SD3 has transformer/ instead of unet/, two CLIP encoders and, optionally,
     T5 as text_encoder_3/ + tokenizer_3/: a checkpoint saved without T5 loads without it, and its prompts
-    are encoded with zeros in T5's place, as the pipeline does).
+    are encoded with zeros in T5's place, as the pipeline does); FLUX.1 has transformer/, CLIP-L as
+    text_encoder/ + tokenizer/ and T5 as text_encoder_2/ + tokenizer_2/.
     `vae` replaces the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix). SDXL's own VAE overflows in
     float16 (its config says `force_upcast`), so under float16 it is kept in float32 and `decode`
     runs it in float32 (bf16 is safe and left alone).
@@ -328,20 +385,22 @@ def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torc
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
+        FluxPipeline,
         StableDiffusion3Pipeline,
         StableDiffusionPipeline,
         StableDiffusionXLPipeline,
     )
 
     kind = inspect_pipeline(pretrained)
-    cls = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline}.get(kind, StableDiffusionPipeline)
+    classes = {"sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}
+    cls = classes.get(kind, StableDiffusionPipeline)
     extra = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
     if kind == "sd3" and _absent(_model_index(pretrained).get("text_encoder_3")):
         extra |= {"text_encoder_3": None, "tokenizer_3": None}  # the pipeline needs the absence said explicitly
     if vae is not None:
         extra["vae"] = from_pretrained(AutoencoderKL, vae, "--vae", dtype=dtype)
     pipe = from_pretrained(cls, pretrained, "--pretrained", dtype=dtype, **extra)
-    if kind != "sd3":  # SD3's flow-matching scheduler is its sampler: kept as shipped
+    if kind not in ("sd3", "flux"):  # SD3's and FLUX's flow-matching schedulers are their samplers: kept as shipped
         scheduler_config = dict(pipe.scheduler.config)
         pipe.scheduler = DDIMScheduler.from_config(scheduler_config)
         # SDXL ships an Euler config; DDIM built from it is SD's DDIM, except that DDIM's defaults for keys
@@ -364,35 +423,111 @@ def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torc
 
 
 def pipeline_kind(pipe) -> str:
-    """'sd3' (flow matching, a transformer, CLIP-L + CLIP-G + optional T5), 'sdxl' or 'sd', of a loaded pipeline."""
+    """'flux' (flow matching, a transformer on packed latents, CLIP-L pooled + T5), 'sd3' (flow matching, a
+    transformer, CLIP-L + CLIP-G + optional T5), 'sdxl' or 'sd', of a loaded pipeline."""
+    if _is_flux_transformer(denoiser(pipe)):
+        return "flux"
     if hasattr(pipe, "text_encoder_3"):  # set (to None when T5 is absent) by every SD3 pipeline
         return "sd3"
     return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
 
 
 def denoiser(pipe):
-    """The network the trainers fine-tune and call: SD / SDXL's UNet (predicts epsilon or v), SD3's
-    transformer (predicts the flow velocity). Both have config.sample_size (latent pixels) and
-    config.in_channels; call it through `denoise` or `cfg_unet`, which know each one's arguments."""
+    """The network the trainers fine-tune and call: SD / SDXL's UNet (predicts epsilon or v), SD3's or
+    FLUX's transformer (predicts the flow velocity). Call it through `denoise` or `cfg_unet`, which know
+    each one's arguments; every one of them takes and returns latents [B, C, h, w] (FLUX's packing into
+    tokens happens inside `denoise`)."""
     return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
+
+
+def native_resolution(pipe) -> int:
+    """The pixel size a pipeline samples at by default: the denoiser's sample_size (latent pixels) times the
+    VAE's factor (SD 1.5: 512, SDXL and SD3: 1024); FLUX's transformer has no sample_size, and its
+    pipeline's default_sample_size (128) gives 1024 px."""
+    size = getattr(denoiser(pipe).config, "sample_size", None) or pipe.default_sample_size
+    return size * pipe.vae_scale_factor
+
+
+def _inner(model):
+    return getattr(model, "_orig_mod", getattr(model, "module", model))  # torch.compile / DDP wrappers
 
 
 def _is_sd3_transformer(model) -> bool:
     from diffusers import SD3Transformer2DModel
 
-    inner = getattr(model, "_orig_mod", getattr(model, "module", model))  # torch.compile / DDP wrappers
-    return isinstance(inner, SD3Transformer2DModel)
+    return isinstance(_inner(model), SD3Transformer2DModel)
 
 
-def denoise(model, x, t, cond: Conditioning) -> torch.Tensor:
-    """One call of the denoiser (`denoiser(pipe)`) on latents x at timesteps t: the UNet takes
+def _is_flux_transformer(model) -> bool:
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(_inner(model), FluxTransformer2DModel)
+
+
+# FLUX.1-dev's guidance input when no scale is given (FluxPipeline's guidance_scale default): what the
+# transformer gets under true CFG, where the CFG scale is the one that varies.
+FLUX_GUIDANCE = 3.5
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """FLUX's tokens of latents [B, C, h, w]: each 2x2 patch becomes one token of width 4C, in row-major patch
+    order, channels outermost within a token: [B, (h/2)(w/2), 4C] (FluxPipeline._pack_latents)."""
+    B, C, h, w = x.shape
+    return x.reshape(B, C, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, (h // 2) * (w // 2), C * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack_latents`: tokens [B, (h/2)(w/2), 4C] -> latents [B, C, h, w]."""
+    B, _, D = tokens.shape
+    return tokens.reshape(B, h // 2, w // 2, D // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(B, D // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """The rotary position ids of FLUX's image tokens for latents h x w: (0, row, col) of each 2x2 patch, in
+    the order of `pack_latents` ([(h/2)(w/2), 3]); the text tokens' ids are all zeros."""
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def denoise(model, x, t, cond: Conditioning, guidance=None) -> torch.Tensor:
+    """One call of the denoiser (`denoiser(pipe)`) on latents x [B, C, h, w] at timesteps t: the UNet takes
     (sample, timestep, encoder_hidden_states, added_cond_kwargs), SD3's transformer (hidden_states,
-    timestep, encoder_hidden_states, pooled_projections); the caller does not need to know which."""
+    timestep, encoder_hidden_states, pooled_projections); the caller does not need to know which.
+
+    FLUX's transformer works on tokens: x is packed 2x2 (`pack_latents`) with its position ids, the
+    timestep goes in as sigma = t / 1000 (as FluxPipeline passes it), the velocity comes back unpacked
+    to [B, C, h, w], so the step, its log-prob and everything the trainers store stay on latents. A
+    transformer with a guidance embedding (FLUX.1-dev) gets `guidance` (a number or one per sample, host
+    values or a tensor; None: FLUX_GUIDANCE); one without (FLUX.1-schnell) ignores it, as do the others."""
+    if _is_flux_transformer(model):
+        B, _, h, w = x.shape
+        g = None
+        if _inner(model).config.guidance_embeds:
+            g = _per_sample_tensor(FLUX_GUIDANCE if guidance is None else guidance, B, x.device)
+        out = model(
+            hidden_states=pack_latents(x),
+            timestep=t.to(x.dtype) / 1000,
+            guidance=g,
+            pooled_projections=cond.pooled,
+            encoder_hidden_states=cond.embeds,
+            txt_ids=torch.zeros(cond.embeds.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=latent_image_ids(h, w, x.device, x.dtype),
+        ).sample
+        return unpack_latents(out, h, w)
     if _is_sd3_transformer(model):
         return model(
             hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds, pooled_projections=cond.pooled
         ).sample
     return model(x, t, **cond.unet_kwargs()).sample
+
+
+def _per_sample_tensor(values, B: int, device) -> torch.Tensor:
+    """[B] float32 on `device` from a number, host values or a tensor; host values are copied from pinned
+    memory, so the copy never waits for the device."""
+    if torch.is_tensor(values) and values.device.type != "cpu":
+        return values.float().reshape(-1).expand(B)
+    v = torch.as_tensor(values, dtype=torch.float32).reshape(-1).expand(B).contiguous()
+    return v.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else v.to(device)
 
 
 @dataclass
@@ -402,7 +537,8 @@ class Conditioning:
     SD: the text encoder's token states `embeds` [B, 77, D]. SDXL adds the pooled text embedding
     `pooled` [B, 1280] and the micro-conditioning `time_ids` [B, 6] = (H, W, 0, 0, H, W), which the
     UNet takes as `added_cond_kwargs`. SD3: `embeds` [B, 77 + 256, 4096] (CLIP-L ++ CLIP-G token states
-    zero-padded to T5's width, then T5's states) and `pooled` [B, 768 + 1280], no time ids. Indexing,
+    zero-padded to T5's width, then T5's states) and `pooled` [B, 768 + 1280], no time ids. FLUX.1:
+    `embeds` = T5's states [B, 512, 4096], `pooled` = CLIP-L's pooled output [B, 768]. Indexing,
     `cat` and `expand` act on every field at once, so the trainers store and replay a conditioning
     without knowing which model it is for; `denoise` passes it to either kind of denoiser.
     """
@@ -432,13 +568,14 @@ class Conditioning:
         return Conditioning(*(None if vs[0] is None else torch.cat(vs) for vs in fields))
 
     def unet_kwargs(self) -> dict:
-        """The UNet's conditioning arguments (SD, SDXL); `denoise` builds SD3's."""
+        """The UNet's conditioning arguments (SD, SDXL); `denoise` builds the transformers'."""
         added = None if self.pooled is None else {"text_embeds": self.pooled, "time_ids": self.time_ids}
         return {"encoder_hidden_states": self.embeds, "added_cond_kwargs": added}
 
 
-# SD3's pipeline encodes prompts for T5 with up to this many tokens (its max_sequence_length default).
+# SD3's and FLUX's pipelines encode prompts for T5 with up to this many tokens (their max_sequence_length default).
 SD3_T5_TOKENS = 256
+FLUX_T5_TOKENS = 512
 
 
 class TextConditioner:
@@ -450,30 +587,43 @@ class TextConditioner:
     SD3 / SD3.5 (as StableDiffusion3Pipeline.encode_prompt): CLIP-L's and CLIP-G's penultimate states
     concatenated ([B, 77, 768 + 1280]) and zero-padded to T5's width, then T5's last hidden state
     ([B, 256, 4096]; zeros when the checkpoint has no T5) along the sequence; pooled = CLIP-L's
-    projection ++ CLIP-G's.
+    projection ++ CLIP-G's. FLUX.1 (as FluxPipeline.encode_prompt): T5's last hidden state
+    ([B, 512, 4096]) is the sequence and CLIP-L's pooled output ([B, 768]) the pooled vector; CLIP gives
+    no token states, so `tokenizers` / `text_encoders` (the encoders whose token states prompt weighting
+    blends) hold T5 alone and CLIP is `pooled_encoder`.
 
     Two "empty" conditionings, which are the same tensor on SD and SD3 and different ones on SDXL:
       `empty`    the encoding of "" — DiffExp's e_empty, which prompt weighting blends towards;
       `negative` CFG's unconditional input — zeros (embeddings and pooled) when the pipeline sets
-                 `force_zeros_for_empty_prompt` (SDXL base does), else the encoding of "".
+                 `force_zeros_for_empty_prompt` (SDXL base does), else the encoding of "". None on a
+                 guidance-distilled model (FLUX.1 unless `true_cfg`): it has no unconditional branch;
+                 `cfg_unet` then makes one call and gives the guidance scale to the model as an input.
+    `true_cfg` (FLUX.1 only; diffusers' true_cfg_scale): classifier-free guidance with the encoded "" as
+    the negative, two transformer calls a step, FLUX.1-dev's guidance input fixed at FLUX_GUIDANCE.
     """
 
-    def __init__(self, pipe, resolution: int | None = None, max_sequence_length: int = SD3_T5_TOKENS):
+    def __init__(
+        self, pipe, resolution: int | None = None, max_sequence_length: int | None = None, true_cfg: bool = False
+    ):
         self.pipe = pipe
         self.kind = pipeline_kind(pipe)
-        names = {"sd": [""], "sdxl": ["", "_2"], "sd3": ["", "_2", "_3"]}[self.kind]
+        names = {"sd": [""], "sdxl": ["", "_2"], "sd3": ["", "_2", "_3"], "flux": ["_2"]}[self.kind]
         pairs = [(getattr(pipe, f"tokenizer{s}"), getattr(pipe, f"text_encoder{s}")) for s in names]
         pairs = [(tok, enc) for tok, enc in pairs if enc is not None]  # SD3 without T5: the two CLIPs
         self.tokenizers = [tok for tok, _ in pairs]
         self.text_encoders = [enc for _, enc in pairs]
-        # Tokens each encoder sees: CLIP's 77, T5's max_sequence_length (SD3's pipeline default 256).
-        self.max_lengths = [tok.model_max_length for tok in self.tokenizers[:2]]
-        self.max_lengths += [max_sequence_length] if len(self.tokenizers) == 3 else []
-        self.max_sequence_length = max_sequence_length
-        model = denoiser(pipe)
-        self.resolution = resolution or model.config.sample_size * pipe.vae_scale_factor
+        self.pooled_encoder = (pipe.tokenizer, pipe.text_encoder) if self.kind == "flux" else None
+        # Tokens each encoder sees: CLIP's 77, T5's max_sequence_length (the pipelines' defaults: SD3 256, FLUX 512).
+        self.max_sequence_length = max_sequence_length or (FLUX_T5_TOKENS if self.kind == "flux" else SD3_T5_TOKENS)
+        self.max_lengths = [
+            self.max_sequence_length if _is_t5_tokenizer(tok) else tok.model_max_length for tok in self.tokenizers
+        ]
+        self.resolution = resolution or native_resolution(pipe)
         self.empty = self.encode([""])
-        if getattr(pipe.config, "force_zeros_for_empty_prompt", False):
+        self.distilled = self.kind == "flux" and not true_cfg
+        if self.distilled:
+            self.negative = None
+        elif getattr(pipe.config, "force_zeros_for_empty_prompt", False):
             zeros = lambda v: None if v is None else torch.zeros_like(v)  # noqa: E731
             self.negative = Conditioning(zeros(self.empty.embeds), zeros(self.empty.pooled), self.empty.time_ids)
         else:
@@ -481,14 +631,14 @@ class TextConditioner:
 
     @property
     def widths(self) -> list[int]:
-        """The width of each encoder's token states (SDXL: [768, 1280]; SD3: [768, 1280, 4096])."""
+        """The width of each encoder's token states (SDXL: [768, 1280]; SD3: [768, 1280, 4096]; FLUX: [4096])."""
         return [te.config.hidden_size for te in self.text_encoders]
 
     @property
     def parts(self) -> list[tuple[int, int, int]]:
         """Where each encoder's token states sit in `embeds`, as (first row, first column, width), in the
         order of `tokenizers`: SD [(0, 0, 768)], SDXL [(0, 0, 768), (0, 768, 1280)], SD3 the same two
-        CLIP blocks, then T5's rows (77, 0, 4096) when the checkpoint has T5."""
+        CLIP blocks, then T5's rows (77, 0, 4096) when the checkpoint has T5; FLUX T5's [(0, 0, 4096)]."""
         w = self.widths
         if len(w) == 1:
             return [(0, 0, w[0])]
@@ -507,6 +657,10 @@ class TextConditioner:
                 return_tensors="pt",
             )
             return Conditioning(self.text_encoders[0](tok.input_ids.to(device))[0])
+        if self.kind == "flux":
+            return Conditioning(
+                self._encode_t5(prompts, self.tokenizers[0], self.text_encoders[0]), self._pooled(prompts)
+            )
         states, pooled = [], []
         for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2]):
             ids = tokenizer(
@@ -525,20 +679,36 @@ class TextConditioner:
             return Conditioning(torch.cat(states, dim=-1), pooled[-1], time_ids.expand(len(prompts), -1))
         clip = torch.cat(states, dim=-1)
         if len(self.text_encoders) == 3:
-            ids = self.tokenizers[2](
-                prompts,
-                padding="max_length",
-                max_length=self.max_sequence_length,
-                truncation=True,
-                add_special_tokens=True,
-                return_tensors="pt",
-            ).input_ids
-            t5 = self.text_encoders[2](ids.to(device))[0].to(clip.dtype)
+            t5 = self._encode_t5(prompts, self.tokenizers[2], self.text_encoders[2]).to(clip.dtype)
         else:  # no T5: zeros in its place, as the pipeline does
             width = denoiser(self.pipe).config.joint_attention_dim
             t5 = torch.zeros(len(prompts), self.max_sequence_length, width, dtype=clip.dtype, device=device)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return Conditioning(torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1))
+
+    def _encode_t5(self, prompts: list[str], tokenizer, encoder) -> torch.Tensor:
+        """T5's last hidden state of `prompts`, padded / truncated to max_sequence_length tokens."""
+        ids = tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
+        ).input_ids
+        return encoder(ids.to(encoder.device))[0]
+
+    def _pooled(self, prompts: list[str]) -> torch.Tensor:
+        """FLUX's pooled vector: CLIP-L's pooled output (its final-norm state at the end token)."""
+        tokenizer, encoder = self.pooled_encoder
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return encoder(ids.to(encoder.device), output_hidden_states=False).pooler_output
+
+
+def _is_t5_tokenizer(tokenizer) -> bool:
+    return type(tokenizer).__name__.startswith("T5")
 
 
 @torch.no_grad()
@@ -558,13 +728,18 @@ def _encode_sd(pipe, prompts):
     return pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0]
 
 
-def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=None):
+def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning | None, guidance=None):
     """The two outputs classifier-free guidance combines, (out_u, out_c), from one denoiser call.
 
-    unet: `denoiser(pipe)` (a UNet, or SD3's transformer, called through `denoise`);
+    unet: `denoiser(pipe)` (a UNet, or SD3's or FLUX's transformer, called through `denoise`);
     x: [B, C, h, w]; t: a scalar timestep or one per sample; cond: the samples' conditioning;
-    negative: CFG's unconditional conditioning ([1, ...] or [B, ...]); guidance: each sample's scale
-    as host numbers (a float, a list or a CPU tensor), or None.
+    negative: CFG's unconditional conditioning ([1, ...] or [B, ...]), or None for a guidance-distilled
+    model (TextConditioner.negative of FLUX.1 without true CFG); guidance: each sample's scale as host
+    numbers (a float, a list or a CPU tensor), or None.
+
+    A guidance-distilled model has no unconditional branch: its one call takes each sample's scale as the
+    guidance input (FLUX.1-dev's guidance embedding; FLUX.1-schnell has none and ignores it), and its
+    output is returned as both halves, so the CFG step out_u + w (out_c - out_u) is that output whatever w.
 
     CFG is out_u + w (out_c - out_u). At w = 1 that is out_c, at w = 0 out_u: a sample whose scale is
     exactly 1 (DiffExp's default w_low) needs only the conditional row and one at 0 only the
@@ -574,6 +749,9 @@ def cfg_unet(unet, x, t, cond: Conditioning, negative: Conditioning, guidance=No
     """
     B = len(x)
     t = t.expand(B) if t.ndim == 0 else t
+    if negative is None:  # guidance-distilled: the scale is an input of the one call
+        out = denoise(unet, x, t, cond, guidance)
+        return out, out
     negative = negative.expand(B) if len(negative) != B else negative
     if guidance is None:
         w = [None] * B
@@ -823,38 +1001,70 @@ def generate(
     eta: float = 0.0,
     resolution: int | None = None,
     backend: str | None = None,
-    negative: Conditioning | None = None,
+    negative: Conditioning | None | str = "pipeline",
 ) -> torch.Tensor:
     """Images in [0, 1] from a conditioning (or SD prompt embeddings [B, L, D]) with per-step
-    guidance [num_steps]; `negative` is CFG's unconditional input (default: the pipeline's).
+    guidance [num_steps]; `negative` is CFG's unconditional input ("pipeline": the pipeline's, i.e.
+    TextConditioner(pipe).negative; None: a guidance-distilled model's single call, FLUX.1's default).
 
-    SD / SDXL sample with DDIM (`eta` its noise scale), SD3 with its flow-matching scheduler's timesteps
-    (shift applied) and the Euler step, or with `eta` > 0 the stochastic step of the same marginals
-    (`eta` its noise level). Noise comes from a CPU `generator` (x_T first, then each step's noise when
-    eta > 0), so a seed gives the same images on any device.
+    SD / SDXL sample with DDIM (`eta` its noise scale), SD3 and FLUX with their flow-matching scheduler's
+    timesteps (shift applied; FLUX's for the resolution, `sampling_schedule`) and the Euler step, or with
+    `eta` > 0 the stochastic step of the same marginals (`eta` its noise level). Noise comes from a CPU
+    `generator` (x_T first, then each step's noise when eta > 0), so a seed gives the same images on any
+    device. On FLUX the guidance is the distilled guidance input (or, with a negative, the true-CFG scale).
     """
-    from kernels import cfg_ddim_step, schedule_for
+    from kernels import cfg_ddim_step
 
     cond = cond if isinstance(cond, Conditioning) else Conditioning(cond)
     device, dtype, B = cond.embeds.device, cond.embeds.dtype, len(cond)
     model = denoiser(pipe)
-    resolution = resolution or model.config.sample_size * pipe.vae_scale_factor
-    if negative is None:  # encoding "" costs a text-encoder call: callers that sample often pass their own
+    resolution = resolution or native_resolution(pipe)
+    if isinstance(negative, str):  # encoding "" costs a text-encoder call: callers that sample often pass their own
         negative = TextConditioner(pipe, resolution).negative
-    negative = negative.to(device, dtype)
+    negative = None if negative is None else negative.to(device, dtype)
     latent = resolution // pipe.vae_scale_factor
-    pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps.to(device)
-    schedule = schedule_for(pipe.scheduler, num_steps, device)
+    timesteps, schedule = sampling_schedule(pipe, num_steps, resolution, device)
+    timesteps = timesteps.to(device)
     guidance_host = guidance.detach().cpu()  # read once, so the skip of cfg_unet never waits inside the loop
     guidance = guidance.to(device)
-    x = torch.randn(B, model.config.in_channels, latent, latent, generator=generator).to(device, dtype)
+    x = torch.randn(B, pipe.vae.config.latent_channels, latent, latent, generator=generator).to(device, dtype)
     for i, t in enumerate(timesteps):
         out_u, out_c = cfg_unet(model, x, t, cond, negative, float(guidance_host[i]))
         coeffs = schedule.coefficients(t.expand(B), eta)
         z = torch.randn(x.shape, generator=generator).to(device, x.dtype) if eta > 0 else None
         x = cfg_ddim_step(out_u, out_c, x, guidance[i].expand(B), coeffs, noise=z, backend=backend)
     return decode(pipe, x)
+
+
+def timestep_arguments(pipe, num_steps: int, resolution: int | None = None) -> dict:
+    """What the pipeline's own __call__ passes to scheduler.set_timesteps besides the step count: nothing on
+    SD, SDXL and SD3; on FLUX (FluxPipeline) the sigmas linspace(1, 1/N, N) and, for a scheduler with dynamic
+    shifting (FLUX.1-dev), mu, linear in the image's token count (h/2)(w/2) from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len (the pipeline's calculate_shift). The scheduler
+    then maps each sigma to e^mu / (e^mu + 1/sigma - 1), so the steps' noise levels depend on the resolution."""
+    if pipeline_kind(pipe) != "flux":
+        return {}
+    import numpy as np
+
+    cfg = pipe.scheduler.config
+    latent = (resolution or native_resolution(pipe)) // pipe.vae_scale_factor
+    tokens = (latent // 2) ** 2
+    base, top = cfg.get("base_image_seq_len", 256), cfg.get("max_image_seq_len", 4096)
+    lo, hi = cfg.get("base_shift", 0.5), cfg.get("max_shift", 1.15)
+    mu = lo + (hi - lo) * (tokens - base) / (top - base)
+    return {"sigmas": np.linspace(1.0, 1 / num_steps, num_steps), "mu": mu}
+
+
+def sampling_schedule(pipe, num_steps: int, resolution: int | None = None, device=None):
+    """(the timesteps of `num_steps` steps on the host, noise to image; the kernels' schedule on `device`),
+    with the pipeline's scheduler set to them as its own __call__ sets it (`timestep_arguments`): the one
+    place every script gets its steps from, so sampling, DDPO's training pass, the CFG schedule's switch and
+    its start-up note see the same timesteps (on FLUX, those of the run's resolution)."""
+    from kernels import schedule_for
+
+    kwargs = timestep_arguments(pipe, num_steps, resolution)
+    pipe.scheduler.set_timesteps(num_steps, **kwargs)
+    return pipe.scheduler.timesteps.cpu(), schedule_for(pipe.scheduler, num_steps, device, **kwargs)
 
 
 def seeded(*keys: int) -> torch.Generator:
@@ -884,14 +1094,37 @@ def decode(pipe, latents: torch.Tensor) -> torch.Tensor:
 # (add_*_proj, to_add_out), adapted too, as diffusers' SD3 LoRA training and Flow-GRPO do.
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 SD3_LORA_TARGETS = LORA_TARGETS + ["add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
+# FLUX: Flow-GRPO's targets (train_flux.py): the double blocks' attention of both streams (to_q/k/v, to_out.0,
+# add_q/k/v_proj, to_add_out) and both feed-forwards (ff, ff_context: net.0.proj in, net.2 out); the suffixes
+# to_q/k/v also reach the single blocks' attention. Added here: the single blocks' proj_mlp (MLP in) and
+# proj_out (attention and MLP out together: a single block has no to_out, so without it the adapted q/k/v
+# are the only trained weights in 38 of FLUX.1's 57 blocks). proj_out is named per block (flux_lora_targets),
+# since the suffix alone would also take the transformer's final output layer.
+FLUX_LORA_TARGETS = SD3_LORA_TARGETS + [
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+]
+
+
+def flux_lora_targets(model) -> list[str]:
+    """FLUX_LORA_TARGETS and each single block's proj_out, by its full name."""
+    blocks = len(_inner(model).single_transformer_blocks)
+    return FLUX_LORA_TARGETS + [f"single_transformer_blocks.{i}.proj_out" for i in range(blocks)]
 
 
 def add_lora(unet, rank: int, alpha: float):
-    """LoRA adapters on the denoiser's attention projections (`denoiser(pipe)`: SD / SDXL's UNet or SD3's
-    transformer); returns the trainable parameters (fp32)."""
+    """LoRA adapters on the denoiser's attention projections (`denoiser(pipe)`: SD / SDXL's UNet, SD3's
+    transformer; FLUX's also on its feed-forward and single-block projections, FLUX_LORA_TARGETS); returns the
+    trainable parameters (fp32)."""
     from peft import LoraConfig
 
-    targets = SD3_LORA_TARGETS if _is_sd3_transformer(unet) else LORA_TARGETS
+    if _is_flux_transformer(unet):
+        targets = flux_lora_targets(unet)
+    else:
+        targets = SD3_LORA_TARGETS if _is_sd3_transformer(unet) else LORA_TARGETS
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:
@@ -904,26 +1137,26 @@ def lora_state_dict(unet) -> dict:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    if _is_sd3_transformer(unet):  # the transformer's LoRA keys are peft's own (diffusers' SD3 training scripts)
+    # SD3 / FLUX: the transformer's LoRA keys are peft's own (diffusers' SD3 / FLUX training scripts)
+    if _is_sd3_transformer(unet) or _is_flux_transformer(unet):
         return get_peft_model_state_dict(unet)
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
 def save_lora_weights(model, directory, weights: dict | None = None):
     """Write `model`'s adapters as pytorch_lora_weights.safetensors in the format its pipeline's
-    load_lora_weights reads (SD / SDXL: 'unet.' keys; SD3: 'transformer.' keys), with the adapter config
+    load_lora_weights reads (SD / SDXL: 'unet.' keys; SD3, FLUX: 'transformer.' keys), with the adapter config
     as metadata so rank *and* alpha are rebuilt. `weights`: lora_state_dict's, if already taken (whole)."""
     weights = lora_state_dict(model) if weights is None else weights
     weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     metadata = model.peft_config["default"].to_dict()
     # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
     metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}
-    if _is_sd3_transformer(model):
-        from diffusers import StableDiffusion3Pipeline
+    if _is_sd3_transformer(model) or _is_flux_transformer(model):
+        from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-        StableDiffusion3Pipeline.save_lora_weights(
-            directory, transformer_lora_layers=weights, transformer_lora_adapter_metadata=metadata
-        )
+        cls = FluxPipeline if _is_flux_transformer(model) else StableDiffusion3Pipeline
+        cls.save_lora_weights(directory, transformer_lora_layers=weights, transformer_lora_adapter_metadata=metadata)
     else:
         from diffusers import StableDiffusionPipeline
 

@@ -36,6 +36,20 @@ Two independent parts, both shared by train_ddpo.py and train_alignprop.py:
     tokenizer (T5's sentencepiece splits words differently from CLIP's BPE), with each encoder's own
     encoding of "" as e_empty; the pooled embedding (CLIP-L's ++ CLIP-G's) as on SDXL.
 
+    FLUX.1's token states are T5's alone (CLIP-L gives only the pooled vector): the word is chosen among
+    T5's words and weighted at its T5 positions (`positions` are T5's there), e_empty T5's encoding of "";
+    the pooled vector is blended only with `prompt_weight_pooled`, as on SDXL and SD3.
+
+(a) on a guidance-distilled model. FLUX.1-dev has no unconditional branch: the guidance scale is an input
+    of the transformer (its guidance embedding), distilled from CFG. Our reading of the schedule there (no
+    paper states it): the guidance input g takes w_low on the steps at least as noisy as SD's t_sw*T (the
+    same sigma_sw rule, on FLUX's sigmas, which its scheduler shifts by the image's token count, so the
+    steps at w_low depend on the resolution) and w_high after; defaults w_low 1, w_high 3.5 (the
+    pipeline's). A low distilled guidance on the steps where layout is decided is what a low CFG scale
+    does on SD. With `true_cfg` (two calls, the encoded "" as negative) the schedule acts on the true-CFG
+    scale instead, g fixed at 3.5; FLUX.1-schnell has no guidance input, so there only `true_cfg` gives the
+    schedule something to act on (`check_guidance`).
+
 Exploration is applied only during the first `explore_frac` of fine-tuning (`is_exploring`).
 """
 
@@ -68,9 +82,9 @@ class DiffExpConfig:
     t_sw: float = 0.8
     """switch point in [0, 1]: steps with t >= t_sw*T (the first ~(1 - t_sw) of the steps, the noisiest) use w_low"""
     w_low: float = 1.0
-    """guidance scale of the noisy steps (extremely low)"""
-    w_high: float = 7.5
-    """the ordinary guidance scale: after the switch, everywhere when not exploring, and in evaluation (paper: 5 for DDPO, 7.5 for AlignProp)"""
+    """guidance scale of the noisy steps (extremely low); on FLUX.1-dev the distilled guidance input g (or, with --true-cfg, the true-CFG scale)"""
+    w_high: float | None = None
+    """the ordinary guidance scale: after the switch, everywhere when not exploring, and in evaluation; None: the model family's default: on SD/SDXL/SD3 the paper's, 5 for DDPO and 7.5 for AlignProp and sample.py; on FLUX.1 3.5, its pipeline's guidance"""
     prompt_weight_range: tuple[float, float] = (1.0, 2.0)
     """the chosen word's weight w ~ U(w_min, w_max)"""
     exclude_stopwords: bool = True
@@ -78,7 +92,9 @@ class DiffExpConfig:
     explore_frac: float = 0.75
     """explore during the first explore_frac of the epochs, then sample plainly (w_high, unweighted prompts)"""
     prompt_weight_pooled: bool = False
-    """SDXL / SD3: also blend the pooled text embedding with the chosen word's weight (off: the token states only)"""
+    """SDXL / SD3 / FLUX: also blend the pooled text embedding with the chosen word's weight (off: the token states only)"""
+    true_cfg: bool = False
+    """FLUX.1 only: classifier-free guidance with the negative prompt "" (two transformer calls a step; diffusers' true_cfg_scale) instead of the distilled guidance input; w_low/w_high are then the true-CFG scales and FLUX.1-dev's guidance input stays at 3.5. Needed for a CFG schedule on FLUX.1-schnell, which has no guidance input"""
 
     def validate(self) -> DiffExpConfig:
         """Raise ValueError naming the command-line flag and the fix for any bad value."""
@@ -86,12 +102,53 @@ class DiffExpConfig:
             raise ValueError(f"--t-sw must be in [0, 1] (fraction of the T timesteps), got {self.t_sw}")
         if not 0.0 <= self.explore_frac <= 1.0:
             raise ValueError(f"--explore-frac must be in [0, 1], got {self.explore_frac}")
-        if self.w_low < 0 or self.w_high < 0:
+        if not (self.w_low >= 0 and (self.w_high is None or self.w_high >= 0)):  # also refuses nan
             raise ValueError(f"--w-low and --w-high must be >= 0, got {self.w_low} and {self.w_high}")
+        if not (math.isfinite(self.w_low) and (self.w_high is None or math.isfinite(self.w_high))):
+            raise ValueError(f"--w-low and --w-high must be finite, got {self.w_low} and {self.w_high}")
         lo, hi = self.prompt_weight_range
         if not 0.0 <= lo <= hi:
             raise ValueError(f"--prompt-weight-range must be two numbers 0 <= w_min <= w_max, got {lo} {hi}")
         return self
+
+    def for_family(self, family: str, trainer: str | None = None) -> DiffExpConfig:
+        """This config with w_high set to the family's default when it is None (`default_w_high`)."""
+        return self if self.w_high is not None else replace(self, w_high=default_w_high(family, trainer))
+
+
+# w_high when --w-high is not given, on the models guided by CFG (SD, SDXL, SD3): the paper's scale per trainer.
+PAPER_W_HIGH = {"ddpo": 5.0, "alignprop": 7.5}
+
+
+def default_w_high(family: str, trainer: str | None = None) -> float:
+    """The default of --w-high: on FLUX.1 3.5 (FluxPipeline's guidance_scale: its distilled guidance input,
+    or the true-CFG scale); elsewhere the paper's scale for `trainer` (5 for DDPO, 7.5 for AlignProp), 7.5
+    for sample.py (trainer None)."""
+    if family == "flux":
+        from diffusion import FLUX_GUIDANCE
+
+        return FLUX_GUIDANCE
+    return PAPER_W_HIGH.get(trainer, 7.5)
+
+
+def check_guidance(cfg: DiffExpConfig, family: str, guidance_input: bool | None, setting: str | None = None):
+    """ValueError (one line, naming the flag and the ways out) for guidance options the model cannot take:
+    --true-cfg on a model that always uses CFG, and a CFG schedule on FLUX.1-schnell (no guidance input,
+    `guidance_input` False) without --true-cfg, where it would have nothing to act on. `setting`: the
+    `sample.py explore` setting that turns the schedule on (its name replaces --cfg-schedule)."""
+    if cfg.true_cfg and family not in ("flux", "unknown"):
+        raise ValueError(
+            "--true-cfg: only FLUX.1 has a distilled guidance to replace with true CFG; SD, SDXL and SD3 always use "
+            "classifier-free guidance: drop the flag"
+        )
+    if family == "flux" and guidance_input is False and cfg.cfg_schedule and not cfg.true_cfg:
+        what = f"--settings '{setting}'" if setting else "--cfg-schedule"
+        off = f"drop the setting '{setting}'" if setting else "pass --no-cfg-schedule"
+        raise ValueError(
+            f"{what}: this FLUX.1 transformer has no guidance input (FLUX.1-schnell) and, without --true-cfg, no "
+            f"unconditional branch, so the CFG schedule has nothing to act on: {off}, or pass --true-cfg to guide "
+            f'with the negative prompt "" (two transformer calls a step)'
+        )
 
 
 def is_exploring(epoch: int, num_epochs: int, explore_frac: float) -> bool:
@@ -358,6 +415,7 @@ def diffexp_conditioning(
         weights = [PromptWeight(p, None, -1) for p in prompts]
     if scheduler is None:
         scheduler = getattr(getattr(text, "pipe", None), "scheduler", None)
+    cfg = cfg.for_family(getattr(text, "kind", "sd"))  # w_high None: the family's default (sample.py's)
     guidance = cfg_scales(
         timesteps,
         num_train_timesteps,
@@ -431,8 +489,9 @@ def prompt_notes(prompts: list[str], text, cfg: DiffExpConfig, flag: str = "--pr
     for i, (tokenizer, limit) in enumerate(zip(text.tokenizers, text.max_lengths)):
         lengths = [len(tokenizer(p, verbose=False).input_ids) for p in dict.fromkeys(prompts)]
         cut = [n - limit for n in lengths if n > limit]
-        if cut and (i == 0 or i == 2):  # CLIP-G cuts where CLIP-L does; T5 has its own window
-            what = "T5" if i == 2 else "the text encoder"
+        t5 = type(tokenizer).__name__.startswith("T5")
+        if cut and (i == 0 or t5):  # CLIP-G cuts where CLIP-L does; T5 has its own window
+            what = "T5" if t5 else "the text encoder"
             notes.append(
                 f"note: {flag}: {len(cut)} of {len(lengths)} prompts are longer than {what}'s {limit} tokens and are cut "
                 f"(by up to {max(cut)} tokens); what is cut off does not condition the images"

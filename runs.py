@@ -54,7 +54,7 @@ from rewards import DEFAULT_MODELS, NAMES
 @dataclass
 class ModelArgs:
     pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """hub id or local directory of a Stable Diffusion 1.x/2.x, SDXL base or SD3/SD3.5 checkpoint (diffusers layout); 'toy': the shipped toy world"""
+    """hub id or local directory of a Stable Diffusion 1.x/2.x, SDXL base, SD3/SD3.5 or FLUX.1-dev/-schnell checkpoint (diffusers layout); 'toy': the shipped toy world"""
     vae: str | None = None
     """replace the pipeline's VAE (hub id or directory), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16"""
     reward: Annotated[
@@ -304,7 +304,15 @@ def preflight(args, trainer: str, check_args, world: int, differentiable_reward:
     model family, the output directory's plan, the resolution. One `error:` line on the first problem.
     Returns (prompts, eval_prompts, plan, family, notes to print)."""
     import rewards
-    from diffusion import CheckpointError, check_checkpoints, inspect_pipeline, load_prompts, vae_downsampling
+    from diffusion import (
+        CheckpointError,
+        check_checkpoints,
+        has_guidance_input,
+        inspect_pipeline,
+        load_prompts,
+        resolution_multiple,
+    )
+    from explore import check_guidance
 
     m, r = args.model, args.run
     for ok, msg in itertools.chain(shared_checks(args), sharding.checks(args, world), check_args(args, world)):
@@ -342,10 +350,12 @@ def preflight(args, trainer: str, check_args, world: int, differentiable_reward:
         family = inspect_pipeline(m.pretrained)
         if family == "sd" and args.diffexp.prompt_weight_pooled and args.diffexp.prompt_weighting:
             raise ValueError(
-                "--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL and SD3 do); drop the flag"
+                "--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL, SD3 and FLUX do); drop the flag"
             )
+        check_guidance(args.diffexp, family, has_guidance_input(m.pretrained) if family == "flux" else None)
+        args.diffexp = args.diffexp.for_family(family, trainer)  # --w-high None: the family's default, recorded
         plan = check_run_dir(args, trainer, family)
-        factor, source = vae_downsampling(m.pretrained, m.vae)
+        factor, source = resolution_multiple(m.pretrained, m.vae, family)
         if m.resolution is not None and m.resolution % factor:
             raise ValueError(
                 f"--resolution {m.resolution} is not a multiple of {factor}, the VAE's downsampling factor ({source}): "
@@ -424,7 +434,7 @@ class Run:
         """The frozen base pipeline on the device and the reward (one error line if either cannot load);
         also `run.text`, the TextConditioner that turns prompts into the model's conditioning."""
         import rewards
-        from diffusion import CheckpointError, TextConditioner, denoiser, load_pipeline
+        from diffusion import CheckpointError, TextConditioner, load_pipeline, native_resolution
         from explore import prompt_notes
 
         m = self.args.model
@@ -438,10 +448,11 @@ class Run:
             )
         except (CheckpointError, ValueError) as e:
             fail(str(e))
-        self.resolution = m.resolution or denoiser(self.pipe).config.sample_size * self.pipe.vae_scale_factor
+        self.resolution = m.resolution or native_resolution(self.pipe)
         self.log = RunLog(self, self.args)
-        # prompts -> conditioning (the trainers' one text path); .negative is CFG's, .empty DiffExp's e_empty
-        self.text = TextConditioner(self.pipe, self.resolution)
+        # prompts -> conditioning (the trainers' one text path); .negative is CFG's (None: FLUX's distilled
+        # guidance, no unconditional branch), .empty DiffExp's e_empty
+        self.text = TextConditioner(self.pipe, self.resolution, true_cfg=self.args.diffexp.true_cfg)
         if m.cache_text:  # every prompt encoded now, then the text encoders leave the device
             self.text = sharding.CachedText(self.text, ["", *self.prompts, *self.eval_prompts])
         plain = replace(self.args.diffexp, prompt_weighting=False)  # evaluation never weights a prompt
@@ -452,13 +463,13 @@ class Run:
 
     def sampling_steps(self, num_steps: int):
         """(timesteps on the host, the same on the device, the schedule that gives every step's coefficients):
-        noise to image, DDIM's or (SD3) the flow's. Says once which steps run at w_low while exploring."""
+        noise to image, DDIM's or (SD3, FLUX at the run's resolution) the flow's. Says once which steps run at
+        w_low while exploring."""
+        from diffusion import sampling_schedule
         from explore import schedule_note
-        from kernels import schedule_for
 
-        self.pipe.scheduler.set_timesteps(num_steps)
-        host = self.pipe.scheduler.timesteps  # guidance is decided on the host, so choosing rows never syncs
-        schedule = schedule_for(self.pipe.scheduler, num_steps, self.device)
+        # guidance is decided on the host, so choosing rows never syncs
+        host, schedule = sampling_schedule(self.pipe, num_steps, self.resolution, self.device)
         self.w_low_share = schedule_note(self.args.diffexp, host, self.pipe.scheduler, self.accelerator.print)
         return host, host.to(self.device), schedule
 
@@ -743,7 +754,7 @@ def evaluate_held_out(
     """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
     time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
     `out_dir` (what sample.py's gallery reads; None: nothing saved) and returns the mean rewards for the
-    log. `text`: the run's TextConditioner (default: a new one)."""
+    log. `text`: the run's TextConditioner (its guidance mode; default: the pipeline's)."""
     from torchvision.utils import save_image
 
     from diffusion import TextConditioner, generate
@@ -922,7 +933,7 @@ HARMLESS_ARGS = frozenset({
     "track", "wandb_project", "kernels", "gradient_checkpointing", "compile", "fsdp", "cache_text",
 })  # fmt: skip
 TRAINER_NAMES = {"ddpo": "a DDPO run (train_ddpo.py)", "alignprop": "an AlignProp run (train_alignprop.py)"}
-FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "unknown": "an unidentified model"}
+FAMILY_NAMES = {"sd": "SD 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX.1", "unknown": "an unidentified model"}
 
 
 @dataclass

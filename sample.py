@@ -75,12 +75,17 @@ def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, b
     if seed < 0:
         fail(f"--seed must be >= 0, got {seed}")
     if resolution is not None:
-        from diffusion import vae_downsampling
+        from diffusion import CheckpointError, inspect_pipeline, resolution_multiple
 
-        factor = vae_downsampling(pretrained, vae)[0]
+        try:
+            family = inspect_pipeline(pretrained)
+        except CheckpointError:
+            family = None  # the checkpoint checks say what is wrong with it
+        factor = resolution_multiple(pretrained, vae, family)[0]
+        why = "the VAE's downsampling factor" + (", times 2 for FLUX's 2x2 latent patches" if family == "flux" else "")
         if resolution <= 0 or resolution % factor:
             fail(
-                f"--resolution must be a positive multiple of {factor} (the VAE's downsampling factor), got {resolution}; "
+                f"--resolution must be a positive multiple of {factor} ({why}), got {resolution}; "
                 f"leave it out for the model's native size"
             )
 
@@ -105,17 +110,28 @@ def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[resolved]
 
 
-def check_pooled_weighting(pretrained: str, cfg: DiffExpConfig):
-    """--prompt-weight-pooled on a model without a pooled text embedding (SD 1.x/2.x) is an error, here as in the trainers."""
-    from diffusion import CheckpointError, inspect_pipeline
+def check_model_options(pretrained: str, cfg: DiffExpConfig, settings: list | None = None) -> DiffExpConfig:
+    """DiffExp's options against the model family, read from the checkpoint before anything loads, as in the
+    trainers (one `error:` line): --prompt-weight-pooled needs a pooled text embedding (not SD 1.x/2.x),
+    --true-cfg needs FLUX.1, and a CFG schedule on FLUX.1-schnell (no guidance input) needs --true-cfg: `cfg`'s
+    (generate) or, given explore's (label, config) `settings`, each setting's. Returns `cfg` with --w-high's
+    family default filled in."""
+    from diffusion import CheckpointError, has_guidance_input, inspect_pipeline
+    from explore import check_guidance
 
-    if cfg.prompt_weight_pooled and cfg.prompt_weighting:
-        try:
-            family = inspect_pipeline(pretrained)
-        except CheckpointError as e:
-            fail(str(e))
-        if family == "sd":
-            fail("--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL and SD3 do); drop the flag")
+    try:
+        family = inspect_pipeline(pretrained)
+    except CheckpointError as e:
+        fail(str(e))
+    if cfg.prompt_weight_pooled and cfg.prompt_weighting and family == "sd":
+        fail("--prompt-weight-pooled: SD 1.x/2.x has no pooled text embedding (SDXL, SD3 and FLUX do); drop the flag")
+    guidance_input = has_guidance_input(pretrained) if family == "flux" else None
+    try:
+        for label, setting in settings if settings is not None else [(None, cfg)]:
+            check_guidance(setting, family, guidance_input, label)
+    except ValueError as e:
+        fail(str(e))
+    return cfg.for_family(family)
 
 
 def note_unswitched_schedule(cfg, timesteps: torch.Tensor, scheduler, setting: str | None = None):
@@ -226,7 +242,7 @@ def generate(
     """Generate images for a prompt set (or one --prompt), optionally with a LoRA checkpoint and DiffExp.
 
     Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base or SD3; `toy` for the toy world).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world).
         lora: a checkpoint directory written by the trainers (loaded with diffusers' load_lora_weights).
         vae: replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16).
         prompts: built-in prompt set name or a text file, one prompt a line.
@@ -238,7 +254,7 @@ def generate(
             changes the conditioning only).
         num_steps: denoising steps.
         diffexp: DiffExp while sampling (--cfg-schedule, --prompt-weighting; off by default).
-        eta: DDIM eta, in [0, 1] (on SD3: the flow SDE's noise level).
+        eta: DDIM eta, in [0, 1] (on SD3 and FLUX: the flow SDE's noise level).
         resolution: image size, a multiple of the VAE's factor (8 for SD/SDXL); None: the model's native size.
         eval_rewards: comma-separated rewards, each scored separately, e.g. 'aesthetic,imagereward'.
         reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
@@ -247,7 +263,7 @@ def generate(
         output_dir: where images, grid.png and scores.csv go (one result per directory).
         overwrite: replace the earlier generate/explore result in --output-dir.
     """
-    from diffusion import TextConditioner, load_prompts, seeded
+    from diffusion import TextConditioner, load_prompts, sampling_schedule, seeded
     from diffusion import generate as generate_images
     from explore import diffexp_conditioning
 
@@ -258,7 +274,7 @@ def generate(
         prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    check_pooled_weighting(pretrained, diffexp)
+    diffexp = check_model_options(pretrained, diffexp)
     check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards", prompt, prompts)
     note_repeated_prompts(prompt_list)
     out = claim_output(output_dir, "sample.py generate", overwrite)
@@ -268,10 +284,9 @@ def generate(
     from tqdm import tqdm
 
     T = pipe.scheduler.config.num_train_timesteps
-    pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
+    timesteps, _ = sampling_schedule(pipe, num_steps, resolution)  # on the host: the guidance schedule is read there
     note_unswitched_schedule(diffexp, timesteps, pipe.scheduler)
-    text = TextConditioner(pipe, resolution)
+    text = TextConditioner(pipe, resolution, true_cfg=diffexp.true_cfg)
     exploring = diffexp.cfg_schedule or diffexp.prompt_weighting
     jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
     rows, all_images = [], []
@@ -403,7 +418,7 @@ def explore(
     the first reward (reward >= threshold) and the fraction of prompts with at least one success.
 
     Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base or SD3; `toy` for the toy world).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world).
         lora: a checkpoint directory written by the trainers (measure a fine-tuned model's exploration).
         vae: replace the pipeline's VAE.
         prompts: built-in prompt set name or a file (one prompt a line, '#' starts a comment line).
@@ -457,10 +472,15 @@ def explore(
         )
     try:
         base.validate()
+    except ValueError as e:
+        fail(str(e))
+    base = check_model_options(pretrained, base, settings=[])  # --w-high None: the family's default
+    try:
         chosen = explore_settings(settings, sweep_t_sw, sweep_w_low, sweep_weight_range, base)
         prompt_list = ([prompt] if prompt else load_prompts(prompts, "--prompts"))[:max_prompts]
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    check_model_options(pretrained, base, settings=chosen)
     check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--rewards", prompt, prompts)
     out = claim_output(output_dir, "sample.py explore", overwrite)
     pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
@@ -518,17 +538,16 @@ def explore_sample(pipe, scorers, chosen, prompt_list, seed, num_steps, eta, res
     from torchvision.utils import save_image
     from tqdm import tqdm
 
-    from diffusion import Conditioning, TextConditioner, seeded
+    from diffusion import Conditioning, TextConditioner, sampling_schedule, seeded
     from diffusion import generate as generate_images
     from explore import diffexp_conditioning
 
     embed, embed_what = image_tower(scorers)
     T = pipe.scheduler.config.num_train_timesteps
-    pipe.scheduler.set_timesteps(num_steps)
-    timesteps = pipe.scheduler.timesteps.cpu()  # on the host: the guidance schedule is read there
+    timesteps, _ = sampling_schedule(pipe, num_steps, resolution)  # on the host: the guidance schedule is read there
     for label, cfg in chosen:
         note_unswitched_schedule(cfg, timesteps, pipe.scheduler, setting=label)
-    text = TextConditioner(pipe, resolution)
+    text = TextConditioner(pipe, resolution, true_cfg=chosen[0][1].true_cfg)  # --true-cfg: every setting's
     P, N = len(prompt_list), num_per_prompt
     G, C = min(grid_prompts, P), min(grid_images, N)
     jobs = [(p, n) for p in range(P) for n in range(N)]

@@ -171,8 +171,9 @@ class CachedText:
             chunk = unique[i : i + batch_size]
             cond = text.encode(chunk).to("cpu")
             self.rows |= {p: cond[j : j + 1] for j, p in enumerate(chunk)}
-        for encoder in text.text_encoders:
-            encoder.to("meta")
+        for name, module in text.pipe.components.items():  # every text encoder (FLUX's CLIP gives only `pooled`)
+            if name.startswith("text_encoder") and module is not None:
+                module.to("meta")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -51,8 +51,8 @@ class Args:
     """the base model, the reward (differentiable), the prompts, LoRA and precision"""
     optim: runs.OptimArgs = field(default_factory=lambda: runs.OptimArgs(lr=1e-3))
     """the optimizer (AdamW over the LoRA weights; paper: lr 1e-3)"""
-    diffexp: DiffExpConfig = field(default_factory=lambda: DiffExpConfig(w_high=7.5))
-    """DiffExp: exploration while sampling (paper: w_high 7.5 for AlignProp)"""
+    diffexp: DiffExpConfig = field(default_factory=DiffExpConfig)
+    """DiffExp: exploration while sampling (--w-high by default the paper's 7.5 for AlignProp; 3.5 on FLUX.1)"""
     run: runs.RunArgs = field(default_factory=lambda: runs.RunArgs(output_dir="runs/alignprop"))
     """the run and its files"""
 
@@ -93,11 +93,11 @@ def main(args: Args):
         unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
 
-    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or SD3's flow
+    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or the flow's
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
     latent_size = run.resolution // pipe.vae_scale_factor
-    latent_shape = (B, unet.config.in_channels, latent_size, latent_size)
+    latent_shape = (B, pipe.vae.config.latent_channels, latent_size, latent_size)  # FLUX packs in denoise
     step_coeffs = [schedule.coefficients(t.expand(B), args.eta) for t in timesteps]  # computed once, on the device
 
     model_outputs = run.guided(unet)  # (x, t, cond, w) -> CFG's two halves of one denoiser call

@@ -72,8 +72,8 @@ class Args:
     """the base model, the reward, the prompts, LoRA and precision"""
     optim: runs.OptimArgs = field(default_factory=lambda: runs.OptimArgs(lr=3e-4))
     """the optimizer (AdamW over the LoRA weights; paper: lr 3e-4)"""
-    diffexp: DiffExpConfig = field(default_factory=lambda: DiffExpConfig(w_high=5.0))
-    """DiffExp: exploration while sampling (paper: w_high 5 for DDPO)"""
+    diffexp: DiffExpConfig = field(default_factory=DiffExpConfig)
+    """DiffExp: exploration while sampling (--w-high by default the paper's 5 for DDPO; 3.5 on FLUX.1)"""
     run: runs.RunArgs = field(default_factory=lambda: runs.RunArgs(output_dir="runs/ddpo"))
     """the run and its files"""
 
@@ -178,13 +178,13 @@ def main(args: Args):
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
     tracker.load_state_dict(run.resume(unet, optimizer).get("stat_tracker", {}))
 
-    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or SD3's flow
+    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or the flow's
     eta = args.eta if args.eta is not None else schedule.stochastic_eta  # DDIM's eta or the flow SDE's noise level
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, samples_per_process = args.sample_batch_size, args.samples_per_epoch // run.world
     sample_batches, train_batches = samples_per_process // B, samples_per_process // args.train_batch_size
     latent_size = run.resolution // pipe.vae_scale_factor
-    latent_shape = (B, unet.config.in_channels, latent_size, latent_size)
+    latent_shape = (B, pipe.vae.config.latent_channels, latent_size, latent_size)  # FLUX packs in denoise
     sample_coeffs = [schedule.coefficients(t.expand(B), eta) for t in timesteps]
     num_train_steps = max(1, int(args.num_steps * args.timestep_fraction))
 

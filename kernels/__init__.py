@@ -2,7 +2,7 @@
 
     from kernels import cfg_ddim_step, ddpo_clip_loss, schedule_for
 
-    schedule = schedule_for(pipe.scheduler, num_steps, device)      # DDIM (SD, SDXL) or flow matching (SD3)
+    schedule = schedule_for(pipe.scheduler, num_steps, device)      # DDIM (SD, SDXL) or flow matching (SD3, FLUX)
     coeffs = schedule.coefficients(timesteps, eta)                  # per-sample, on the device
     x_prev = cfg_ddim_step(out_u, out_c, x_t, w, coeffs, noise=z)   # AlignProp / sampling
     x_prev, lp = cfg_ddim_step(out_u, out_c, x_t, w, coeffs, noise=z, return_log_prob=True)  # DDPO sampling
@@ -10,9 +10,10 @@
 
 out_u and out_c are what diffusion.cfg_unet returns: the two .chunk(2) halves of the UNet's [2B, ...]
 output (views; the kernels read them in place, whatever their batch stride), or, where every sample's
-guidance is exactly 1, one tensor passed as both (autograd then sums the two halves' gradients).
+guidance is exactly 1 or the model is guidance-distilled (FLUX without true CFG: one call, the scale an input
+of the model), one tensor passed as both (autograd then sums the two halves' gradients).
 
-For a flow-matching model (SD3) out_u / out_c are the predicted velocities and eta is the noise level of
+For a flow-matching model (SD3, FLUX) out_u / out_c are the predicted velocities and eta is the noise level of
 the stochastic step (0: the Euler ODE step); the ops are the same, only the coefficients differ.
 
 backend: None reads the environment variable DIFFEXP_KERNELS ("auto" by default, "triton", "eager").
@@ -66,11 +67,14 @@ def is_flow_matching(scheduler) -> bool:
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
 
 
-def schedule_for(scheduler, num_inference_steps: int, device=None) -> DDIMSchedule | FlowMatchSchedule:
+def schedule_for(
+    scheduler, num_inference_steps: int, device=None, **set_timesteps_kwargs
+) -> DDIMSchedule | FlowMatchSchedule:
     """The schedule whose `coefficients(timesteps, eta)` the ops take, for the pipeline's scheduler:
-    DDIM's for SD / SDXL (load_pipeline gives them a DDIMScheduler), the flow-matching table for SD3."""
+    DDIM's for SD / SDXL (load_pipeline gives them a DDIMScheduler), the flow-matching table for SD3 and
+    FLUX (whose pipeline also passes sigmas and mu to set_timesteps: give them as keyword arguments)."""
     if is_flow_matching(scheduler):
-        return FlowMatchSchedule.from_scheduler(scheduler, num_inference_steps, device)
+        return FlowMatchSchedule.from_scheduler(scheduler, num_inference_steps, device, **set_timesteps_kwargs)
     return DDIMSchedule.from_scheduler(scheduler, num_inference_steps, device)
 
 

@@ -118,21 +118,24 @@ class FlowMatchSchedule:
     stochastic_eta = 0.7  # DDPO's default noise level on a flow model (Flow-GRPO's)
 
     @classmethod
-    def from_scheduler(cls, scheduler, num_inference_steps: int, device=None) -> FlowMatchSchedule:
-        """The table of `scheduler.set_timesteps(num_inference_steps)` (shift applied), computed on a copy
-        so the caller's scheduler keeps its state."""
+    def from_scheduler(
+        cls, scheduler, num_inference_steps: int, device=None, sigmas=None, mu: float | None = None
+    ) -> FlowMatchSchedule:
+        """The table of `scheduler.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)` (shift applied),
+        computed on a copy so the caller's scheduler keeps its state. `sigmas` and `mu` are what the pipeline
+        passes (FLUX: sigmas linspace(1, 1/N, N) and the resolution's mu; see diffusion.timestep_arguments)."""
         cfg = scheduler.config
-        if cfg.get("use_dynamic_shifting"):
+        if cfg.get("use_dynamic_shifting") and mu is None:
             raise ValueError(
                 "a flow-matching scheduler with use_dynamic_shifting needs a resolution-dependent mu; "
-                "set use_dynamic_shifting to False (SD3 / SD3.5 ship it off) in the scheduler config"
+                "pass mu (diffusion.timestep_arguments computes FLUX's) or set use_dynamic_shifting to False"
             )
         if cfg.get("stochastic_sampling") or cfg.get("invert_sigmas"):
             raise ValueError(
                 "stochastic_sampling / invert_sigmas change the flow step; set them to False in the scheduler config"
             )
         sched = type(scheduler).from_config(cfg)
-        sched.set_timesteps(num_inference_steps)
+        sched.set_timesteps(num_inference_steps, sigmas=sigmas, mu=mu)
         return cls(
             sched.timesteps.to(device=device, dtype=torch.float64),
             sched.sigmas.to(device=device, dtype=torch.float64),

@@ -38,6 +38,22 @@ def tiny_sd3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A tiny FLUX.1-dev checkpoint in the hub layout (guidance embedding, dynamic shifting), shared by the FLUX tests."""
+    from tools.tiny import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory):
+    """A tiny FLUX.1-schnell checkpoint: no guidance embedding, schnell's scheduler (shift 1, no dynamic shifting)."""
+    from tools.tiny import make_tiny_flux
+
+    return make_tiny_flux(tmp_path_factory.mktemp("tiny-flux-schnell"), guidance=False)
+
+
+@pytest.fixture(scope="session")
 def tokenizer(tmp_path_factory):
     from diffusion import build_clip_tokenizer
 

@@ -6,6 +6,7 @@ The wrong invocations run in this process (`main(cli(argv))`, SystemExit caught)
 ~2 s of imports each, and test_one_wrong_invocation_as_a_user_runs_it covers the process itself.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -299,6 +300,12 @@ def fake_run(out: Path, args: dict | None = None, checkpoints=(), partial=True):
         torch.save({}, ckpt / "training_state.pt")
 
 
+def recorded(args, trainer: str) -> dict:
+    """The arguments a run records in args.json: as parsed, with --w-high's default (None: the family's) resolved
+    for the tiny SD model, as preflight does before anything is written."""
+    return runs.flat_args(dataclasses.replace(args, diffexp=args.diffexp.for_family("sd", trainer)))
+
+
 def test_a_run_killed_before_its_first_checkpoint_is_not_mixed_with_a_new_one(
     tiny_sd_dir, tmp_path, monkeypatch, capsys
 ):
@@ -327,7 +334,7 @@ def test_resume_with_changed_arguments_is_refused_in_one_line(
     first = train_alignprop.cli(
         [str(a) for a in alignprop_argv(tiny_sd_dir, tiny_aesthetic, out, "--explore-frac", 0.75, "--num-epochs", 4)]
     )
-    fake_run(out, runs.flat_args(first), checkpoints=["epoch_0000"])
+    fake_run(out, recorded(first, "alignprop"), checkpoints=["epoch_0000"])
     changed = [
         "--lr",
         "0.01",
@@ -397,7 +404,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
 def test_resume_of_a_finished_run_loads_nothing(tiny_sd_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     argv = ddpo_argv(tiny_sd_dir, out, "--num-epochs", 2)
-    fake_run(out, runs.flat_args(train_ddpo.cli([str(a) for a in argv])), checkpoints=["epoch_0000", "epoch_0001"])
+    fake_run(out, recorded(train_ddpo.cli([str(a) for a in argv]), "ddpo"), checkpoints=["epoch_0000", "epoch_0001"])
     monkeypatch.setattr(diffusion, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     train_ddpo.main(train_ddpo.cli([str(a) for a in [*argv, "--resume"]]))
     assert "nothing to do: the run in" in capsys.readouterr().out

@@ -48,6 +48,7 @@ RUNS = {
                                              "--gradient-checkpointing", "call"], "sd3"),
     "ddpo-sd": ("train_ddpo.py", [*DDPO, "--kl-beta", 0.1, "--ema-decay", 0.5], "sd"),
     "ddpo-sd3": ("train_ddpo.py", DDPO, "sd3"),
+    "ddpo-flux": ("train_ddpo.py", DDPO, "flux"),
 }  # fmt: skip
 
 
@@ -88,8 +89,8 @@ def launch(*commands, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def models(tiny_sd_dir, tiny_sd3_dir):
-    return {"sd": tiny_sd_dir, "sd3": tiny_sd3_dir}
+def models(tiny_sd_dir, tiny_sd3_dir, tiny_flux_dir):
+    return {"sd": tiny_sd_dir, "sd3": tiny_sd3_dir, "flux": tiny_flux_dir}
 
 
 @pytest.fixture(scope="module")
@@ -182,14 +183,14 @@ def test_sharded_run_equals_replicated(runs_done, resumed, name):
     assert la[-1]["lora_sync_error"] == 0.0 and "lora_sync_error" not in lb[-1]
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
 def test_each_process_holds_half_the_denoiser(runs_done, models, family):
     """The counts each process measured of what it holds, against the whole denoiser counted here."""
     pipe = diffusion.load_pipeline(models[family])
     unet = diffusion.denoiser(pipe)
     diffusion.add_lora(unet, 4, 4.0)
     total = sum(p.numel() for p in unet.parameters())
-    name = "ddpo-sd" if family == "sd" else "ddpo-sd3"
+    name = f"ddpo-{family}"
     held = read_log(runs_done / name / "fsdp")[-1]["fsdp_params_per_process"]
     assert len(held) == 2 and sum(held) == total
     assert all(abs(n / total - 0.5) < 0.02 for n in held), (held, total)
@@ -204,7 +205,7 @@ def test_resumed_run_holds_half_in_each_of_two_nodes(resumed, runs_done):
     )
 
 
-@pytest.mark.parametrize("name", ["alignprop-sd", "ddpo-sd3"])
+@pytest.mark.parametrize("name", ["alignprop-sd", "ddpo-sd3", "ddpo-flux"])
 def test_sharded_checkpoint_loads_in_the_diffusers_pipeline(runs_done, resumed, models, name):
     """The checkpoint of a sharded run is the whole LoRA in diffusers' file: the pipeline's load_lora_weights
     takes it, and the weights it then holds are the file's."""
@@ -225,15 +226,15 @@ def test_sharded_checkpoint_loads_in_the_diffusers_pipeline(runs_done, resumed, 
 # --cache-text
 
 
-@pytest.mark.parametrize("family", ["sd", "sd3"])
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
 def test_cached_text_gives_the_same_samples_and_frees_the_encoders(
     models, tiny_aesthetic, tmp_path, monkeypatch, family
 ):
     """A DDPO epoch with DiffExp on (a weighted word in every prompt, the CFG schedule), with and without
-    --cache-text: the same images sampled (exactly on SD; to 1e-5 on SD3, whose encoders round a batch of
-    every prompt a little apart from a batch of two), the same rewards and held-out evaluation; afterwards every text
-    encoder of the cached run is on the 'meta' device (no memory), and the cache holds every training and
-    evaluation prompt."""
+    --cache-text: the same images sampled (exactly on SD; to 1e-5 on SD3 and FLUX, whose encoders round a
+    batch of every prompt a little apart from a batch of two), the same rewards and held-out evaluation;
+    afterwards every text encoder of the cached run is on the 'meta' device (no memory; FLUX's pooled CLIP
+    too), and the cache holds every training and evaluation prompt."""
     seen = {}
     keep_for_grid, load_models = runs.Run.keep_for_grid, runs.Run.load_models
 
@@ -264,7 +265,7 @@ def test_cached_text_gives_the_same_samples_and_frees_the_encoders(
     run = seen["cached-run"]
     encoders = [getattr(run.pipe, n, None) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")]
     encoders = [e for e in encoders if e is not None]
-    assert len(encoders) == (1 if family == "sd" else 3)
+    assert len(encoders) == {"sd": 1, "sd3": 3, "flux": 2}[family]
     assert all(p.device.type == "meta" for e in encoders for p in e.parameters())
     assert set(run.text.rows) == {"", *run.prompts, *run.eval_prompts}
     plain = seen["plain-run"]

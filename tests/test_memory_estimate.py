@@ -69,7 +69,7 @@ def test_sharded_and_cached_text_rows_by_hand():
     text takes the text encoders off; the activations do not change. And FLUX.1-dev's size (11.9 B)."""
     import re
 
-    args = ["--model", "sd3.5-medium", "flux-dev", "--resolution", "256", "--batch", "1", "--trainer", "ddpo", "--mode",
+    args = ["--model", "sd3.5-medium", "flux.1-dev", "--resolution", "256", "--batch", "1", "--trainer", "ddpo", "--mode",
             "blocks", "--t5", "with", "--shard", "1", "8", "--text", "loaded", "cached", "--gpus", "24", "40"]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
     proc = subprocess.run(

@@ -3,14 +3,17 @@
     python tools/memory_estimate.py                                   # SDXL at 1024 px, batch 1 and 4
     python tools/memory_estimate.py --model sd3.5-medium sd3.5-large --resolution 512 1024 --batch 1 4
     python tools/memory_estimate.py --model sdxl --resolution 512 1024 --no-autocast --lora-rank 0  # the old modelling
-    python tools/memory_estimate.py --model flux-dev --resolution 512 1024 --shard 1 2 8 --text loaded cached --wide
+    python tools/memory_estimate.py --model flux.1-dev --resolution 512 1024 --batch 1 4 --trainer alignprop ddpo
+    python tools/memory_estimate.py --model flux.1-dev --resolution 512 1024 --shard 1 2 8 --text loaded cached --wide
 
-The denoiser (UNet or SD3 transformer) and the VAE are built from their published configs (the dicts
+The denoiser (UNet, SD3 or FLUX transformer) and the VAE are built from their published configs (the dicts
 below) on PyTorch's `meta` device, with LoRA adapters where the trainers put them, and one training
 step is traced:
   alignprop  K denoiser calls on the CFG-doubled batch with gradient (K = --backprop-steps), then the
              VAE decode of the batch (reward backprop; the reward model's own activations are not counted)
   ddpo       one denoiser call on the CFG-doubled batch at one timestep (no VAE in the graph)
+FLUX.1-dev is guidance-distilled: its calls are of the batch itself, not doubled (the trainers' default; with
+--true-cfg a call doubles as on SD3, which the batch-2B row approximates).
 Every tensor autograd saves for backward is counted once (by storage; weights are resident memory,
 counted separately). Attention is counted as a memory-efficient kernel keeps it (q, k, v, output, row
 log-sum-exp), as PyTorch's SDPA does on a GPU. With a half --dtype the trace follows CUDA autocast as
@@ -23,7 +26,8 @@ keep + what piece i saves when recomputed). The modes checkpoint:
   call    each denoiser call carrying gradient (torch.utils.checkpoint on the whole call; the VAE is not)
   blocks  what diffusers 0.42 checkpoints when enable_gradient_checkpointing() is on: each UNet resnet
           and each BasicTransformerBlock (attention projections in/out are not), each SD3 joint
-          transformer block, the VAE decoder's mid block and each of its up blocks
+          transformer block, each FLUX double- and single-stream block, the VAE decoder's mid block and
+          each of its up blocks
   none    nothing
 Resident = frozen denoiser + VAE + text encoders + reward model (all in --dtype; SDXL's VAE in fp32
 under fp16, as the loader does) + LoRA weights, gradients and AdamW moments (fp32, 16 bytes per
@@ -45,19 +49,21 @@ import argparse
 import contextlib
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python tools/memory_estimate.py` from anywhere imports the project's modules (FLUX)
 from sharding import units  # noqa: E402  (the trainers' FSDP units: one rule for every family)
 
 GiB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODES = ("call", "blocks", "none")
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusion.add_lora's target_modules
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # diffusion.add_lora's target_modules (SD, SDXL)
 
 # --- published configs (diffusers layout; keys that only name versions or paths left out) ---------------
 
@@ -89,19 +95,19 @@ SD35L_TRANSFORMER = dict(
     num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432, pooled_projection_dim=2048,
     pos_embed_max_size=192, qk_norm="rms_norm",
 )  # fmt: skip
-# black-forest-labs/FLUX.1-dev transformer/config.json (guidance-distilled: one call per step, no CFG-doubled batch)
-FLUX_DEV_TRANSFORMER = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
 # vae/config.json of runwayml/stable-diffusion-v1-5 and stabilityai/stable-diffusion-xl-base-1.0 (SDXL:
-# sample_size 1024, scaling 0.13025; the shapes are the same) and of both SD3.5 repos and FLUX.1-dev (16
-# latent channels, no quant convs)
+# sample_size 1024, scaling 0.13025; the shapes are the same) and of both SD3.5 repos (16 latent channels,
+# no quant convs)
 VAE_4CH = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
 )  # fmt: skip
 VAE_16CH = VAE_4CH | dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+# black-forest-labs/FLUX.1-dev transformer/config.json (its VAE has VAE_16CH's shapes)
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)  # fmt: skip
 
 # Text encoders (transformers configs; frozen, forward only): text_encoder[_2|_3]/config.json of the repos.
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768)
@@ -129,7 +135,6 @@ class Family:
     tokens: int  # text tokens the denoiser attends to
     t5: bool = False  # has an optional T5-XXL (text_encoder_3)
     extra: dict = field(default_factory=dict)
-    cfg_doubled: bool = True  # the denoiser runs on the CFG-doubled batch (FLUX.1-dev: once, guidance embedded)
 
 
 FAMILIES = {
@@ -159,9 +164,8 @@ FAMILIES = {
         77 + 256,
         t5=True,
     ),
-    # FLUX.1-dev: T5-XXL (512 tokens, which the transformer attends to) is not optional; CLIP-L gives only the
-    # pooled embedding. Not in the trainers yet: the estimate assumes one call per step on the batch as is.
-    "flux-dev": Family(
+    # FLUX.1-dev: CLIP-L (pooled only) and T5-XXL always loaded; the transformer sees 512 T5 tokens.
+    "flux.1-dev": Family(
         "FLUX.1-dev",
         "flux",
         FLUX_DEV_TRANSFORMER,
@@ -169,7 +173,6 @@ FAMILIES = {
         (("CLIP-L", "clip", CLIP_L), ("T5-XXL", "t5", T5_XXL)),
         1024,
         512,
-        cfg_doubled=False,
     ),
 }
 
@@ -191,8 +194,9 @@ class EfficientAttention(torch.autograd.Function):
         return out
 
 
-def _attention(query, key, value, *args, **kwargs):  # SDPA's names: FLUX's attention passes them by keyword
-    q, k, v = query, key, value
+def _attention(q=None, k=None, v=None, *args, query=None, key=None, value=None, **kwargs):
+    # positional (SD's and SD3's processors) or by keyword (diffusers' attention dispatcher: FLUX)
+    q, k, v = (a if a is not None else b for a, b in ((q, query), (k, key), (v, value)))
     if _autocast:  # SDPA is on autocast's lower-precision list
         q, k, v = (x.to(_autocast[0]) for x in (q, k, v))
     return EfficientAttention.apply(q, k, v)
@@ -319,9 +323,26 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.up(self.down(x.to(self.down.weight.dtype)))
 
 
+def lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """diffusion.add_lora's target names for the model (FLUX's from diffusion itself; SD/SDXL/SD3's attention
+    projections), matched as peft matches them: the whole name, or its end after a dot."""
+    from diffusers import FluxTransformer2DModel
+
+    if isinstance(model, FluxTransformer2DModel):
+        from diffusion import flux_lora_targets
+
+        return tuple(flux_lora_targets(model))
+    return LORA_TARGETS
+
+
 def add_lora(model: nn.Module, rank: int, dtype) -> int:
     """Wrap diffusion.add_lora's targets; returns the number of LoRA parameters."""
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(LORA_TARGETS)]
+    names = lora_targets(model)
+    targets = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and any(n == t or n.endswith("." + t) for t in names)
+    ]
     count = 0
     for name, lin in targets:
         count += rank * (lin.in_features + lin.out_features)
@@ -442,7 +463,7 @@ def smallest_gpu(peak: float, gpus: list[float], share: float) -> str:
 
 
 def cond_inputs(fam: Family, n: int, dtype) -> dict:
-    if fam.kind == "flux":
+    if fam.kind == "flux":  # T5's states, CLIP-L's pooled vector, the guidance input; zero position ids of the text
         return dict(
             encoder_hidden_states=torch.randn(n, fam.tokens, fam.denoiser["joint_attention_dim"], dtype=dtype),
             pooled_projections=torch.randn(n, fam.denoiser["pooled_projection_dim"], dtype=dtype),
@@ -472,31 +493,31 @@ def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dt
             m.enable_gradient_checkpointing(tape.checkpoint)
         else:
             m.disable_gradient_checkpointing()
-    latent, channels = px // 8, fam.denoiser["in_channels"]
-    cat2 = _cat2 if fam.cfg_doubled else (lambda v: v)
+    latent, channels = px // 8, fam.vae["latent_channels"]
     amp = Autocast(dtype) if autocast and dtype != torch.float32 else contextlib.nullcontext()
     F.scaled_dot_product_attention = _attention
     call_bytes = []
     try:
         with torch.device("meta"):
-            if fam.kind == "flux":  # FLUX packs 2x2 latent pixels of its 16 channels into one 64-wide token
-                x = torch.randn(batch, (latent // 2) ** 2, channels, requires_grad=b.lora_params == 0)
-            else:
-                x = torch.randn(batch, channels, latent, latent, dtype=torch.float32, requires_grad=b.lora_params == 0)
+            x = torch.randn(batch, channels, latent, latent, dtype=torch.float32, requires_grad=b.lora_params == 0)
             cond = cond_inputs(fam, batch, dtype)
             t = torch.full((batch,), 500.0)
 
             def denoise(x, t, cond):
-                both = {k: cat2(v) for k, v in cond.items()}
+                if fam.kind == "flux":  # distilled: one call of the batch, on packed latents (diffusion.denoise)
+                    from diffusion import latent_image_ids, pack_latents, unpack_latents
+
+                    ids = dict(txt_ids=torch.zeros(fam.tokens, 3), img_ids=latent_image_ids(latent, latent))
+                    with amp:
+                        out = den(hidden_states=pack_latents(x.to(dtype)), timestep=t / 1000, **cond, **ids).sample
+                    return unpack_latents(out, latent, latent).float()
+                both = {k: _cat2(v) for k, v in cond.items()}
                 with amp:
-                    # the CFG-doubled batch (diffusion.cfg_unet with a scale w != 0, 1), or FLUX's batch as it is
-                    if fam.kind == "flux":
-                        ids = dict(txt_ids=torch.zeros(fam.tokens, 3), img_ids=torch.zeros(x.shape[1], 3))
-                        out = den(hidden_states=cat2(x.to(dtype)), timestep=cat2(t) / 1000, **ids, **both).sample
-                    elif fam.kind == "sd3":
-                        out = den(hidden_states=cat2(x.to(dtype)), timestep=cat2(t), **both).sample
+                    # the CFG-doubled batch (diffusion.cfg_unet with a scale w != 0, 1)
+                    if fam.kind == "sd3":
+                        out = den(hidden_states=_cat2(x.to(dtype)), timestep=_cat2(t), **both).sample
                     else:
-                        out = den(cat2(x.to(dtype)), cat2(t), **both).sample
+                        out = den(_cat2(x.to(dtype)), _cat2(t), **both).sample
                 return out.float()
 
             with tape:
@@ -504,16 +525,9 @@ def trace(b: Built, px: int, batch: int, mode: str, trainer: str, steps: int, dt
                     before = tape.total()
                     out = tape.checkpoint(denoise, x, t, cond) if mode == "call" else denoise(x, t, cond)
                     call_bytes.append(tape.total() - before)
-                    # stands in for the CFG combination and the sampler's step
-                    x = x + out[:batch] + out[batch:] if fam.cfg_doubled else x + out
+                    # stands in for the CFG combination and the step
+                    x = x + out if fam.kind == "flux" else x + out[:batch] + out[batch:]
                 before = tape.total()
-                if fam.kind == "flux":  # unpack the tokens into latents [B, 16, h, w] for the VAE
-                    h = latent // 2
-                    x = (
-                        x.view(batch, h, h, channels // 4, 2, 2)
-                        .permute(0, 3, 1, 4, 2, 5)
-                        .reshape(batch, -1, latent, latent)
-                    )
                 if trainer == "alignprop":  # diffusion.decode: at the VAE's dtype, under autocast unless fp32
                     vae_amp = amp if vae.dtype != torch.float32 else contextlib.nullcontext()
                     with vae_amp:

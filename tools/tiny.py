@@ -319,3 +319,85 @@ def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: boo
     )
     pipe.save_pretrained(out_dir)
     return out_dir
+
+
+# FLUX.1-dev's scheduler config as shipped (dynamic shifting: mu from the image's token count); FLUX.1-schnell's
+# turns dynamic shifting off and ships shift 1.0.
+FLUX_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+FLUX_SCHNELL_SCHEDULER_CONFIG = {**FLUX_SCHEDULER_CONFIG, "shift": 1.0, "use_dynamic_shifting": False}
+
+
+def make_tiny_flux(out_dir: str | Path, guidance: bool = True, seed: int = 0) -> Path:
+    """A tiny FLUX.1 pipeline (32 px images, 16x16x16 latents packed 2x2 into 64 tokens of width 64) saved with
+    FluxPipeline.save_pretrained, built like the real one: a FluxTransformer2DModel (one double-stream block, two
+    single-stream blocks, rotary axes (4, 6, 6) summing to the head dim, joint_attention_dim = T5's width,
+    pooled_projection_dim = CLIP's width) with the guidance embedding of FLUX.1-dev (guidance=True) or without
+    it, as FLUX.1-schnell (guidance=False, with schnell's scheduler config), a CLIPTextModel (only its pooled
+    output is used), a T5 encoder 128 wide with the offline T5 tokenizer, a 16-channel VAE with FLUX's scaling
+    and shift factors and no quant convs, and FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    from diffusion import build_clip_tokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    t5_width = 128
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=CLIP_TEXT["hidden_size"],
+        guidance_embeds=guidance,
+        axes_dims_rope=(4, 6, 6),
+    )
+    vae = AutoencoderKL(
+        **{**TINY_VAE, "latent_channels": 16},
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
+    tokenizer_2 = build_t5_tokenizer()
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=t5_width,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        build_clip_tokenizer(tmp)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    scheduler_config = FLUX_SCHEDULER_CONFIG if guidance else FLUX_SCHNELL_SCHEDULER_CONFIG
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**scheduler_config),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(out_dir)
+    return out_dir
