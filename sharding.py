@@ -15,8 +15,8 @@ The VAE, the reward and the text encoders stay whole in every process: the VAE i
 next to the decode's activations, and the text encoders are better removed than sharded (--cache-text).
 
 Precision: no MixedPrecisionPolicy. Each weight is all-gathered in the dtype it is stored in (the frozen
-ones in --mixed-precision's bf16, the LoRA in fp32: FSDP2 requires one dtype only of a unit's trainable
-weights) and accelerate's autocast casts for the compute, exactly as in a replicated run, so a sharded run
+ones in --mixed-precision's bf16, the LoRA in fp32: FSDP2 asks only a unit's trainable weights to share
+one dtype) and accelerate's autocast casts for the compute, exactly as in a replicated run, so a sharded run
 computes what a replicated one does; the LoRA gradients are reduce-scattered in fp32. A policy with
 param_dtype=bf16 would also all-gather the LoRA in bf16 (half the LoRA's all-gather, which is small next to
 the frozen weights) and change nothing else under autocast; it is not used so that both paths stay one.
@@ -31,7 +31,8 @@ import torch
 
 
 def checks(args, world: int) -> Iterator[tuple[bool, str]]:
-    """(ok, error line) for --fsdp and --cache-text with `world` processes (made before anything loads)."""
+    """(ok, error line) for --fsdp with `world` processes and for the launch (made before anything loads).
+    --cache-text needs none: no reward uses the pipeline's text encoders (each loads its own models)."""
     m = args.model
     plugin = next((k for k in ("FSDP", "DEEPSPEED") if os.environ.get(f"ACCELERATE_USE_{k}", "").lower() == "true"), None)  # fmt: skip
     # fmt: off
