@@ -35,7 +35,7 @@ from conftest import ROOT, lora_weights, read_log, run_main
 # Adam divides each gradient by its running size (+ epsilon), so an element whose gradient is near zero has its
 # rounding amplified up to lr / (4 epsilon) times: lr 1e-3 and epsilon 1e-6 keep the runs' rounding below 1e-6
 # while every LoRA weight still moves by about 1e-3 (the tolerance, 1e-5, is 1 % of that).
-COMMON = ["--num-steps", 2, "--samples-per-epoch", 4, "--mixed-precision", "no", "--num-epochs", 1, "--eval-every", 2,
+COMMON = ["--resolution", 32, "--num-steps", 2, "--samples-per-epoch", 4, "--mixed-precision", "no", "--num-epochs", 1, "--eval-every", 2,
           "--eval-num", 2, "--explore-frac", 1.0, "--t-sw", 0.5, "--lr", 1e-3, "--adam-epsilon", 1e-6]  # fmt: skip
 DDPO = ["--sample-batch-size", 2, "--train-batch-size", 1, "--gradient-accumulation-steps", 1]  # 2 steps an epoch
 
