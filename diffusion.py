@@ -334,6 +334,22 @@ def _check_flux(pretrained: str, config: dict):
         )
 
 
+def _check_folders(pretrained: str, config: dict, family: str) -> str:
+    """`family`, once a local SD / SDXL directory is seen to hold the component folders its model_index.json
+    lists (else the loader names the root's config.json, not the missing folder)."""
+    name = os.path.expanduser(str(ALIASES.get(str(pretrained), pretrained)))
+    needed = ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "text_encoder_2", "tokenizer_2")
+    missing = [
+        c for c in needed if not _absent(config.get(c)) and c in config and not os.path.isdir(os.path.join(name, c))
+    ]
+    if os.path.isdir(name) and missing:
+        raise CheckpointError(
+            f"--pretrained: '{pretrained}' has no {', '.join(c + '/' for c in missing)} (its model_index.json lists "
+            f"{'it' if len(missing) == 1 else 'them'}): pass a complete diffusers pipeline directory"
+        )
+    return family
+
+
 def inspect_pipeline(pretrained: str) -> str:
     """'sd', 'sdxl', 'sd3' or 'flux' for a base checkpoint (hub id or directory), read from its model_index.json
     before any weights are loaded; a CheckpointError in one line for anything that is not a text-to-image
@@ -357,9 +373,9 @@ def inspect_pipeline(pretrained: str) -> str:
             f"checkpoint (e.g. stabilityai/stable-diffusion-xl-base-1.0) or an SD 1.x/2.x one"
         )
     if cls.startswith("StableDiffusionXL"):
-        return "sdxl"
+        return _check_folders(pretrained, config, "sdxl")
     if cls.startswith("StableDiffusion") and not missing_text_encoder:
-        return "sd"
+        return _check_folders(pretrained, config, "sd")
     raise CheckpointError(
         f"--pretrained: '{pretrained}' is a {cls or 'unknown'} pipeline; this project trains SD 1.x/2.x, SDXL, SD3 / SD3.5 "
         f"and FLUX.1 (FluxPipeline) base models"
@@ -416,7 +432,7 @@ def load_pipeline(pretrained: str = DEFAULT_PRETRAINED, device="cpu", dtype=torc
     for module in filter(None, [denoiser(pipe), pipe.vae, *encoders]):
         module.requires_grad_(False).eval()
     pipe.set_progress_bar_config(disable=True)
-    pipe = pipe.to(device)
+    pipe = pipe.to(device, silence_dtype_warnings=True)  # fp16 on a CPU works (slowly): the callers say so once
     if kind == "sdxl" and dtype == torch.float16 and pipe.vae.config.force_upcast:
         pipe.vae.to(torch.float32)
     return pipe

@@ -290,6 +290,9 @@ def word_token_positions(prompt: str, tokenizer, max_length: int | None = None) 
     last = max_length - (len(specials) - before)
     out, pos = [], before
     for word in prompt.split():
+        if pos >= last:  # past the truncation point no token is seen: no need to tokenise (a huge prompt stays cheap)
+            out.append((word, []))
+            continue
         n = len(tokenizer(word, add_special_tokens=False).input_ids)
         out.append((word, [p for p in range(pos, pos + n) if p < last]))
         pos += n
@@ -297,8 +300,10 @@ def word_token_positions(prompt: str, tokenizer, max_length: int | None = None) 
 
 
 def _eligible(word: str, positions: list[int], exclude_stopwords: bool) -> bool:
+    if not positions:  # cut off by truncation (checked first: cheap for the words of a huge prompt)
+        return False
     core = re.sub(r"[^\w]", "", word.lower())
-    return bool(positions) and bool(core) and not (exclude_stopwords and core in STOPWORDS)
+    return bool(core) and not (exclude_stopwords and core in STOPWORDS)
 
 
 def choose_words(

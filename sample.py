@@ -21,6 +21,11 @@ removes them.
 
 from __future__ import annotations
 
+import rundir  # first, and light: Ctrl-C while the rest imports (seconds) ends in one line, not a traceback
+
+if __name__ == "__main__":
+    rundir.on_ctrl_c(lambda: "interrupted while starting: nothing was written")
+
 import base64
 import csv
 import html
@@ -36,7 +41,6 @@ import tyro
 from tyro.conf import Positional
 
 from explore import DiffExpConfig
-from runs import release
 
 
 @dataclass
@@ -71,7 +75,9 @@ def check_sampling_args(pretrained: str, vae: str | None, num_per_prompt: int, b
     if num_steps < 1:
         fail(f"--num-steps must be >= 1 (denoising steps), got {num_steps}")
     if not 0.0 <= eta <= 1.0:
-        fail(f"--eta must be in [0, 1] (0: deterministic sampling, 1: DDPM-like noise), got {eta}")
+        from runs import ETA_RANGE
+
+        fail(f"--eta must be in [0, 1] (0: deterministic sampling, 1: DDPM-like noise; {ETA_RANGE}), got {eta}")
     if seed < 0:
         fail(f"--seed must be >= 0, got {seed}")
     if resolution is not None:
@@ -94,9 +100,9 @@ def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
     """The weights' dtype; 'auto' is bf16 on CUDA and fp32 on the CPU (where bf16 is ~10x slower), said once."""
     from runs import resolve_mixed_precision
 
-    resolved, _ = resolve_mixed_precision(
+    resolved, note = resolve_mixed_precision(
         mixed_precision
-    )  # the trainers' decision, so 'auto' means the same everywhere
+    )  # the trainers' decision: 'auto' means the same everywhere
     if mixed_precision == "auto":
         bf16 = resolved == "bf16"
         where = (
@@ -107,6 +113,8 @@ def pick_dtype(mixed_precision: str, device: str) -> torch.dtype:
             else "fp32 (no CUDA device)"
         )
         print(f"--mixed-precision auto: {where}")
+    elif resolved == "fp16" and device == "cpu":
+        print(note, file=sys.stderr)
     return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[resolved]
 
 
@@ -119,6 +127,11 @@ def check_model_options(pretrained: str, cfg: DiffExpConfig, settings: list | No
     from diffusion import CheckpointError, has_guidance_input, inspect_pipeline
     from explore import check_guidance
 
+    if cfg.prompt_weight_pooled and not cfg.prompt_weighting:
+        fail(
+            "--prompt-weight-pooled weights the pooled embedding as prompt weighting weights the word, and prompt "
+            "weighting is off: pass --prompt-weighting too, or drop --prompt-weight-pooled"
+        )
     try:
         family = inspect_pipeline(pretrained)
     except CheckpointError as e:
@@ -169,7 +182,7 @@ def load_models(pretrained: str, vae: str | None, lora: str | None, reward_names
             print(note, file=sys.stderr)
         pipe = load_pipeline(pretrained, device, dtype, vae=vae)
         if lora is not None:
-            pipe.load_lora_weights(lora)
+            load_lora(pipe, lora)
         scorers = {
             name: rewards.load_reward(name, device=device, dtype=dtype, **(reward_models or {}))
             for name in reward_names
@@ -188,16 +201,87 @@ def needed_checkpoints(pretrained, vae, reward_names, reward_models) -> list:
     return needed
 
 
+def load_lora(pipe, lora: str):
+    """A trainer's LoRA checkpoint into `pipe`, as its pipeline's loader reads it. A transformer-only LoRA
+    (SD3's and FLUX's: every key 'transformer.') goes straight into the transformer: the pipeline's load_lora_weights
+    also looks for text-encoder keys and prints, twice, that it found none."""
+    from safetensors import safe_open
+
+    path = Path(lora) / "pytorch_lora_weights.safetensors"
+    with safe_open(path, "pt") as f:
+        keys = list(f.keys())
+    if keys and all(k.startswith("transformer.") for k in keys) and hasattr(pipe, "transformer"):
+        # What SD3's and FLUX's load_lora_weights do for the transformer, without the text-encoder lookups.
+        state_dict, metadata = pipe.lora_state_dict(lora, return_lora_metadata=True)
+        pipe.transformer.load_lora_adapter(state_dict, network_alphas=None, metadata=metadata, _pipeline=pipe)
+    else:
+        pipe.load_lora_weights(lora)
+
+
+def base_for(pretrained: str | None, lora: str | None) -> str:
+    """--pretrained, or without it the base a trainer's --lora was trained on (said in a note), else SD 1.5."""
+    from diffusion import DEFAULT_PRETRAINED
+
+    if pretrained is not None:
+        return pretrained
+    found = rundir.recorded_base(lora) if lora is not None else None
+    if found is None:
+        return DEFAULT_PRETRAINED
+    print(f"note: --pretrained: {found[0]}, the base --lora was trained on (from {found[1]})", file=sys.stderr)
+    return found[0]
+
+
+def check_lora(lora: str, pretrained: str):
+    """--lora must be a trainer's checkpoint made on a base of --pretrained's family: a LoRA of another
+    family matches none of its layers (diffusers then generates the base model's images without a word)."""
+    from safetensors import safe_open
+
+    from diffusion import CheckpointError, inspect_pipeline
+
+    path = Path(lora) / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
+    try:
+        with safe_open(path, "pt") as f:
+            keys = list(f.keys())
+        family = inspect_pipeline(pretrained)
+    except CheckpointError as e:
+        fail(str(e))
+    except Exception as e:  # noqa: BLE001 - a file safetensors cannot read, whatever the reason
+        fail(f"--lora {lora}: {path.name} is unreadable ({type(e).__name__}); pass a checkpoints/epoch_NNNN directory")
+    ckpt = Path(lora).parent if Path(lora).name == "ema" else Path(lora)
+    trained_on = rundir.checkpoint_record(ckpt).get("family")  # what the trainer recorded, else its run
+    if trained_on is None and ckpt.parent.name == "checkpoints":
+        trained_on = (rundir.run_identity(ckpt.parent.parent) or {}).get("family")
+    if trained_on is None and keys:  # a LoRA from elsewhere: its keys say which denoiser it adapts
+        prefixes = {k.split(".", 1)[0] for k in keys}
+        trained_on = (
+            {"transformer": "a transformer (SD3 or FLUX.1)", "unet": "a UNet (SD 1.x/2.x or SDXL)"}.get(prefixes.pop())
+            if len(prefixes) == 1
+            else None
+        )
+    fits = (
+        trained_on in (None, family)
+        or family == "unknown"
+        or (trained_on.startswith("a UNet") and family in ("sd", "sdxl"))
+        or (trained_on.startswith("a transformer") and family in ("sd3", "flux"))
+    )
+    if not fits:
+        names = rundir.FAMILY_NAMES
+        fail(
+            f"--lora {lora} was trained on {names.get(trained_on, trained_on)}, but --pretrained {pretrained} is "
+            f"{names.get(family, family)}: its layers would match nothing; pass the base it was trained on as --pretrained"
+        )
+
+
 def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, flag: str, prompt: str | None,
                  prompt_set: str) -> None:  # fmt: skip
-    """Every input generate/explore read, checked before anything loads or is written: the LoRA file,
-    each reward's name and checkpoint, and the prompts (from --prompt, else --prompts) against what each
+    """Every input generate/explore read, checked before anything loads or is written: the LoRA file and its
+    base, each reward's name and checkpoint, and the prompts (from --prompt, else --prompts) against what each
     reward reads."""
     import rewards
     from diffusion import CheckpointError, check_checkpoints
 
-    if lora is not None and not (Path(lora) / "pytorch_lora_weights.safetensors").is_file():
-        fail(f"--lora {lora}: no pytorch_lora_weights.safetensors there (pass a checkpoints/epoch_NNNN directory)")
     try:
         for name in reward_names:
             rewards.parse_reward_spec(name, flag)
@@ -208,24 +292,36 @@ def check_inputs(pretrained, vae, lora, prompts, reward_names, reward_models, fl
         check_checkpoints(needed_checkpoints(pretrained, vae, reward_names, reward_models))
     except (ValueError, CheckpointError) as e:
         fail(str(e))
+    if lora is not None:
+        check_lora(lora, pretrained)
 
 
-def claim_output(output_dir: str, kind: str, overwrite: bool) -> Path:
-    """Hold --output-dir for this result (runs.claim_result); one error line if it holds another."""
-    import runs
-
+def claim_output(output_dir: str, kind: str, overwrite: bool):
+    """Hold --output-dir for this result (rundir.claim); one error line if it may not take it."""
     try:
-        return runs.claim_result(output_dir, kind, overwrite)
+        return rundir.claim(output_dir, kind, overwrite)
     except ValueError as e:
         fail(str(e))
 
 
+def prompt_list_of(prompt: str | None, prompts: str, max_prompts: int | None) -> list[str]:
+    """The prompts generate/explore use: --prompt alone, or the first --max-prompts of --prompts."""
+    from diffusion import load_prompts
+
+    if prompt is not None and not prompt.strip():
+        raise ValueError("--prompt '': give a prompt, or leave --prompt out to use --prompts")
+    if max_prompts is not None and max_prompts < 1:
+        raise ValueError(f"--max-prompts must be >= 1, got {max_prompts}")
+    return ([prompt] if prompt is not None else load_prompts(prompts, "--prompts"))[:max_prompts]
+
+
 def generate(
-    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    pretrained: str | None = None,
     lora: str | None = None,
     vae: str | None = None,
     prompts: str = "unseen_animals",
     prompt: str | None = None,
+    max_prompts: int | None = None,
     num_per_prompt: int = 1,
     seed: int = 0,
     num_steps: int = 50,
@@ -242,11 +338,13 @@ def generate(
     """Generate images for a prompt set (or one --prompt), optionally with a LoRA checkpoint and DiffExp.
 
     Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world).
-        lora: a checkpoint directory written by the trainers (loaded with diffusers' load_lora_weights).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world);
+            default: the base --lora was trained on (its checkpoint says), else stable-diffusion-v1-5/stable-diffusion-v1-5.
+        lora: a checkpoint directory written by the trainers (loaded with diffusers' LoRA loader).
         vae: replace the pipeline's VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL under fp16).
         prompts: built-in prompt set name or a text file, one prompt a line.
         prompt: a single prompt instead of --prompts.
+        max_prompts: use only the first N prompts of --prompts.
         num_per_prompt: images per prompt (seeds seed, seed+1, ...).
         seed: first seed (>= 0); image (prompt i, j) uses its own generator seeded seed + j for x_T and the
             step noise, and another one for DiffExp's word and weight, so results do not depend on
@@ -254,7 +352,7 @@ def generate(
             changes the conditioning only).
         num_steps: denoising steps.
         diffexp: DiffExp while sampling (--cfg-schedule, --prompt-weighting; off by default).
-        eta: DDIM eta, in [0, 1] (on SD3 and FLUX: the flow SDE's noise level).
+        eta: DDIM eta, in [0, 1] (on SD3 and FLUX: the flow SDE's noise level, in the same range).
         resolution: image size, a multiple of the VAE's factor (8 for SD/SDXL); None: the model's native size.
         eval_rewards: comma-separated rewards, each scored separately, e.g. 'aesthetic,imagereward'.
         reward_models: reward checkpoint overrides (keys of rewards.DEFAULT_MODELS).
@@ -263,21 +361,29 @@ def generate(
         output_dir: where images, grid.png and scores.csv go (one result per directory).
         overwrite: replace the earlier generate/explore result in --output-dir.
     """
-    from diffusion import TextConditioner, load_prompts, sampling_schedule, seeded
+    from diffusion import TextConditioner, sampling_schedule, seeded
     from diffusion import generate as generate_images
     from explore import diffexp_conditioning
 
     reward_names = [r.strip() for r in eval_rewards.split(",") if r.strip()]
+    pretrained = base_for(pretrained, lora)
     check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed)
     try:
         diffexp.validate()
-        prompt_list = [prompt] if prompt else load_prompts(prompts, "--prompts")
+        prompt_list = prompt_list_of(prompt, prompts, max_prompts)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     diffexp = check_model_options(pretrained, diffexp)
     check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--eval-rewards", prompt, prompts)
     note_repeated_prompts(prompt_list)
-    out = claim_output(output_dir, "sample.py generate", overwrite)
+    held = claim_output(output_dir, "sample.py generate", overwrite)
+    out, total = held.path, len(prompt_list) * num_per_prompt
+    rundir.on_ctrl_c(
+        lambda: (
+            f"interrupted: sample.py generate wrote {len(list(out.glob('[0-9]*.png')))} of {total} images to "
+            f"{out}, marked unfinished; run it again with --overwrite to replace them"
+        )
+    )
     pipe, scorers, _ = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
 
     from torchvision.utils import save_image
@@ -290,7 +396,7 @@ def generate(
     exploring = diffexp.cfg_schedule or diffexp.prompt_weighting
     jobs = [(p, seed + j) for p in prompt_list for j in range(num_per_prompt)]
     rows, all_images = [], []
-    for start in tqdm(range(0, len(jobs), batch_size), desc="generating"):
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generating", disable=not sys.stderr.isatty()):
         batch = jobs[start : start + batch_size]
         images = []
         for p, s in batch:  # one generator per image: the same seed gives the same image at any batch size
@@ -327,8 +433,8 @@ def generate(
     for name in reward_names:
         vals = torch.tensor([r[name] for r in rows])
         print(f"{name}: mean {vals.mean():.4f} std {vals.std() if len(vals) > 1 else 0:.4f} over {len(vals)} images")
+    rundir.finish(held)  # the result is complete: marked so, and the directory is no longer in use
     print(f"wrote {len(rows)} images, grid.png and scores.csv to {out}")
-    release()  # the result is complete: the directory is no longer in use
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,7 +451,7 @@ SETTING_SYNTAX = (
 
 
 def explore(
-    pretrained: str = "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    pretrained: str | None = None,
     lora: str | None = None,
     vae: str | None = None,
     prompts: str = "unseen_animals",
@@ -418,7 +524,8 @@ def explore(
     the first reward (reward >= threshold) and the fraction of prompts with at least one success.
 
     Args:
-        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world).
+        pretrained: hub id or local directory of the base model (SD 1.x/2.x, SDXL base, SD3 or FLUX.1; `toy` for the toy world);
+            default: the base --lora was trained on (its checkpoint says), else stable-diffusion-v1-5/stable-diffusion-v1-5.
         lora: a checkpoint directory written by the trainers (measure a fine-tuned model's exploration).
         vae: replace the pipeline's VAE.
         prompts: built-in prompt set name or a file (one prompt a line, '#' starts a comment line).
@@ -451,9 +558,10 @@ def explore(
         overwrite: replace the earlier explore/generate result in --output-dir.
     """
     import rewards as rewards_lib
-    from diffusion import denoiser, load_prompts
+    from diffusion import denoiser
 
     # Everything is checked before any model loads or anything is written.
+    pretrained = base_for(pretrained, lora)
     check_sampling_args(pretrained, vae, num_per_prompt, batch_size, num_steps, eta, resolution, seed, min_per_prompt=2)
     for ok, msg in [
         (0.0 < top_frac <= 1.0, f"--top-frac must be in (0, 1] (the fraction of each prompt's samples the top mean is over), got {top_frac}"),
@@ -461,7 +569,6 @@ def explore(
         (threshold is None or math.isfinite(threshold), f"--threshold must be a finite number, got {threshold}"),
         (success_threshold is None or math.isfinite(success_threshold), f"--success-threshold must be a finite number, got {success_threshold}"),
         (grid_prompts >= 0 and grid_images >= 1, f"--grid-prompts must be >= 0 and --grid-images >= 1, got {grid_prompts} and {grid_images}"),
-        (max_prompts is None or max_prompts >= 1, f"--max-prompts must be >= 1, got {max_prompts}"),
     ]:  # fmt: skip
         if not ok:
             fail(msg)
@@ -477,12 +584,18 @@ def explore(
     base = check_model_options(pretrained, base, settings=[])  # --w-high None: the family's default
     try:
         chosen = explore_settings(settings, sweep_t_sw, sweep_w_low, sweep_weight_range, base)
-        prompt_list = ([prompt] if prompt else load_prompts(prompts, "--prompts"))[:max_prompts]
+        prompt_list = prompt_list_of(prompt, prompts, max_prompts)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     check_model_options(pretrained, base, settings=chosen)
     check_inputs(pretrained, vae, lora, prompt_list, reward_names, reward_models, "--rewards", prompt, prompts)
-    out = claim_output(output_dir, "sample.py explore", overwrite)
+    held = claim_output(output_dir, "sample.py explore", overwrite)
+    out = held.path
+    rundir.on_ctrl_c(
+        lambda: (
+            f"interrupted: sample.py explore stopped before its tables; {out} is marked unfinished: run it again with --overwrite"
+        )
+    )
     pipe, scorers, device = load_models(pretrained, vae, lora, reward_names, reward_models, mixed_precision)
     sizes = dict(
         num_per_prompt=num_per_prompt, grid_prompts=grid_prompts, grid_images=grid_images, batch_size=batch_size
@@ -492,7 +605,7 @@ def explore(
     result = explore_sample(
         pipe, scorers, chosen, prompt_list, seed, num_steps, eta, resolution, out if save_images else None, **sizes
     )
-    meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt else prompts, "num_prompts": len(prompt_list),
+    meta = {"pretrained": pretrained, "lora": lora, "prompts": prompt if prompt is not None else prompts, "num_prompts": len(prompt_list),
             "num_per_prompt": num_per_prompt, "num_steps": num_steps, "eta": eta, "resolution": result["resolution"], "seed": seed,
             "batch_size": batch_size, "device": device, "dtype": str(denoiser(pipe).dtype).removeprefix("torch."),
             "rewards": reward_names, "embedding": result["embedding"], "top_frac": top_frac, "threshold": threshold,
@@ -504,7 +617,7 @@ def explore(
         for i, name in enumerate(reward_names)
     }  # fmt: skip
     explore_write(out, meta, chosen, prompt_list, result, pipe.scheduler)
-    release()  # the result is complete: the directory is no longer in use
+    rundir.finish(held)  # the result is complete: marked so, and the directory is no longer in use
     return result
 
 
@@ -556,7 +669,7 @@ def explore_sample(pipe, scorers, chosen, prompt_list, seed, num_steps, eta, res
     embeddings: dict[str, torch.Tensor] = {}
     grids = {label: [[None] * C for _ in range(G)] for label, _ in chosen}
     choices: dict[str, dict] = {label: {} for label, _ in chosen}
-    bar = tqdm(total=len(batches) * len(chosen), desc="explore", unit="batch")
+    bar = tqdm(total=len(batches) * len(chosen), desc="explore", unit="batch", disable=not sys.stderr.isatty())
     for b, batch in enumerate(batches):
         batch_prompts = [prompt_list[p] for p, _ in batch]
         cond = text.encode(batch_prompts)
@@ -1137,6 +1250,8 @@ def gallery(run: Positional[str], output: str | None = None):
         output: the HTML file (default: RUN/gallery.html).
     """
     run_dir = Path(run)
+    if not run_dir.is_dir():
+        fail(f"{run}: no such directory (pass a training run's --output-dir)")
 
     def number(folder: Path) -> int | None:
         try:

@@ -14,6 +14,11 @@ evaluation, logging, checkpoints) is runs.py.
 
 from __future__ import annotations
 
+import rundir  # first, and light: Ctrl-C while the rest imports (seconds) ends in one line, not a traceback
+
+if __name__ == "__main__":
+    rundir.on_ctrl_c(lambda: "interrupted while starting: nothing was written")
+
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,7 +45,7 @@ class Args:
     num_steps: int = 50
     """DDIM denoising steps"""
     eta: float = 0.0
-    """DDIM eta (0 = deterministic sampling)"""
+    """sampling noise in [0, 1]: DDIM's eta (0 = deterministic sampling), or on SD3 the SDE's noise level"""
     backprop_steps: int = 1
     """K: only the last K denoising steps carry gradient (truncated backprop)"""
     backprop_steps_random: bool = False
@@ -69,31 +74,31 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     yield args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (images per epoch; paper: 64), got {args.samples_per_epoch}"
     yield args.batch_size >= 1, f"--batch-size must be >= 1 (images per forward/backward pass), got {args.batch_size}"
     yield 1 <= args.backprop_steps <= args.num_steps, f"--backprop-steps must be in [1, --num-steps={args.num_steps}], got {args.backprop_steps}"
-    yield args.eta >= 0, f"--eta must be >= 0, got {args.eta}"
+    yield not args.backprop_steps_random or args.backprop_steps > 1, "--backprop-steps-random draws K from 1..--backprop-steps, which is 1: pass --backprop-steps K > 1, or drop --backprop-steps-random"
+    yield 0 <= args.eta <= 1, f"--eta must be in [0, 1] (0: deterministic sampling; {runs.ETA_RANGE}), got {args.eta}"
     yield args.samples_per_epoch % (args.batch_size * world) == 0, f"--samples-per-epoch {args.samples_per_epoch} must be divisible by --batch-size {args.batch_size} x {world} processes"
     yield batches % args.gradient_accumulation_steps == 0, f"--gradient-accumulation-steps {args.gradient_accumulation_steps} must divide the {batches} batches per process per epoch (--samples-per-epoch / (--batch-size x processes))"
     # fmt: on
 
 
 def main(args: Args):
-    run = runs.start(args, "alignprop", check_args, differentiable_reward=True)  # all checked, --output-dir held
+    run = runs.start(args, "alignprop", check_args, differentiable_reward=True)  # checked, held, loaded, resumed
     if run is None:
         return  # --resume of a finished run
     from torch.utils.checkpoint import checkpoint
 
-    from diffusion import decode, denoiser, seeded
+    from diffusion import decode, seeded
     from explore import diffexp_conditioning, is_exploring
     from kernels import cfg_ddim_step
 
-    pipe, reward_fn = run.load_models()  # the frozen base model and the differentiable reward
-    unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
-    params, optimizer = run.add_lora(unet)  # the LoRA weights are all that trains
-    run.resume(unet, optimizer)
+    pipe, reward_fn, unet = run.pipe, run.reward_fn, run.unet  # the frozen base model, the differentiable reward
+    T, device, diffexp = pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
+    params, optimizer = run.params, run.optimizer  # the LoRA weights are all that trains
     if args.gradient_checkpointing == "blocks":  # diffusers checkpoints per block whenever grad is on
         unet.enable_gradient_checkpointing()
         pipe.vae.enable_gradient_checkpointing()
 
-    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or the flow's
+    timesteps_host, timesteps, schedule = run.timesteps_host, run.timesteps, run.schedule  # DDIM's or the flow's
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
     latent_size = run.resolution // pipe.vae_scale_factor
@@ -157,9 +162,8 @@ def main(args: Args):
         run.end_epoch(epoch, rewards, record, show=("loss", "grad_norm"), components=components, prompt_weights=weights_used)  # fmt: skip
 
 
-cli = functools.partial(runs.cli, Args, PRESETS)  # the command line: cli() reads sys.argv, cli(argv) a list
+cli = functools.partial(runs.cli, Args, PRESETS, trainer="alignprop")  # cli() reads sys.argv, cli(argv) a list
 
 
 if __name__ == "__main__":
-    with runs.interruptible():  # Ctrl-C: one line saying where it stopped and how to resume
-        main(cli())
+    main(cli())  # Ctrl-C: one line saying where it stopped and how to resume (runs.Run.interrupted_line)

@@ -15,6 +15,11 @@ The run's plumbing (checks, output directory, resume, evaluation, logging, check
 
 from __future__ import annotations
 
+import rundir  # first, and light: Ctrl-C while the rest imports (seconds) ends in one line, not a traceback
+
+if __name__ == "__main__":
+    rundir.on_ctrl_c(lambda: "interrupted while starting: nothing was written")
+
 import functools
 import math
 import time
@@ -45,7 +50,7 @@ class Args:
     num_steps: int = 50
     """DDIM denoising steps"""
     eta: float | None = None
-    """sampling noise, > 0 (the policy needs a density): DDIM's eta (None: 1.0), or on SD3 the SDE's noise level (None: 0.7, Flow-GRPO's)"""
+    """sampling noise in (0, 1] (the policy needs a density): DDIM's eta (None: 1.0), or on SD3 the SDE's noise level (None: 0.7, Flow-GRPO's)"""
     train_batch_size: int = 4
     """trajectories per training forward/backward pass per process"""
     gradient_accumulation_steps: int = 4
@@ -90,7 +95,7 @@ def check_args(args: Args, world: int) -> Iterator[tuple[bool, str]]:
     yield args.samples_per_epoch >= 1, f"--samples-per-epoch must be >= 1 (trajectories per epoch; paper: 64), got {args.samples_per_epoch}"
     yield args.sample_batch_size >= 1, f"--sample-batch-size must be >= 1 (trajectories sampled at once), got {args.sample_batch_size}"
     yield args.train_batch_size >= 1, f"--train-batch-size must be >= 1 (trajectories per training pass), got {args.train_batch_size}"
-    yield args.eta is None or args.eta > 0, f"--eta must be > 0 for DDPO (eta = 0 gives sigma = 0 and no log-prob), got {args.eta}; leave it out for the default"
+    yield args.eta is None or 0 < args.eta <= 1, f"--eta must be in (0, 1] for DDPO (0 gives sigma = 0 and no log-prob; {runs.ETA_RANGE}), got {args.eta}; leave it out for the default"
     yield args.inner_epochs >= 1, f"--inner-epochs must be >= 1 (PPO passes over each epoch's trajectories), got {args.inner_epochs}"
     yield 0 < args.timestep_fraction <= 1, f"--timestep-fraction must be in (0, 1], got {args.timestep_fraction}"
     yield args.clip_range > 0, f"--clip-range must be > 0, got {args.clip_range} (paper: 1e-4)"
@@ -162,23 +167,23 @@ def equal_variance_kl(mean: torch.Tensor, ref_mean: torch.Tensor, sigma: torch.T
 
 
 def main(args: Args):
-    run = runs.start(args, "ddpo", check_args)  # every argument checked, --output-dir held; nothing loaded yet
+    run = runs.start(args, "ddpo", check_args)  # all checked, --output-dir held, models loaded, LoRA made, resumed
     if run is None:
         return  # --resume of a finished run
     from accelerate.utils import gather_object
 
-    from diffusion import Conditioning, decode, denoiser, seeded
+    from diffusion import Conditioning, decode, seeded
     from explore import diffexp_conditioning, is_exploring
     from kernels import cfg_ddim_step, ddpo_clip_loss
     from kernels.cfg_ddim import ddim_mean
 
-    pipe, reward_fn = run.load_models()  # the frozen base model and the reward
-    unet, T, device, diffexp = denoiser(pipe), pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
-    params, optimizer = run.add_lora(unet)  # the LoRA weights are all that trains
+    pipe, reward_fn, unet = run.pipe, run.reward_fn, run.unet  # the frozen base model, the reward, the denoiser
+    T, device, diffexp = pipe.scheduler.config.num_train_timesteps, run.device, args.diffexp
+    params, optimizer = run.params, run.optimizer  # the LoRA weights are all that trains
     tracker = PerPromptStatTracker(args.stat_buffer_size, args.stat_min_count)
-    tracker.load_state_dict(run.resume(unet, optimizer).get("stat_tracker", {}))
+    tracker.load_state_dict(run.state.get("stat_tracker", {}))  # run.state: the resumed checkpoint's ({} if new)
 
-    timesteps_host, timesteps, schedule = run.sampling_steps(args.num_steps)  # noise to image; DDIM or the flow's
+    timesteps_host, timesteps, schedule = run.timesteps_host, run.timesteps, run.schedule  # DDIM's or the flow's
     eta = args.eta if args.eta is not None else schedule.stochastic_eta  # DDIM's eta or the flow SDE's noise level
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, samples_per_process = args.sample_batch_size, args.samples_per_epoch // run.world
@@ -330,9 +335,8 @@ def main(args: Args):
         reward_worker.shutdown()
 
 
-cli = functools.partial(runs.cli, Args, PRESETS)  # the command line: cli() reads sys.argv, cli(argv) a list
+cli = functools.partial(runs.cli, Args, PRESETS, trainer="ddpo")  # cli() reads sys.argv, cli(argv) a list
 
 
 if __name__ == "__main__":
-    with runs.interruptible():  # Ctrl-C: one line saying where it stopped and how to resume
-        main(cli())
+    main(cli())  # Ctrl-C: one line saying where it stopped and how to resume (runs.Run.interrupted_line)

@@ -18,6 +18,11 @@ A wrong invocation stops with one line `error: ...` (exit code 2) before any mod
 
 from __future__ import annotations
 
+import rundir  # first, and light: Ctrl-C while the rest imports (seconds) ends in one line, not a traceback
+
+if __name__ == "__main__":
+    rundir.on_ctrl_c(lambda: "interrupted: the reward model was not saved (--out keeps any generated data/)")
+
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks for updates online at import otherwise
@@ -39,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from diffusion import DEFAULT_PRETRAINED, CheckpointError, from_pretrained, load_prompts
+from diffusion import DEFAULT_PRETRAINED, CheckpointError, check_checkpoints, from_pretrained, load_prompts
 from rewards import build_custom_network, custom_preprocess, custom_value
 
 ATTRIBUTES = ("pixelate", "jpeg", "blur", "snow", "rain", "fog")
@@ -233,39 +238,25 @@ def parse_device(args: Args) -> torch.device:
     return device
 
 
-# Everything a run writes in --out; a run refuses to replace them without --overwrite.
-OUTPUTS = ("config.json", "model.safetensors", "history.json", "val_predictions.csv", "learning_curve.png")
-
-
 def check_out(args: Args):
-    """--out must be a directory we can create or write, holding no other run (no other model, unless --overwrite)."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out '{out}' is a file: give a directory")
-    other = [n for n in ("log.jsonl", "checkpoints") if (out / n).exists()]  # a fine-tuning run's directory
-    if other:
-        raise ValueError(f"--out '{out}' holds a fine-tuning run ({other[0]}): choose another --out")
-    ours = [n for n in OUTPUTS if (out / n).exists()]
-    if ours and not args.overwrite and not args.only_make_data:  # --only-make-data writes only OUT/data
-        raise ValueError(
-            f"--out '{out}' already holds a trained reward model ({ours[0]}): pass --overwrite to replace it, or choose another --out"
-        )
-    chain = (out.absolute(), *out.absolute().parents)
-    # A dangling symlink on the way (--out itself or a folder above it) makes the final mkdir fail with
-    # FileExistsError after training, whoever runs it: refuse it now.
-    dangling = next((p for p in chain if p.is_symlink() and not p.exists()), None)
-    if dangling is not None:
-        raise ValueError(
-            f"--out '{out}': '{dangling}' is a symlink to '{os.readlink(dangling)}', which does not exist, so the "
-            "directory cannot be made: create the link's target or choose another --out"
-        )
-    existing = next(p for p in chain if p.exists())
-    if not existing.is_dir():
-        raise ValueError(
-            f"--out '{out}': '{existing}' is a file, so the directory cannot be made: choose another --out"
-        )
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out '{out}': cannot write in '{existing}' (permission denied): choose another --out")
+    """--out must be a directory this run can make and write (not '', a file, under a file or a dangling
+    symlink, unwritable) holding no other result: a trained reward model only with --overwrite
+    (--only-make-data writes OUT/data alone, beside one), never a fine-tuning run or another script's
+    result. Its data/ cache is its own and stays. The one rule every writer follows (rundir.py)."""
+    rundir.check_writable(args.out, "--out")
+    rundir.check_result_dir(args.out, "train_reward.py", args.overwrite or args.only_make_data, "--out", keep=("data",))
+
+
+def claim_out(args: Args, data: Path):
+    """Hold the folder this run writes, from before any model loads: --out (marked unfinished until the
+    model is saved; an earlier model replaced with --overwrite, OUT/data kept), or with --only-make-data
+    the data folder alone. One error line when another process holds it."""
+    try:
+        if args.only_make_data:
+            return rundir.hold(data, "train_reward.py --only-make-data", "--data")
+        return rundir.claim(args.out, "train_reward.py", args.overwrite, "--out", keep=("data",))
+    except ValueError as e:
+        fail(str(e))
 
 
 def read_json(path: Path, flag: str) -> dict:
@@ -303,7 +294,11 @@ def check_generated(args: Args, root: Path) -> bool:
         )
     # An interrupted generation leaves only images/ (labels.csv and meta.json come last); anything else
     # is somebody's data that generating would write into.
-    foreign = sorted(p.name for p in root.iterdir() if p.name not in ("images", "labels.csv")) if root.is_dir() else []
+    foreign = (
+        sorted(p.name for p in root.iterdir() if p.name not in ("images", "labels.csv", ".lock"))
+        if root.is_dir()
+        else []
+    )
     if foreign:
         raise ValueError(
             f"--data '{root}' holds other files ({foreign[0]}) and no generated dataset: with --attribute, pass a new or empty --data"
@@ -731,6 +726,8 @@ def check(args: Args, data: Path):
             cached = check_generated(args, data)
             if not cached:  # the data does not exist yet: check the reward mode against the task it will have
                 check_reward_mode(args, generated_task(args))
+            if not cached and not Path(args.source).is_dir():  # images from a prompt set: the model must be there
+                check_checkpoints([("--pretrained", args.pretrained, ("model_index.json",))])
         if (cached or not args.attribute) and not args.only_make_data:
             dataset = prepare(args, data)
         if args.backbone == "clip" and not args.only_make_data:
@@ -952,20 +949,22 @@ def main(args: Args) -> dict:
     report. Returns the validation metrics ({'data': DIR} with --only-make-data)."""
     data = Path(args.data) if args.data else Path(args.out) / "data"
     device, cached, dataset = check(args, data)
-    make_data_unless_cached(args, device, data, cached)
-    if args.only_make_data:
-        return {"data": str(data)}
-    if dataset is None:  # generated just now
-        dataset = prepare_generated(args, data)
-    paths, targets, origins, task, source, train_idx, val_idx = dataset
-    config, net = build_model(args, task, source, device)
-    X = embed_images(args, net, config, paths, origins, device)
-    model = net.head if args.backbone == "clip" else net
-    Xtr, ytr, Xva, yva, loss_fn = training_tensors(config, X, targets, train_idx, val_idx, device)
-    history = train(args, model, config, loss_fn, Xtr, ytr, Xva, yva, device)
-    out_va, metrics, labels, pred, table = evaluate(model, config, Xva, paths, targets, train_idx, val_idx, history)
-    out = save_model(args, model, config, metrics, out_va)
-    report(out, config, history, table, labels, pred)
+    with claim_out(args, data) as held:  # --out (or the data folder) held until the end: one writer at a time
+        make_data_unless_cached(args, device, data, cached)
+        if args.only_make_data:
+            return {"data": str(data)}
+        if dataset is None:  # generated just now
+            dataset = prepare_generated(args, data)
+        paths, targets, origins, task, source, train_idx, val_idx = dataset
+        config, net = build_model(args, task, source, device)
+        X = embed_images(args, net, config, paths, origins, device)
+        model = net.head if args.backbone == "clip" else net
+        Xtr, ytr, Xva, yva, loss_fn = training_tensors(config, X, targets, train_idx, val_idx, device)
+        history = train(args, model, config, loss_fn, Xtr, ytr, Xva, yva, device)
+        out_va, metrics, labels, pred, table = evaluate(model, config, Xva, paths, targets, train_idx, val_idx, history)
+        out = save_model(args, model, config, metrics, out_va)
+        report(out, config, history, table, labels, pred)
+        rundir.finish(held)  # the model is complete: marked so, and --out is released
     return metrics
 
 

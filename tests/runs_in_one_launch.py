@@ -22,13 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch.distributed as dist  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
-import runs  # noqa: E402
+import rundir  # noqa: E402
 
 Accelerator.end_training = lambda self: None  # the process group stays up for the next run
 
 
 def main():
-    save_checkpoint = runs.save_checkpoint
+    save_checkpoint = rundir.save_checkpoint
     for script, argv, *kill in json.loads(Path(sys.argv[1]).read_text()):
         if kill:
 
@@ -36,7 +36,7 @@ def main():
                 save_checkpoint(*args, **kwargs)
                 os.kill(os.getpid(), signal.SIGKILL)
 
-            runs.save_checkpoint = save_then_die
+            rundir.save_checkpoint = save_then_die
         start = time.perf_counter()
         module = importlib.import_module(script.removesuffix(".py"))
         module.main(module.cli(argv))

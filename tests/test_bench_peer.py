@@ -37,3 +37,20 @@ def test_without_trl_it_says_how_to_get_it(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip() == "error: bench_peer.py needs trl: pip install trl==0.23.1"
     assert not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize("trainer", ["ddpo", "alignprop"])
+def test_our_side_runs_without_trl(trainer, tiny_sd_dir, tmp_path, monkeypatch):
+    """Our side of the comparison, on its main path, where trl is not installed (as here): the trainer's own
+    command line (it exited 2 once the options were grouped), one epoch, timed from log.jsonl."""
+    import rewards
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # trl absent: our side must not need it
+    for name in ("load_reward", "checkpoints_needed"):  # run_ours replaces them, as in its own process
+        monkeypatch.setattr(rewards, name, getattr(rewards, name))
+    spec = dict(side="ours+diffexp", trainer=trainer, res=32, steps=2, num_epochs=1, warmup=0, threads=1,
+                pretrained=str(tiny_sd_dir), out=str(tmp_path / "out"))  # fmt: skip
+    result = bench_peer.run_ours(spec)
+    assert len(result["sec_per_sample"]) == 1 and result["sec_per_sample"][0] > 0
+    assert result["samples_per_epoch"] == [bench_peer.BATCH * bench_peer.BATCHES_PER_EPOCH]
+    assert result["exploring"] == [True]

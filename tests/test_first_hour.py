@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 import diffusion
 import rewards
+import rundir
 import runs
 import train_alignprop
 import train_ddpo
@@ -108,6 +109,27 @@ ALIGNPROP_WRONG = [
     ("ema_decay_1", ["--ema-decay", "1"], "--ema-decay must be in [0, 1)", None),
     ("ema_every_0", ["--ema-decay", "0.9", "--ema-every", "0"], "--ema-every must be >= 1", "--ema-decay"),
     ("ema_every_without_decay", ["--ema-every", "4"], "--ema-every 4 does nothing without --ema-decay", None),
+    ("eta_above_1", ["--eta", "5"], "--eta must be in [0, 1]", None),  # DDIM's coefficient: not real above 1
+    (
+        "backprop_steps_random_of_1",
+        ["--backprop-steps-random"],
+        "--backprop-steps-random draws K from 1..--backprop-steps, which is 1",
+        None,
+    ),
+    (
+        "pooled_without_weighting",
+        ["--prompt-weight-pooled", "--no-prompt-weighting"],
+        "--prompt-weight-pooled weights the pooled",
+        None,
+    ),
+    ("output_dir_empty", ["--output-dir", ""], "--output-dir '': give a directory", None),
+    ("output_dir_a_file", ["--output-dir", str(ROOT / "README.md")], "README.md' is a file: give a directory", None),
+    (
+        "output_dir_under_a_file",
+        ["--output-dir", str(ROOT / "README.md" / "run")],
+        "is a file, so the directory cannot be made",
+        None,
+    ),
     (
         "pretrained_not_cached",
         ["--pretrained", "someone/not-cached"],
@@ -149,7 +171,16 @@ DDPO_WRONG = [
     ("eval_num_0", ["--eval-every", "1", "--eval-num", "0"], "--eval-num", None),
     ("keep_checkpoints_negative", ["--keep-checkpoints", "-1"], "--keep-checkpoints", None),
     ("resolution_not_multiple", ["--resolution", "33"], "--resolution 33 is not a multiple of 2", None),
-    ("eta_0", ["--eta", "0"], "--eta must be > 0 for DDPO", None),
+    ("eta_0", ["--eta", "0"], "--eta must be in (0, 1] for DDPO (0 gives sigma = 0", None),
+    ("eta_above_1", ["--eta", "5"], "--eta must be in (0, 1] for DDPO", None),  # was accepted, then clamped
+    (
+        "pooled_without_weighting",
+        ["--prompt-weight-pooled", "--no-prompt-weighting"],
+        "--prompt-weight-pooled weights the pooled embedding",
+        None,
+    ),
+    ("output_dir_empty", ["--output-dir", ""], "--output-dir '': give a directory", None),
+    ("output_dir_a_file", ["--output-dir", str(ROOT / "README.md")], "is a file: give a directory", None),
     ("clip_range_0", ["--clip-range", "0"], "--clip-range must be > 0", None),
     ("t_sw", ["--t-sw", "-0.1"], "--t-sw must be in [0, 1]", None),
     (
@@ -288,7 +319,7 @@ def fake_run(out: Path, args: dict | None = None, checkpoints=(), partial=True):
     and the given checkpoint folders."""
     out.mkdir(parents=True, exist_ok=True)
     if args is not None:
-        (out / "args.json").write_text(json.dumps(runs._jsonable(args)))
+        (out / "args.json").write_text(json.dumps(rundir.jsonable(args)))
     if partial:
         (out / "log.jsonl").write_text(json.dumps({"epoch": -1, "samples": 0}) + "\n")
         (out / "eval" / "initial").mkdir(parents=True)
@@ -354,8 +385,10 @@ def test_resume_with_changed_arguments_is_refused_in_one_line(
     )
     code, _, err = run_main(train_alignprop, argv, monkeypatch, capsys)
     assert_one_error_line(code, err, "--resume: these arguments differ from the run's")
+    # --num-epochs says why it matters: the exploration window (the first 75% of the epochs) moves
     assert (
-        "--num-epochs 4 -> 8, --prompts simple_animals -> animals_activities, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
+        "--num-epochs 4 -> 8 (it moves DiffExp's exploration window, the first 0.75 of the epochs: epochs 0-2 of 4, "
+        "0-5 of 8), --prompts simple_animals -> animals_activities, --lr 0.001 -> 0.01, --seed 0 -> 3;" in err
     )
     assert "--eval-every" not in err and "--keep-checkpoints" not in err  # harmless ones
     assert "--allow-changed-args" in err
@@ -366,7 +399,7 @@ def test_check_run_dir_decisions(tmp_path):
     base = train_ddpo.cli(["--output-dir", str(tmp_path / "run"), "--num-epochs", "4", "--explore-frac", "1.0"])
 
     def plan(**kw):
-        return runs.check_run_dir(runs.replace_flat(base, **kw))
+        return rundir.plan_run(rundir.jsonable(runs.flat_args(runs.replace_flat(base, **kw))))
 
     assert plan().mode == "new"
     fake_run(tmp_path / "run", runs.flat_args(base))
@@ -380,7 +413,8 @@ def test_check_run_dir_decisions(tmp_path):
     assert plan(resume=True, num_epochs=10).changed == {}
     assert plan(resume=True, num_epochs=2).finished  # ... and a run that holds its last epoch has nothing left to do
     # ... but not when it moves DiffExp's exploration window (explore_frac 0.75 of 4 vs 8 epochs)
-    runs.RunLog(tmp_path / "run", runs.replace_flat(base, explore_frac=0.75))  # args.json = the run's current args
+    # args.json = the run's current args
+    rundir.RunLog(tmp_path / "run").start(runs.flat_args(runs.replace_flat(base, explore_frac=0.75)))
     with pytest.raises(ValueError, match=r"--num-epochs 4 -> 8"):
         plan(resume=True, num_epochs=8, explore_frac=0.75)
     p = plan(resume=True, num_epochs=8, explore_frac=0.75, lr=1.0, allow_changed_args=True)
@@ -396,7 +430,7 @@ def test_overwrite_deletes_only_the_runs_files(tmp_path):
     (out / "args.jsonl").write_text("{}\n")
     (out / "notes.txt").write_text("mine")
     args = train_ddpo.cli(["--output-dir", str(out), "--overwrite"])
-    deleted = runs.prepare_run_dir(out, runs.check_run_dir(args))
+    deleted = rundir.prepare_run_dir(out, rundir.plan_run(rundir.jsonable(runs.flat_args(args))))
     assert deleted == ["checkpoints", "log.jsonl", "eval", "images", "args.json", "args.jsonl"]
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
@@ -417,18 +451,18 @@ def test_checkpoints_are_sorted_by_epoch_and_keep_zero_keeps_all(tiny_sd_dir, tm
     pipe = diffusion.load_pipeline(str(tiny_sd_dir))
     diffusion.add_lora(pipe.unet, 4, 4.0)
     for epoch in (9, 10, 11, 12):
-        runs.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
-        runs.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
+        rundir.save_checkpoint(tmp_path / "all", epoch, pipe.unet, {"epoch": epoch}, keep=0)
+        rundir.save_checkpoint(tmp_path / "two", epoch, pipe.unet, {"epoch": epoch}, keep=2)
     (tmp_path / "all" / "checkpoints" / "epoch_10000").mkdir()  # past 9999 the names no longer sort as numbers
-    assert [p.name for p in runs.checkpoints(tmp_path / "all")] == [
+    assert [p.name for p in rundir.checkpoints(tmp_path / "all")] == [
         "epoch_0009",
         "epoch_0010",
         "epoch_0011",
         "epoch_0012",
         "epoch_10000",
     ]
-    assert [p.name for p in runs.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
-    mode = 0o666 & ~runs._umask()
+    assert [p.name for p in rundir.checkpoints(tmp_path / "two")] == ["epoch_0011", "epoch_0012"]
+    mode = 0o666 & ~rundir._umask()
     for f in (tmp_path / "two" / "checkpoints" / "epoch_0012").iterdir():
         assert f.stat().st_mode & 0o777 == mode, f  # like every other output (safetensors alone would give 0600)
     from safetensors import safe_open
@@ -615,7 +649,7 @@ def test_resume_of_a_run_killed_before_its_first_checkpoint_restarts_it(tiny_sd_
 
 def test_resume_drops_a_torn_log_line(tmp_path):
     """A run killed while writing log.jsonl leaves half a line: resuming drops it with the later epochs."""
-    from runs import RunLog
+    from rundir import RunLog
 
     (tmp_path / "log.jsonl").write_text('{"epoch": -1}\n{"epoch": 0}\n{"epoch": 1}\n{"epoch": 2, "rew')
     RunLog(tmp_path).truncate_after(0)

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import diffusion
+import rundir
 import runs
 from conftest import ROOT, lora_weights, read_log, run_main
 
@@ -126,7 +127,7 @@ def resumed(runs_done, models, tiny_aesthetic):
     configs/accelerate_2node.yaml (machine rank 0 and 1, one process each), meeting on localhost as two
     machines do. Returns its directory."""
     out = runs_done / "alignprop-sd" / "fsdp"
-    assert [c.name for c in runs.checkpoints(out)] == ["epoch_0000"]  # killed after its first checkpoint
+    assert [c.name for c in rundir.checkpoints(out)] == ["epoch_0000"]  # killed after its first checkpoint
     script, argv = command("alignprop-sd", models, tiny_aesthetic, out, "--fsdp", "--resume")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,8 +157,8 @@ def test_sharded_run_equals_replicated(runs_done, resumed, name):
     by a two-node launch: it equals the uninterrupted replicated run, so the optimizer and EMA states came
     back whole and were sharded again."""
     rep, fsdp = runs_done / name / "replicated", runs_done / name / "fsdp"
-    ckpts = runs.checkpoints(rep)
-    assert [c.name for c in runs.checkpoints(fsdp)] == [c.name for c in ckpts]
+    ckpts = rundir.checkpoints(rep)
+    assert [c.name for c in rundir.checkpoints(fsdp)] == [c.name for c in ckpts]
     for ckpt in ckpts:
         a, b = lora_weights(ckpt), lora_weights(fsdp / "checkpoints" / ckpt.name)
         assert_same_lora(a, b)
@@ -211,7 +212,7 @@ def test_sharded_checkpoint_loads_in_the_diffusers_pipeline(runs_done, resumed, 
     takes it, and the weights it then holds are the file's."""
     from peft.utils import get_peft_model_state_dict
 
-    ckpt = runs.latest_checkpoint(runs_done / name / "fsdp")
+    ckpt = rundir.latest_checkpoint(runs_done / name / "fsdp")
     pipe = diffusion.load_pipeline(models[RUNS[name][2]])
     pipe.load_lora_weights(ckpt)
     model = diffusion.denoiser(pipe)
@@ -236,7 +237,7 @@ def test_cached_text_gives_the_same_samples_and_frees_the_encoders(
     afterwards every text encoder of the cached run is on the 'meta' device (no memory; FLUX's pooled CLIP
     too), and the cache holds every training and evaluation prompt."""
     seen = {}
-    keep_for_grid, load_models = runs.Run.keep_for_grid, runs.Run.load_models
+    keep_for_grid, load_models = runs.Run.keep_for_grid, runs.Run._load_models
 
     def keep(self, images, prompts, batches):
         seen.setdefault(self.dir.name, []).append((images.detach().clone(), list(prompts)))
@@ -247,7 +248,7 @@ def test_cached_text_gives_the_same_samples_and_frees_the_encoders(
         return load_models(self)
 
     monkeypatch.setattr(runs.Run, "keep_for_grid", keep)
-    monkeypatch.setattr(runs.Run, "load_models", load)
+    monkeypatch.setattr(runs.Run, "_load_models", load)
     argv = ["--pretrained", models[family], "--reward", "aesthetic", *tiny_aesthetic, *COMMON, *DDPO, "--eval-every", 1]
     run_main("train_ddpo.py", *argv, "--output-dir", tmp_path / "plain")
     run_main("train_ddpo.py", *argv, "--output-dir", tmp_path / "cached", "--cache-text")

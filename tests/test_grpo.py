@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import diffusion
+import rundir
 import runs
 import train_ddpo
 from conftest import lora_weights, read_log
@@ -166,7 +167,7 @@ def test_ema_equals_a_hand_rolled_ema_and_is_what_evaluation_sees(monkeypatch, t
         torch.testing.assert_close(mine.double(), initial)
     for epoch in range(3):
         ckpt = out / "checkpoints" / f"epoch_{epoch:04d}"
-        state = runs.load_checkpoint(ckpt, pipe.unet)
+        state = rundir.load_checkpoint(ckpt, pipe.unet)
         weights = [p.detach().double() for p in params]
         ema = [d * e + (1 - d) * w for e, w in zip(ema, weights)]
         assert state["ema"]["steps"] == 2 * (epoch + 1)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import rundir
 import runs
 import sample
 import train_alignprop
@@ -79,19 +80,22 @@ def test_a_second_run_on_a_held_directory_is_refused_and_the_first_is_intact(tin
 
 def test_a_killed_holder_is_taken_over_with_a_note(tmp_path):
     out = tmp_path / "held"
-    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import runs; runs.hold({str(out)!r}, 'ddpo'); print('held', flush=True); time.sleep(600)"
+    code = f"import sys, time; sys.path.insert(0, {str(ROOT)!r}); import rundir; h = rundir.hold({str(out)!r}, 'ddpo'); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     with pytest.raises(ValueError, match=rf"is in use by process {holder.pid} \(ddpo"):
-        runs.hold(out, "alignprop")
+        rundir.hold(out, "alignprop")
     holder.kill()  # SIGKILL: no clean-up ran, the .lock file stays
     holder.wait()
     assert (out / ".lock").exists()
-    notes = runs.hold(out, "alignprop")
+    held = rundir.hold(out, "alignprop")
     try:
-        assert notes == [f"note: {out} was held by process {holder.pid} (ddpo), which is no longer running: taken over"]
+        assert len(held.notes) == 1 and held.notes[0].startswith(
+            f"note: {out} was left locked by process {holder.pid} (ddpo, started "
+        )
+        assert held.notes[0].endswith("which no longer holds it (it was killed): taken over")
     finally:
-        runs.release()
+        held.release()
     assert out.is_dir() and not (out / ".lock").exists()  # released; the directory was there before this holder
     # (a directory this process created and left empty goes too: nothing is left behind by a run that never started)
 
@@ -122,7 +126,7 @@ def test_another_trainers_run_is_never_continued(recorded, allow, tiny_sd_dir, t
     out = tmp_path / "run"
     args = train_ddpo.cli([str(a) for a in ddpo_argv(tiny_sd_dir, out)])
     out.mkdir()
-    (out / "args.json").write_text(json.dumps(runs._jsonable(runs.flat_args(args))))
+    (out / "args.json").write_text(json.dumps(rundir.jsonable(runs.flat_args(args))))
     if recorded == "run.json":
         (out / "run.json").write_text(json.dumps({"trainer": "ddpo", "family": "sd"}))
     fake_checkpoint(out)
@@ -152,7 +156,7 @@ def test_resume_finds_a_deleted_or_truncated_weight_file_before_loading(tiny_sd_
     out = tmp_path / "run"
     argv = [str(a) for a in ddpo_argv(tiny_sd_dir, out, "--num-epochs", 1)]
     out.mkdir()
-    (out / "args.json").write_text(json.dumps(runs._jsonable(runs.flat_args(train_ddpo.cli(argv)))))
+    (out / "args.json").write_text(json.dumps(rundir.jsonable(runs.flat_args(train_ddpo.cli(argv)))))
     ckpt = fake_checkpoint(out)
     weights = ckpt / "pytorch_lora_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-2])  # truncated
@@ -186,7 +190,7 @@ def test_ctrl_c_says_where_it_stopped_and_resume_continues_exactly(tiny_sd_dir, 
     proc = start("train_ddpo.py", *ddpo_argv(tiny_sd_dir, cut, "--num-epochs", 8))
     wait_for(cut / "checkpoints" / "epoch_0001", proc)
     proc.send_signal(signal.SIGINT)
-    line = one_error_line(proc, code=130)
+    line = one_error_line(proc, code=-signal.SIGINT)  # ended by SIGINT, as Python ends on Ctrl-C: 130 in a shell
     assert line.startswith("interrupted in epoch ") and "last checkpoint" in line and "KeyboardInterrupt" not in line
     command = line.split("continue with: ", 1)[1]
     assert command.endswith("--resume")
@@ -285,8 +289,8 @@ def test_explore_over_another_result_and_into_a_run(tiny_sd_dir, tmp_path, capsy
     out = tmp_path / "explore"
     common = ["explore", "--pretrained", str(tiny_sd_dir), "--prompt", "a red cat", "--rewards", "jpeg", "--num-steps", "2",
               "--num-per-prompt", "2", "--output-dir", str(out)]  # fmt: skip
-    sample.main([*common, "--settings", "none", "cfg", "pw"])
-    assert len(list((out / "grids").glob("0*.png"))) == 3
+    sample.main([*common, "--settings", "none", "cfg", "pw", "--save-images"])  # images/ as a run has one
+    assert len(list((out / "grids").glob("0*.png"))) == 3 and (out / "images").is_dir()
     with pytest.raises(SystemExit):
         sample.main([*common, "--settings", "none"])
     assert "already holds a sample.py explore result" in capsys.readouterr().err
@@ -309,7 +313,7 @@ def test_overwrite_of_a_run_removes_what_was_derived_from_it(tmp_path):
     (out / "plots" / "eval_reward_mean.png").write_bytes(b"png")
     (out / "notes.txt").write_text("mine")
     args = train_ddpo.cli(["--output-dir", str(out), "--overwrite"])
-    runs.prepare_run_dir(out, runs.check_run_dir(args))
+    rundir.prepare_run_dir(out, rundir.plan_run(rundir.jsonable(runs.flat_args(args))))
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
@@ -366,7 +370,7 @@ def test_a_run_written_before_run_json_and_the_new_flags_still_resumes(tiny_sd_d
     for key in ("group_size", "kl_beta", "ema_decay", "ema_every"):
         del old[key]
     (out / "args.json").write_text(json.dumps(old))
-    assert runs.run_identity(out) == {"trainer": "ddpo", "family": None}
+    assert rundir.run_identity(out) == {"trainer": "ddpo", "family": None}
     run_script("train_ddpo.py", *ddpo_argv(tiny_sd_dir, out, "--num-epochs", 2, "--resume"))
     assert [r["epoch"] for r in read_log(out)] == [-1, 0, 1]
     assert json.loads((out / "run.json").read_text()) == {"trainer": "ddpo", "family": "sd"}

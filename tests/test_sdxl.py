@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffusion
-import runs
+import rundir
 from conftest import ROOT, lora_weights, read_log, run_main, run_script
 from explore import DiffExpConfig, PromptWeight, apply_prompt_weights, choose_words, diffexp_conditioning
 
@@ -259,7 +259,7 @@ def test_alignprop_lora_loads_in_sdxl_pipeline_and_resumes(tiny_sdxl_dir, tmp_pa
     oracle.load_lora_weights(ckpt)
     ours = diffusion.load_pipeline(str(tiny_sdxl_dir))
     diffusion.add_lora(ours.unet, rank=4, alpha=16)
-    runs.load_checkpoint(ckpt, ours.unet)
+    rundir.load_checkpoint(ckpt, ours.unet)
     base = diffusion.load_pipeline(str(tiny_sdxl_dir)).unet
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     cond = diffusion.TextConditioner(ours).encode(["a cat"])

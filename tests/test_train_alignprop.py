@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import diffusion
-import runs
+import rundir
 from conftest import TWO_PROCESSES, lora_weights, read_log, run_main, run_script
 
 
@@ -88,7 +88,7 @@ def test_checkpoint_loads_in_diffusers_with_the_right_scale(two_epoch_run, tiny_
     pipe.load_lora_weights(ckpt)
     ours = diffusion.load_pipeline(str(tiny_sd_dir))
     diffusion.add_lora(ours.unet, rank=4, alpha=4)
-    runs.load_checkpoint(ckpt, ours.unet)
+    rundir.load_checkpoint(ckpt, ours.unet)
     x, t, e = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
     base = diffusion.load_pipeline(str(tiny_sd_dir)).unet(x, t, e).sample
     with torch.no_grad():
@@ -106,7 +106,7 @@ def test_lora_alpha_metadata_round_trips(tiny_sd_dir, tmp_path):
     torch.manual_seed(0)
     for p in params:
         p.data.normal_(0, 0.05)
-    ckpt = runs.save_checkpoint(tmp_path, 0, pipe.unet, {"epoch": 0})
+    ckpt = rundir.save_checkpoint(tmp_path, 0, pipe.unet, {"epoch": 0})
     other = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
     other.load_lora_weights(ckpt)
     x, t, e = torch.randn(1, 4, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
@@ -123,7 +123,7 @@ def test_resume_equals_uninterrupted(two_epoch_run, tiny_sd_dir, tiny_aesthetic,
     run_script("train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, out, "--num-epochs", 1, "--lr", 1e-2))
     name = "checkpoints/epoch_0000/pytorch_lora_weights.safetensors"
     assert (out / name).read_bytes() == (two_epoch_run / name).read_bytes()
-    assert (out / name).stat().st_mode & 0o777 == (out / "log.jsonl").stat().st_mode & 0o777 == 0o666 & ~runs._umask()
+    assert (out / name).stat().st_mode & 0o777 == (out / "log.jsonl").stat().st_mode & 0o777 == 0o666 & ~rundir._umask()
     proc = run_script(
         "train_alignprop.py", *tiny_args(tiny_sd_dir, tiny_aesthetic, out, "--num-epochs", 2, "--lr", 1e-2, "--resume")
     )

@@ -292,28 +292,40 @@ def test_resume_reproduces_uninterrupted(jpeg_run, tiny_sd_dir, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-6)
 
 
-def test_two_processes_gather_rewards_and_stay_in_sync(tiny_sd_dir, tmp_path):
-    run_script(
-        "train_ddpo.py",
-        *tiny_args(
-            tiny_sd_dir,
-            tmp_path / "run",
-            "--reward",
-            "jpeg",
-            "--num-epochs",
-            1,
-            "--lr",
-            1e-2,
-            "--sample-batch-size",
-            2,
-            "--train-batch-size",
-            1,
-        ),
-        launcher=TWO_PROCESSES,
-    )
+def test_two_processes_gather_rewards_train_on_their_own_advantages_and_stay_in_sync(tiny_sd_dir, tmp_path):
+    """Two CPU processes: the rewards are gathered before the advantages, each process trains on the
+    advantages of its own samples (its slice of the gathered ones the log records, in process order), and
+    the processes keep identical LoRA weights. What each process hands the clipped loss is recorded by a
+    wrapper around the trainer. Bug placed by hand: every process training on process 0's advantages
+    (.reshape(world, -1)[0]): this test failed on process 1."""
+    import json
+
+    from conftest import ROOT
+
+    wrapper = tmp_path / "ddpo_recording_advantages.py"
+    wrapper.write_text(f"""
+import json, os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import kernels, train_ddpo
+seen, real = [], kernels.ddpo_clip_loss
+def spy(out_u, out_c, x_t, x_prev, w, coeffs, old_log_probs, advantages, *args, **kwargs):
+    seen.extend(advantages.tolist())
+    return real(out_u, out_c, x_t, x_prev, w, coeffs, old_log_probs, advantages, *args, **kwargs)
+kernels.ddpo_clip_loss = spy
+train_ddpo.main(train_ddpo.cli(sys.argv[1:]))
+with open({str(tmp_path)!r} + f"/advantages_{{os.environ['RANK']}}.json", "w") as f:
+    json.dump(seen, f)
+""")
+    run_script(wrapper, *tiny_args(tiny_sd_dir, tmp_path / "run", "--reward", "jpeg", "--num-epochs", 1, "--lr", 1e-2,
+                                   "--sample-batch-size", 2, "--train-batch-size", 1), launcher=TWO_PROCESSES)  # fmt: skip
     r = read_log(tmp_path / "run")[-1]
     assert r["samples"] == 4  # 2 processes x 2 trajectories, gathered before the advantages
     assert r["lora_sync_error"] == 0.0
+    for rank in (0, 1):
+        used = json.loads((tmp_path / f"advantages_{rank}.json").read_text())
+        own = r["advantages"][2 * rank : 2 * rank + 2]
+        assert sorted(set(used)) == pytest.approx(sorted(own), abs=1e-6), rank
+    assert r["advantages"][:2] != pytest.approx(r["advantages"][2:], abs=1e-3)  # the slices differ: the check can fail
 
 
 def test_the_host_reward_worker_runs_one_thread(tiny_sd_dir, tmp_path):

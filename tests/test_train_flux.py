@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import diffusion
-import runs
+import rundir
 from conftest import lora_weights, read_log, run_main
 
 
@@ -160,7 +160,7 @@ def test_alignprop_on_flux_lora_loads_in_the_flux_pipeline_and_sample_uses_it(mo
     oracle.load_lora_weights(ckpt)
     ours = diffusion.load_pipeline(str(tiny_flux_dir))
     diffusion.add_lora(ours.transformer, rank=4, alpha=8)
-    runs.load_checkpoint(ckpt, ours.transformer)
+    rundir.load_checkpoint(ckpt, ours.transformer)
     base = diffusion.load_pipeline(str(tiny_flux_dir)).transformer
     x, t = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([700.0])
     cond = diffusion.TextConditioner(ours, 32).encode(["a cat"])

@@ -293,17 +293,25 @@ def sem(values: list[float]) -> float:
     return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
 
 
+def mean_se(mean: float, se: float, n: int, fmt: str = ".3f") -> str:
+    """mean ± s.e. over n seeds; one seed has no spread, which is said rather than shown as ± 0."""
+    return f"{mean:{fmt}} ± {se:.3f}" if n > 1 else f"{mean:{fmt}} (1 seed: no spread)"
+
+
 def paired(values: dict, base: dict) -> str:
     """mean ± s.e. of value − the same seed's baseline value, over the seeds both have."""
     diffs = [values[s] - base[s] for s in values if s in base]
     return f"{statistics.fmean(diffs):+.3f} ± {sem(diffs):.3f}" if len(diffs) > 1 else "—"
 
 
-def eval_own_se(run: Path, name: str | None, threshold: float) -> tuple[float, float | None]:
+def eval_own_se(run: Path, name: str | None, threshold: float) -> tuple[float, float | None] | None:
     """The last evaluation's own standard error, from its images: of the mean reward (std / sqrt(n)), and of
-    the success rate (sqrt(p (1 - p) / n), from the success reward's scores) when one is given."""
+    the success rate (sqrt(p (1 - p) / n), from the success reward's scores) when one is given. None when the
+    run kept no evaluation images."""
     last = max((r for r in read_log(run) if "eval_reward_mean" in r), key=lambda r: r["epoch"])
     folder = run / "eval" / ("initial" if last["epoch"] < 0 else f"epoch_{last['epoch']:04d}")
+    if not (folder / "prompts.json").is_file():
+        return None
     scores = json.loads((folder / "prompts.json").read_text())["reward"]
     reward_se = statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else 0.0
     if name is None:
@@ -374,17 +382,18 @@ def report(args: Args):
             # What exploration showed the learner: the training samples' own reward before the model moved much.
             early = [statistics.fmean(v) for run in runs[arm].values()
                      if (v := [r["reward_mean"] for r in read_log(run) if 0 <= r.get("epoch", -1) < early_epochs(args) and "reward_mean" in r])]  # fmt: skip
-            seen = f"{statistics.fmean(early):.3f} ± {sem(early):.3f}" if early else "—"
+            seen = mean_se(statistics.fmean(early), sem(early), len(early)) if early else "—"
             # The held-out reward inside DiffExp's exploration window and after it, separately: does it move only
             # once exploration stops?
             split = [x for run in runs[arm].values() if (x := exploration_split(run, args.key))]
-            window = " / ".join(f"{statistics.fmean(v):+.3f} ± {sem(v):.3f}" for v in zip(*split)) if split else "—"
-            # How precisely one evaluation measures a model (its images' spread), beside the spread over seeds.
-            own = [eval_own_se(run, succ, args.success_threshold) for run in runs[arm].values()]
-            own_se = f"{statistics.fmean(r for r, _ in own):.3f}" + (
-                f"; {statistics.fmean(p for _, p in own):.1%}" if succ else ""
+            window = (
+                " / ".join(mean_se(statistics.fmean(v), sem(v), len(v), "+.3f") for v in zip(*split)) if split else "—"
             )
-            cells = [method, arm, str(len(g)), f"{mc[-1][1]:.3f} ± {mc[-1][2]:.3f}", f"{statistics.fmean(g):+.3f} ± {se:.3f}",
+            # How precisely one evaluation measures a model (its images' spread), beside the spread over seeds.
+            own = [x for run in runs[arm].values() if (x := eval_own_se(run, succ, args.success_threshold))]
+            own_se = (f"{statistics.fmean(r for r, _ in own):.3f}" + (f"; {statistics.fmean(p for _, p in own):.1%}" if succ else "")
+                      if own else "—")  # fmt: skip
+            cells = [method, arm, str(len(g)), mean_se(mc[-1][1], mc[-1][2], len(g)), mean_se(statistics.fmean(g), se, len(g), "+.3f"),
                      paired(gains[arm], gains["baseline"]) if arm != "baseline" and "baseline" in gains else "—", str(reach),
                      seen, window, own_se]  # fmt: skip
             xs, ms, ses = zip(*mc)
@@ -443,6 +452,11 @@ def main(args: Args):
             rewards.parse_reward_spec(args.success_reward, "--success-reward")
         except ValueError as e:
             sys.exit(f"error: {e}")
+    runs = [out / m / a / f"seed{s}" for m in args.methods for a in args.arms for s in args.seeds]
+    if args.report_only and not any(finished(run, args.epochs) for run in runs):
+        sys.exit(
+            f"error: --report-only: {out} holds no finished run of these --methods, --arms, --seeds and --epochs {args.epochs}: run without --report-only first"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         run_all(args, out)

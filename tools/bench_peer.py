@@ -258,7 +258,6 @@ def run_ours(spec: dict) -> dict:
     import importlib
 
     import torch
-    import tyro
 
     import rewards
 
@@ -285,7 +284,7 @@ def run_ours(spec: dict) -> dict:
     ):  # the brightness reward needs no checkpoint: skip the up-front check of aesthetic's
         rewards.checkpoints_needed = lambda *args, **kwargs: []
     trainer = importlib.import_module(f"train_{spec['trainer']}")
-    trainer.main(tyro.cli(trainer.Args, args=our_argv(spec)))
+    trainer.main(trainer.cli(our_argv(spec)))  # the trainer's own command line, as a user types it
     log = [json.loads(line) for line in (Path(spec["out"]) / "log.jsonl").read_text().splitlines() if line.strip()]
     epochs = [r for r in log if r.get("epoch", -1) >= 0]
     if len(epochs) != spec["num_epochs"]:
