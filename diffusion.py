@@ -1159,11 +1159,12 @@ def lora_state_dict(unet) -> dict:
     return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
 
 
-def save_lora_weights(model, directory):
+def save_lora_weights(model, directory, weights: dict | None = None):
     """Write `model`'s adapters as pytorch_lora_weights.safetensors in the format its pipeline's
     load_lora_weights reads (SD / SDXL: 'unet.' keys; SD3, FLUX: 'transformer.' keys), with the adapter config
-    as metadata so rank *and* alpha are rebuilt."""
-    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(model).items()}
+    as metadata so rank *and* alpha are rebuilt. `weights`: lora_state_dict's, if already taken (whole)."""
+    weights = lora_state_dict(model) if weights is None else weights
+    weights = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}
     metadata = model.peft_config["default"].to_dict()
     # peft keeps target_modules as a set, whose order changes with the process's hash seed: sort it.
     metadata = {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in metadata.items()}

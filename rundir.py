@@ -302,7 +302,7 @@ def finish(held: Held):
 # --num-epochs when DiffExp's exploration window stays where it was (see _same_exploration).
 HARMLESS_ARGS = frozenset({
     "output_dir", "resume", "overwrite", "allow_changed_args", "config", "eval_every", "save_every", "keep_checkpoints",
-    "track", "wandb_project", "kernels", "gradient_checkpointing", "compile", "progress",
+    "track", "wandb_project", "kernels", "gradient_checkpointing", "compile", "progress", "fsdp", "cache_text",
 })  # fmt: skip
 
 
@@ -616,27 +616,30 @@ CHECKPOINT_RECORD = "checkpoint.json"
 
 
 def save_checkpoint(output_dir: str | Path, epoch: int, unet, state: dict, keep: int = 3, ema=None,
-                    record: dict | None = None) -> Path:  # fmt: skip
+                    record: dict | None = None, lora=None) -> Path:  # fmt: skip
     """Write checkpoints/epoch_NNNN/ (diffusers LoRA weights + training state + `record`, the checkpoint's
     identity: see base_record) atomically, with the permissions of every other output (the umask's), and
     byte-identical for identical training; keep the last `keep` checkpoints (0: keep all). With an EMA
     (--ema-decay), its weights also go to epoch_NNNN/ema/ in the same LoRA format, so `sample.py --lora
     .../epoch_NNNN/ema` and diffusers' load_lora_weights use them (resume reads the EMA from
-    training_state.pt)."""
+    training_state.pt). `lora`: (weights, EMA weights) gathered from a sharded denoiser
+    (sharding.gathered_lora), written instead of `unet`'s."""
     import torch
 
     from diffusion import save_lora_weights
+
+    weights, ema_weights = lora or (None, None)
 
     ckpt_root = Path(output_dir) / "checkpoints"
     final = ckpt_root / f"epoch_{epoch:04d}"
     tmp = ckpt_root / f".tmp_epoch_{epoch:04d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_lora_weights(unet, tmp)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
+    save_lora_weights(unet, tmp, weights)  # diffusers' LoRA format: the pipeline's load_lora_weights reads it
     _canonical_safetensors_header(tmp / "pytorch_lora_weights.safetensors")
     if ema is not None:
-        with ema.swapped():
-            save_lora_weights(unet, tmp / "ema")
+        with ema.swapped() if lora is None else contextlib.nullcontext():
+            save_lora_weights(unet, tmp / "ema", ema_weights)
         _canonical_safetensors_header(tmp / "ema" / "pytorch_lora_weights.safetensors")
     torch.save(state, tmp / "training_state.pt")
     if record is not None:

@@ -41,6 +41,7 @@ import torch
 import tyro
 
 import rundir
+import sharding
 from rewards import DEFAULT_MODELS, NAMES
 
 # ---------------------------------------------------------------------------------------------
@@ -84,6 +85,10 @@ class ModelArgs:
     """per-step math (CFG + step, DDPO's loss): the Triton kernels on CUDA (auto), or the eager PyTorch reference"""
     compile: bool = False
     """torch.compile the denoiser (inductor; forward and backward, LoRA included); the first epoch pays the compile time"""
+    fsdp: bool = False
+    """shard the frozen denoiser and its LoRA across the launch's processes (PyTorch FSDP2), for a model that does not fit one GPU; needs several processes (torchrun / accelerate launch); see docs/scaling.md"""
+    cache_text: bool = False
+    """encode every training and evaluation prompt once at the start, then move the text encoders off the device (their memory freed: T5-XXL's 9.5 GB in bf16)"""
 
 
 @dataclass
@@ -294,7 +299,9 @@ def start(args, trainer: str, check_args, differentiable_reward: bool = False) -
             f"process on a machine without GPUs): training as one process; for N CPU processes launch with accelerate launch "
             f"--multi_gpu --num_processes {asked} ... or python -m torch.distributed.run --nproc_per_node {asked} ..."
         )
-    for ok, msg in check_args(args, accelerator.num_processes):
+    for ok, msg in itertools.chain(
+        sharding.checks(args, accelerator.num_processes), check_args(args, accelerator.num_processes)
+    ):
         if not ok:
             fail(msg)
     accelerator.wait_for_everyone()  # every process has read --output-dir before anything in it is deleted
@@ -325,7 +332,7 @@ def preflight(args, trainer: str, check_args, world: int, differentiable_reward:
     from explore import check_guidance
 
     m, r = args.model, args.run
-    for ok, msg in itertools.chain(shared_checks(args), check_args(args, world)):
+    for ok, msg in itertools.chain(shared_checks(args), sharding.checks(args, world), check_args(args, world)):
         if not ok:
             fail(msg)
     notes = []
@@ -435,7 +442,7 @@ class Run:
       accelerator, device, world, rank, weight_dtype            the processes and the precision
       pipe, reward_fn, text, resolution                         1. the frozen base model and the reward
       log                                                       2. the run's files (once the models loaded)
-      unet, params, optimizer, ema                              3. LoRA adapters on the denoiser, AdamW (and the EMA)
+      unet, params, optimizer, ema, sharded                     3. LoRA adapters on the denoiser (--fsdp: sharded), AdamW, the EMA
       state, start_epoch, samples_seen                          4. the checkpoint restored (--resume; {} and 0 for a new run)
       timesteps_host, timesteps, schedule, w_low_share          5. the sampling steps, noise to image
     """
@@ -448,6 +455,7 @@ class Run:
         dtypes = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
         self.weight_dtype = dtypes[args.model.mixed_precision]
         self.epoch = None  # the epoch in progress (what Ctrl-C reports)
+        self.sharded: list[int] | None = None  # --fsdp: the parameter values each process holds (_add_lora)
         self.log = None  # until the models loaded, nothing was written (what Ctrl-C reports)
         rundir.on_ctrl_c(self.interrupted_line)
         self.pipe, self.reward_fn, self.text, self.resolution = self._load_models()
@@ -476,7 +484,10 @@ class Run:
 
         m = self.args.model
         try:
-            pipe = load_pipeline(m.pretrained, self.device, self.weight_dtype, vae=m.vae)
+            # --fsdp: the denoiser stays on the CPU until _add_lora shards it onto the device
+            pipe = load_pipeline(m.pretrained, "cpu" if m.fsdp else self.device, self.weight_dtype, vae=m.vae)
+            if m.fsdp:
+                sharding.place(pipe, self.device)
             reward_fn = rewards.load_reward(m.reward, device=self.device, dtype=self.weight_dtype, **m.reward_models)
         except (CheckpointError, ValueError) as e:
             fail(str(e))
@@ -484,6 +495,8 @@ class Run:
         # prompts -> conditioning (the trainers' one text path); .negative is CFG's (None: FLUX's distilled
         # guidance, no unconditional branch), .empty DiffExp's e_empty
         text = TextConditioner(pipe, resolution, true_cfg=self.args.diffexp.true_cfg)
+        if m.cache_text:  # every prompt encoded now, then the text encoders leave the device
+            text = sharding.CachedText(text, ["", *self.prompts, *self.eval_prompts])
         plain = replace(self.args.diffexp, prompt_weighting=False)  # evaluation never weights a prompt
         notes = prompt_notes(self.prompts, text, self.args.diffexp)
         for line in notes + prompt_notes(self.eval_prompts, text, plain, "--eval-prompts"):
@@ -498,6 +511,13 @@ class Run:
         m, o = self.args.model, self.args.optim
         torch.manual_seed(self.args.run.seed)
         params = add_lora(unet, m.lora_rank, m.lora_alpha)
+        if m.fsdp:  # the weights become this process's shards: the parameters to train are the new ones
+            self.sharded = sharding.shard(unet, self.device)
+            params = [p for p in unet.parameters() if p.requires_grad]
+            self.accelerator.print(
+                f"--fsdp: the denoiser's {sum(p.numel() for p in unet.parameters()):,} parameter values sharded over "
+                f"{self.world} processes, each holding {', '.join(f'{n:,}' for n in self.sharded)}"
+            )
         if m.compile:
             compile_unet(unet)  # in place, after the adapters exist, so they are compiled too
         optimizer = torch.optim.AdamW(
@@ -521,6 +541,7 @@ class Run:
         except CheckpointError as e:
             fail(str(e))
         self.optimizer.load_state_dict(state["optimizer"])
+        sharding.shard_optimizer_state(self.optimizer)  # --fsdp: the checkpoint holds whole moments
         if self.ema is not None:
             self.ema.load_state_dict(state.get("ema"), self.accelerator.print)
         torch.set_rng_state(state["torch_rng"])
@@ -609,13 +630,14 @@ class Run:
         self._grid += list(zip(pixels, prompts[:keep]))
 
     def reduce_and_clip(self, params) -> torch.Tensor:
-        """Average the LoRA gradients across processes (the denoiser is not DDP-wrapped), then clip them by
-        global norm (--max-grad-norm; 0: no clipping). Returns the norm before clipping."""
-        if self.world > 1:
+        """Average the LoRA gradients across processes (the denoiser is not DDP-wrapped; with --fsdp, FSDP has
+        reduce-scattered them in backward), then clip them by global norm (--max-grad-norm; 0: no clipping).
+        Returns the norm before clipping."""
+        if self.world > 1 and not self.sharded:
             flat = self.accelerator.reduce(torch.cat([p.grad.flatten() for p in params]), reduction="mean")
             torch.nn.utils.vector_to_parameters(flat, [p.grad for p in params])
         max_norm = self.args.optim.max_grad_norm
-        return self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return sharding.gathered(self.accelerator.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
 
     def update_ema(self):
         """Call after each optimizer step: counts it and updates the EMA when due (nothing without --ema-decay)."""
@@ -624,16 +646,18 @@ class Run:
 
     def evaluate(self, name: str) -> dict:
         """Held-out evaluation into eval/NAME ('initial' before training, epoch_NNNN after epoch NNNN, the
-        number of that epoch's checkpoint), on the main process; {} when evaluation is off."""
+        number of that epoch's checkpoint), on the main process (with --fsdp on every process, which all take
+        part in each denoiser call; the main one writes); {} when evaluation is off."""
         from diffusion import seeded
 
-        if not self.eval_prompts or not self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        if not self.eval_prompts or not (main or self.sharded):
             return {}
         with self.ema.swapped() if self.ema else contextlib.nullcontext(), self.accelerator.autocast():
             return evaluate_held_out(
-                self.pipe, self.reward_fn, self.eval_prompts, self.dir / "eval" / name, self.args.num_steps,
-                self.args.diffexp.w_high, seeded(self.args.run.seed, 10**6), self.resolution, self.args.model.kernels,
-                text=self.text,
+                self.pipe, self.reward_fn, self.eval_prompts, self.dir / "eval" / name if main else None,
+                self.args.num_steps, self.args.diffexp.w_high, seeded(self.args.run.seed, 10**6), self.resolution,
+                self.args.model.kernels, text=self.text,
             )  # fmt: skip
 
     def end_epoch(self, epoch: int, rewards: torch.Tensor, record: dict, show: tuple[str, ...], components=None,
@@ -665,7 +689,9 @@ class Run:
             "sec_per_sample": elapsed / len(rewards),
             **peak_memory(),
         }
-        if self.world > 1:  # processes must hold identical LoRA weights: how far apart they are (0 when in sync)
+        if self.sharded:  # --fsdp: the parameter values each process holds (measured when sharding)
+            record["fsdp_params_per_process"] = self.sharded
+        elif self.world > 1:  # processes must hold identical LoRA weights: how far apart they are (0 when in sync)
             flat = torch.cat([p.detach().flatten() for p in self.params])
             record["lora_sync_error"] = (acc.reduce(flat, "max") + acc.reduce(-flat, "max")).max().item()
         images = {}
@@ -691,11 +717,13 @@ class Run:
                 f"{held_out}{shown} exploring {record.get('exploring')} {record['sec_per_sample']:.3f} s/sample {mem}"
             )
         if (epoch + 1) % r.save_every == 0 or last:
+            # every process: a sharded (--fsdp) run's LoRA, EMA and optimizer state are gathered whole, together
+            full = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch}
+            full |= {"ema": self.ema.state_dict()} if self.ema else {}
+            full, lora = sharding.gathered(full), sharding.gathered_lora(self.unet, self.ema)
             if acc.is_main_process:
-                full = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "epoch": epoch}
-                full |= {"ema": self.ema.state_dict()} if self.ema else {}
                 rundir.save_checkpoint(self.dir, epoch, self.unet, full | {"samples_seen": self.samples_seen} | (state or {}),
-                                       r.keep_checkpoints, ema=self.ema, record=self.base)  # fmt: skip
+                                       r.keep_checkpoints, ema=self.ema, record=self.base, lora=lora)  # fmt: skip
             acc.wait_for_everyone()
         return record
 
@@ -748,7 +776,9 @@ class EMA:
             return
         if [e.shape for e in state["weights"]] != [p.shape for p in self.params]:
             fail("--resume: the checkpoint's EMA does not match this model's LoRA layout (check --lora-rank)")
-        self.weights = [e.to(p.device, torch.float32).clone() for e, p in zip(state["weights"], self.params)]
+        self.weights = [
+            sharding.shard_like(e.to(p.device, torch.float32), p).clone() for e, p in zip(state["weights"], self.params)
+        ]
         self.steps = state["steps"]
 
 
@@ -771,22 +801,23 @@ def evaluate_held_out(
 ) -> dict:
     """Held-out prompts, fixed seeds, constant w_high, no DiffExp, eta = 0: the same noise every
     time, so successive evaluations show what training changed. Saves NNN.png + prompts.json in
-    `out_dir` (what sample.py's gallery reads) and returns the mean rewards for the log. `text`: the
-    run's TextConditioner (its guidance mode; default: the pipeline's)."""
+    `out_dir` (what sample.py's gallery reads; None: nothing saved) and returns the mean rewards for the
+    log. `text`: the run's TextConditioner (its guidance mode; default: the pipeline's)."""
     from torchvision.utils import save_image
 
     from diffusion import TextConditioner, generate
 
-    text = text or TextConditioner(pipe, resolution)
+    text = text if text is not None else TextConditioner(pipe, resolution)
     cond = text.encode(prompts)
     guidance = torch.full((num_steps,), float(w_high))
     images = generate(pipe, cond, guidance, num_steps, generator, 0.0, resolution, backend, negative=text.negative)
     scores, components = reward_fn(images, prompts)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        save_image(image, out_dir / f"{i:03d}.png")
-    (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images):
+            save_image(image, out_dir / f"{i:03d}.png")
+        (out_dir / "prompts.json").write_text(json.dumps({"prompts": list(prompts), "reward": scores.float().tolist()}))
     return {"eval_reward_mean": scores.float().mean().item()} | {
         f"eval_reward/{k}": v.float().mean().item() for k, v in components.items()
     }

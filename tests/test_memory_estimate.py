@@ -13,8 +13,8 @@ from torch.utils.checkpoint import checkpoint
 from conftest import ROOT
 from tools import memory_estimate as me
 
-COLUMNS = ["model", "T5", "trainer", "px", "batch", "mode", "resident", "denoiser call", "VAE decode",
-           "activations at peak", "peak", "fits 80 GiB"]  # fmt: skip
+COLUMNS = ["model", "T5", "text", "shards", "trainer", "px", "batch", "mode", "resident", "gathered", "denoiser call",
+           "VAE decode", "activations at peak", "peak", "fits 80 GiB", "smallest GPU"]  # fmt: skip
 
 
 def table(stdout: str) -> list[dict]:
@@ -41,8 +41,15 @@ def test_small_table_is_well_formed_and_ordered():
         (t, m) for t in ("alignprop", "ddpo") for m in ("call", "blocks", "none")
     ]
     for r in rows:
-        assert (r["model"], r["T5"], r["px"], r["batch"]) == ("SD 1.5", "-", "256", "1")
-        assert r["fits 80 GiB"] == "yes"
+        assert (r["model"], r["T5"], r["text"], r["shards"], r["px"], r["batch"]) == (
+            "SD 1.5",
+            "-",
+            "loaded",
+            "1",
+            "256",
+            "1",
+        )
+        assert r["fits 80 GiB"] == "yes" and r["smallest GPU"] == "24" and r["gathered"] == "0.0"
         res, act, peak = (float(r[k]) for k in ("resident", "activations at peak", "peak"))
         assert 0 < act and abs(res + act - peak) <= 0.11
     peak = {(r["trainer"], r["mode"]): float(r["activations at peak"]) for r in rows}
@@ -55,6 +62,57 @@ def test_small_table_is_well_formed_and_ordered():
     assert len({r["resident"] for r in rows}) == 1
 
 
+def test_sharded_and_cached_text_rows_by_hand():
+    """--shard and --text against the resident parameters the script prints, by hand: sharded over N, each
+    process keeps 1/N of the denoiser's weights and of the LoRA's 16 bytes per parameter, plus what FSDP2
+    holds all-gathered (the root unit and two of the largest block units, which the script reports); cached
+    text takes the text encoders off; the activations do not change. And FLUX.1-dev's size (11.9 B)."""
+    import re
+
+    args = ["--model", "sd3.5-medium", "flux.1-dev", "--resolution", "256", "--batch", "1", "--trainer", "ddpo", "--mode",
+            "blocks", "--t5", "with", "--shard", "1", "8", "--text", "loaded", "cached", "--gpus", "24", "40"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "memory_estimate.py"), *args],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "FLUX.1-dev, resident parameters: denoiser 11.90 B" in proc.stdout
+    gib = {}  # model -> part -> GiB, as printed
+    for model, parts in re.findall(r"^- (.+?), resident parameters: (.+)$", proc.stdout, re.M):
+        gib[model] = {
+            k: float(v) for k, v in re.findall(r"([A-Za-z0-9 .()+-]+?) [0-9.]+ [BM] \(([0-9.]+) GiB\)(?:, |$)", parts)
+        }
+    units = {m: tuple(map(float, u)) for m, *u in re.findall(r"^- (.+?), resident.*\n  sharded .*?root unit ([0-9.]+) GiB, the largest block unit ([0-9.]+) GiB, buffers \(kept whole\) ([0-9.]+) GiB", proc.stdout, re.M)}  # fmt: skip
+    rows = {(r["model"], r["text"], r["shards"]): r for r in table(proc.stdout)}
+    assert len(rows) == 8
+    for model in ("SD3.5 Medium", "FLUX.1-dev"):
+        g, (root, largest, buffers) = gib[model], units[model]
+        text = sum(v for k, v in g.items() if k.startswith(("CLIP", "T5")))
+        whole = sum(g.values())
+        den, lora = g["denoiser"], g["LoRA + grad + AdamW (fp32)"]
+        expect = {
+            ("loaded", "1"): (whole, 0.0),
+            ("cached", "1"): (whole - text, 0.0),
+            ("loaded", "8"): (whole - (den - buffers) * 7 / 8 - lora * 7 / 8, root + 2 * largest),
+            ("cached", "8"): (whole - text - (den - buffers) * 7 / 8 - lora * 7 / 8, root + 2 * largest),
+        }
+        act = float(rows[model, "loaded", "1"]["activations at peak"])
+        for (text_mode, shards), (resident, gathered) in expect.items():
+            r = rows[model, text_mode, shards]
+            assert float(r["resident"]) == pytest.approx(resident, abs=0.1), (model, text_mode, shards)
+            assert float(r["gathered"]) == pytest.approx(gathered, abs=0.1), (model, text_mode, shards)
+            assert float(r["activations at peak"]) == act
+            peak = float(r["peak"])
+            assert r["smallest GPU"] == ("24" if peak <= 21.6 else "40" if peak <= 36 else "none")
+    assert units["SD3.5 Medium"][2] > 0.3  # its position table: a buffer, kept whole
+    # FLUX.1-dev does not fit 24 GiB unsharded even with the text cached; sharded over 8 with it cached it does
+    assert (
+        rows["FLUX.1-dev", "cached", "1"]["smallest GPU"] != "24"
+        and rows["FLUX.1-dev", "cached", "8"]["smallest GPU"] == "24"
+    )
+
+
 @pytest.mark.parametrize(
     "args, names",
     [
@@ -65,8 +123,10 @@ def test_small_table_is_well_formed_and_ordered():
         (["--mode", "fast"], "--mode"),
         (["--backprop-steps", "0"], "--backprop-steps"),
         (["--bogus"], "--bogus"),
+        (["--shard", "0"], "--shard"),
+        (["--text", "offloaded"], "--text"),
     ],
-    ids=["model", "resolution", "beyond_pos_embed", "batch", "mode", "backprop_steps", "unknown"],
+    ids=["model", "resolution", "beyond_pos_embed", "batch", "mode", "backprop_steps", "unknown", "shard", "text"],
 )
 def test_wrong_argument_is_one_error_line(args, names, capsys, monkeypatch):
     monkeypatch.setattr(me, "build", lambda *a, **k: pytest.fail("got past the argument checks"))

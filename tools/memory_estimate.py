@@ -4,6 +4,7 @@
     python tools/memory_estimate.py --model sd3.5-medium sd3.5-large --resolution 512 1024 --batch 1 4
     python tools/memory_estimate.py --model sdxl --resolution 512 1024 --no-autocast --lora-rank 0  # the old modelling
     python tools/memory_estimate.py --model flux.1-dev --resolution 512 1024 --batch 1 4 --trainer alignprop ddpo
+    python tools/memory_estimate.py --model flux.1-dev --resolution 512 1024 --shard 1 2 8 --text loaded cached --wide
 
 The denoiser (UNet, SD3 or FLUX transformer) and the VAE are built from their published configs (the dicts
 below) on PyTorch's `meta` device, with LoRA adapters where the trainers put them, and one training
@@ -30,7 +31,14 @@ keep + what piece i saves when recomputed). The modes checkpoint:
   none    nothing
 Resident = frozen denoiser + VAE + text encoders + reward model (all in --dtype; SDXL's VAE in fp32
 under fp16, as the loader does) + LoRA weights, gradients and AdamW moments (fp32, 16 bytes per
-parameter). Not counted: gradient buffers of activations during backward, the reward model's
+parameter). `--text cached` (the trainers' --cache-text) leaves the text encoders out. `--shard N` (the
+trainers' --fsdp over N processes) divides the denoiser's parameters and the LoRA's 16 bytes per parameter
+by N (buffers, such as SD3's position table, stay whole in every process, as FSDP2 keeps them) and adds
+what FSDP2 holds all-gathered at once ("gathered"): the root unit's weights (the denoiser outside its
+blocks, held through the step) and two of the largest block units (the one computing and the next,
+prefetched); the units are sharding.units' (the trainers' own rule). Activations are per process, so they
+do not change with N. "smallest GPU": the first of --gpus whose memory the peak fits with the same share of
+headroom as the fit column (--headroom-gib of --gpu-gib, 10 %). Not counted: gradient buffers of activations during backward, the reward model's
 activations, the CUDA context, allocator slack and fragmentation, the sampling phase (no graph) and
 DDPO's stored trajectories. These are estimates, not measurements.
 """
@@ -50,6 +58,7 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `python tools/memory_estimate.py` from anywhere imports the project's modules (FLUX)
+from sharding import units  # noqa: E402  (the trainers' FSDP units: one rule for every family)
 
 GiB = 2**30
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -374,6 +383,9 @@ class Built:
     weights: set
     params: dict  # name -> (parameter count, bytes per parameter)
     lora_params: int
+    buffers: int = 0  # bytes of the denoiser's buffers (not sharded)
+    root_unit: int = 0  # bytes of the denoiser's weights outside its FSDP block units
+    largest_unit: int = 0  # bytes of the largest block unit's weights
 
 
 def build(name: str, dtype, lora_rank: int, autocast: bool, reward: str) -> Built:
@@ -403,14 +415,51 @@ def build(name: str, dtype, lora_rank: int, autocast: bool, reward: str) -> Buil
     if reward == "aesthetic":
         params["reward (aesthetic CLIP-L)"] = (count_aesthetic(), size)
     params["LoRA + grad + AdamW (fp32)"] = (lora, 16)
-    return Built(fam, den, vae, weights, params, lora)
+    unit_bytes = fsdp_units(den)
+    root = unit_bytes.pop("")
+    buffers = sum(t.numel() * t.element_size() for t in den.buffers())
+    return Built(fam, den, vae, weights, params, lora, buffers, root, max(unit_bytes.values(), default=0))
 
 
-def resident_bytes(b: Built, t5: bool, offload_text: bool) -> int:
+def fsdp_units(den: nn.Module) -> dict[str, int]:
+    """Bytes of the weights of each FSDP unit of sharding.units ('' the root: everything outside them), each
+    parameter counted in the innermost unit that holds it."""
+    names = units(den)
+    owner = {}
+    for name in reversed(names):  # outermost first, so inner units overwrite
+        for pname, _ in den.get_submodule(name).named_parameters():
+            owner[f"{name}.{pname}"] = name
+    sizes = {"": 0} | dict.fromkeys(names, 0)
+    for pname, p in den.named_parameters():
+        sizes[owner.get(pname, "")] += p.numel() * p.element_size()
+    return sizes
+
+
+def resident_bytes(b: Built, t5: bool, cached_text: bool, shards: int = 1) -> int:
+    """Bytes held through the step by each process: the denoiser's parameters and the LoRA's weights, gradients
+    and moments divided over `shards` processes (its buffers whole), everything else whole."""
     text = {label for label, _, _ in b.family.text_encoders} | {"T5-XXL"}
-    return sum(
-        n * s for k, (n, s) in b.params.items() if not (k == "T5-XXL" and not t5) and not (offload_text and k in text)
-    )
+    total = 0
+    for k, (n, s) in b.params.items():
+        if (k == "T5-XXL" and not t5) or (cached_text and k in text):
+            continue
+        if k == "denoiser":
+            total += b.buffers + -(-(n * s - b.buffers) // shards)
+        elif k.startswith("LoRA"):
+            total += -(-(n * s) // shards)
+        else:
+            total += n * s
+    return total
+
+
+def gathered_bytes(b: Built, shards: int) -> int:
+    """What FSDP2 holds all-gathered at the worst moment: the root unit (through the step) and two block units
+    (the one computing, the next one prefetched); nothing when not sharded (everything is resident)."""
+    return 0 if shards == 1 else b.root_unit + 2 * b.largest_unit
+
+
+def smallest_gpu(peak: float, gpus: list[float], share: float) -> str:
+    return next((f"{g:g}" for g in sorted(gpus) if peak <= g * (1 - share)), "none")
 
 
 def cond_inputs(fam: Family, n: int, dtype) -> dict:
@@ -524,7 +573,14 @@ def parse_args(argv=None):
     p.add_argument("--backprop-steps", type=int, default=1, help="AlignProp's K (denoiser calls with gradient)")
     p.add_argument("--lora-rank", type=int, default=4, help="0: no adapters (gradient flows from the latents)")
     p.add_argument("--reward", choices=("aesthetic", "none"), default="aesthetic", help="reward weights kept resident")
-    p.add_argument("--offload-text-encoders", action="store_true", help="text encoders not resident on the GPU")
+    p.add_argument("--text", nargs="+", choices=("loaded", "cached"), default=["loaded"],
+                   help="text encoders on the GPU, or cached: the trainers' --cache-text (encoders off the GPU)")  # fmt: skip
+    p.add_argument("--shard", nargs="+", type=int, default=[1],
+                   help="processes the denoiser is sharded over (the trainers' --fsdp); 1: not sharded")  # fmt: skip
+    p.add_argument("--gpus", nargs="+", type=float, default=[24, 40, 48, 80, 141],
+                   help="GPU memory sizes (GiB) the 'smallest GPU' column picks from")  # fmt: skip
+    p.add_argument("--wide", action="store_true",
+                   help="one row per setting, one column per --shard x --text: the peak and the smallest GPU")  # fmt: skip
     p.add_argument("--no-autocast", action="store_true", help="trace in plain --dtype (no autocast casts)")
     p.add_argument("--gpu-gib", type=float, default=80.0, help="GPU memory the fit column compares against")
     p.add_argument("--headroom-gib", type=float, default=8.0,
@@ -544,6 +600,10 @@ def parse_args(argv=None):
         p.error(f"--lora-rank must be >= 0, got {a.lora_rank}")
     if a.gpu_gib <= 0 or a.headroom_gib < 0:
         p.error("--gpu-gib must be > 0 and --headroom-gib >= 0")
+    if min(a.shard) < 1:
+        p.error(f"--shard must be >= 1 (processes the denoiser is sharded over), got {min(a.shard)}")
+    if min(a.gpus) <= 0:
+        p.error(f"--gpus must be GPU sizes > 0 GiB, got {min(a.gpus)}")
     return a
 
 
@@ -555,11 +615,12 @@ def main(argv=None):
     a = parse_args(argv)
     dtype = DTYPES[a.dtype]
     autocast = not a.no_autocast
+    share = a.headroom_gib / a.gpu_gib
     print(
         f"Estimated peak GPU memory per process, GiB ({a.dtype}, LoRA rank {a.lora_rank}, K = {a.backprop_steps}, "
         f"{'CUDA autocast' if autocast and dtype != torch.float32 else 'no autocast'}; shape accounting, not measured)\n"
     )
-    rows = []
+    rows, wide = [], []
     for name in a.model:
         b = build(name, dtype, a.lora_rank, autocast, a.reward)
         parts = ", ".join(
@@ -567,6 +628,11 @@ def main(argv=None):
             for k, (n, s) in b.params.items()
         )
         print(f"- {b.family.label}, resident parameters: {parts}")
+        if max(a.shard) > 1:
+            print(
+                f"  sharded (FSDP2 units of sharding.units): the root unit {b.root_unit / GiB:.2f} GiB, the largest block "
+                f"unit {b.largest_unit / GiB:.2f} GiB, buffers (kept whole) {b.buffers / GiB:.2f} GiB"
+            )
         for px in a.resolution or [b.family.native]:
             for batch in a.batch:
                 for trainer in a.trainer:
@@ -576,27 +642,45 @@ def main(argv=None):
                     full = traced.get("none") or trace(b, px, batch, "none", trainer, a.backprop_steps, dtype, autocast)
                     _, call_b, vae_b = full
                     for t5 in a.t5 if b.family.t5 else ["-"]:
-                        res = resident_bytes(b, t5 != "without", a.offload_text_encoders)
                         for mode in a.mode:
-                            tape = traced[mode][0]
-                            act = tape.peak()
-                            peak = (res + act) / GiB
-                            rows.append(
-                                [b.family.label, t5, trainer, px, batch, mode, f"{res / GiB:.1f}", f"{call_b / GiB:.1f}",
-                                 f"{vae_b / GiB:.1f}" if trainer == "alignprop" else "-", f"{act / GiB:.1f}",
-                                 f"{peak:.1f}", fits(peak, a.gpu_gib, a.headroom_gib)]
-                            )  # fmt: skip
+                            act = traced[mode][0].peak()
+                            cells = []
+                            for shards in a.shard:
+                                for text in a.text:
+                                    res = resident_bytes(b, t5 != "without", text == "cached", shards)
+                                    gathered = gathered_bytes(b, shards)
+                                    peak = (res + gathered + act) / GiB
+                                    gpu = smallest_gpu(peak, a.gpus, share)
+                                    cells.append(f"{peak:.1f} ({gpu})")
+                                    rows.append(
+                                        [b.family.label, t5, text, shards, trainer, px, batch, mode, f"{res / GiB:.1f}",
+                                         f"{gathered / GiB:.1f}", f"{call_b / GiB:.1f}",
+                                         f"{vae_b / GiB:.1f}" if trainer == "alignprop" else "-", f"{act / GiB:.1f}",
+                                         f"{peak:.1f}", fits(peak, a.gpu_gib, a.headroom_gib), gpu]
+                                    )  # fmt: skip
+                            wide.append([b.family.label, t5, trainer, px, batch, mode, *cells])
     print()
-    header = ["model", "T5", "trainer", "px", "batch", "mode", "resident", "denoiser call", "VAE decode",
-              "activations at peak", "peak", f"fits {a.gpu_gib:g} GiB"]  # fmt: skip
+    if a.wide:
+        header = ["model", "T5", "trainer", "px", "batch", "mode"] + [
+            f"{'1 GPU' if n == 1 else f'{n} sharded'}{', text cached' if t == 'cached' else ''}"
+            for n in a.shard
+            for t in a.text
+        ]
+        table = wide
+    else:
+        header = ["model", "T5", "text", "shards", "trainer", "px", "batch", "mode", "resident", "gathered",
+                  "denoiser call", "VAE decode", "activations at peak", "peak", f"fits {a.gpu_gib:g} GiB", "smallest GPU"]  # fmt: skip
+        table = rows
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for r in rows:
+    for r in table:
         print("| " + " | ".join(map(str, r)) + " |")
     print(
         f"\n(GiB. 'denoiser call' and 'VAE decode': bytes saved for backward by one call / the decode with nothing "
-        f"checkpointed; 'fits': yes = peak <= {a.gpu_gib:g} - {a.headroom_gib:g} GiB headroom for what is not "
-        f"counted, tight = under {a.gpu_gib:g} GiB but not by that much.)"
+        f"checkpointed; 'gathered': what FSDP2 holds all-gathered when sharded; 'fits': yes = peak <= {a.gpu_gib:g} - "
+        f"{a.headroom_gib:g} GiB headroom for what is not counted, tight = under {a.gpu_gib:g} GiB but not by that much; "
+        f"smallest GPU: the first of {', '.join(f'{g:g}' for g in sorted(a.gpus))} GiB whose {1 - share:.0%} the peak fits, "
+        f"'none' if none. Wide layout: each cell is 'peak (smallest GPU)'.)"
     )
 
 
