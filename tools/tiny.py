@@ -238,6 +238,17 @@ def build_t5_tokenizer(out_dir: str | Path | None = None, model_max_length: int 
 SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 
 
+def make_tiny_t5(width: int):
+    """(tokenizer, encoder): the offline T5 tokenizer and a tiny T5 v1.1 encoder (gated GELU, as SD3's and
+    FLUX's T5-XXL) of model width `width`."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_t5_tokenizer()
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # fmt: skip
+    return tokenizer, T5EncoderModel(config)
+
+
 def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: bool = False) -> Path:
     """A tiny SD3 pipeline (32 px images, 16x16x16 latents) saved with StableDiffusion3Pipeline.save_pretrained,
     built like the real one: two CLIPTextModelWithProjection of different widths (32 and 64: 96-d token states,
@@ -253,7 +264,7 @@ def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: boo
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
     from diffusion import build_clip_tokenizer
 
@@ -287,21 +298,7 @@ def make_tiny_sd3(out_dir: str | Path, t5: bool = True, seed: int = 0, sd35: boo
     )
     text_encoder_3 = tokenizer_3 = None
     if t5:
-        tokenizer_3 = build_t5_tokenizer()
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_3),
-                d_model=t5_width,
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's T5-XXL
-                pad_token_id=0,
-                eos_token_id=1,
-                decoder_start_token_id=0,
-            )
-        )
+        tokenizer_3, text_encoder_3 = make_tiny_t5(t5_width)
     with tempfile.TemporaryDirectory() as tmp:
         build_clip_tokenizer(tmp)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
@@ -344,7 +341,7 @@ def make_tiny_flux(out_dir: str | Path, guidance: bool = True, seed: int = 0) ->
     output is used), a T5 encoder 128 wide with the offline T5 tokenizer, a 16-channel VAE with FLUX's scaling
     and shift factors and no quant convs, and FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from diffusion import build_clip_tokenizer
 
@@ -371,21 +368,7 @@ def make_tiny_flux(out_dir: str | Path, guidance: bool = True, seed: int = 0) ->
         use_post_quant_conv=False,
     )
     text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, projection_dim=32))
-    tokenizer_2 = build_t5_tokenizer()
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=t5_width,
-            d_kv=16,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
-    )
+    tokenizer_2, text_encoder_2 = make_tiny_t5(t5_width)
     with tempfile.TemporaryDirectory() as tmp:
         build_clip_tokenizer(tmp)
         tokenizer = CLIPTokenizer.from_pretrained(tmp)
