@@ -303,7 +303,7 @@ def test_prompt_weighting_blends_t5_at_its_positions_and_pooled_only_when_asked(
 def test_cfg_schedule_switches_on_the_shifted_sigmas(px, n, expected_low):
     """FLUX.1-dev's scheduler (dynamic shifting, VAE factor 8): --t-sw 0.8 puts w_low exactly on the steps whose
     shifted sigma is at least sigma_sw = 1 / (1 + sqrt(ab / (1 - ab))) with SD's alpha_bar at t = 800 (computed
-    here in float64), 8 of 28 steps at 512 px and 11 at 1024 px (the numbers the README gives): the same noise
+    here in float64), 8 of 28 steps at 512 px and 11 at 1024 px (the numbers docs/flux_notes.md gives): the same noise
     level as on SD3, reached after more steps at the higher resolution."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
