@@ -7,12 +7,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# pytest.ini runs the suite in several worker processes (pytest-xdist): the cores are shared out among them,
+# and among the subprocesses the tests start, since two thread teams on one core slow each other many times.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 # Triton kernels run through the CPU interpreter when there is no GPU; the flag is read when a
 # kernel is defined, so it must be set before any project module imports triton.
 import torch  # noqa: E402  (does not import triton)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if _WORKERS > 1:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -136,3 +143,9 @@ def lora_weights(ckpt_dir) -> dict:
     from safetensors.torch import load_file
 
     return load_file(Path(ckpt_dir) / "pytorch_lora_weights.safetensors")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (pytest.ini): one worker a core, at most 4 (each builds its own tiny models; a many-core machine
+    gains little beyond that, and the rest of its cores go to the workers' threads)."""
+    return max(1, min(4, os.cpu_count() or 1))

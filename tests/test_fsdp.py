@@ -76,6 +76,12 @@ def accelerate_launch(config, *args):
     return [*accelerate, "--config_file", str(ROOT / "configs" / config), "--num_processes", "2", *map(str, args)]
 
 
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(*commands, timeout=600):
     """Launcher commands run side by side (the machines of one launch), each a subprocess in a private TMPDIR
     (the launchers leave a folder there). Returns the finished processes (returncode, stdout, stderr)."""
@@ -111,9 +117,11 @@ def runs_done(models, tiny_aesthetic, tmp_path_factory):
         ]
     )
     (root / "runs.json").write_text(json.dumps(plan))
+    # A free port: accelerate's default (29500) would collide with another launch on this machine.
     (proc,) = launch(
-        accelerate_launch("accelerate_8gpu_fsdp.yaml", ROOT / "tests" / "runs_in_one_launch.py", root / "runs.json")
-    )
+        accelerate_launch("accelerate_8gpu_fsdp.yaml", "--main_process_port", free_port(),
+                          ROOT / "tests" / "runs_in_one_launch.py", root / "runs.json")
+    )  # fmt: skip
     finished = proc.stdout.count("finished: ")
     assert finished == len(plan) - 1 and proc.returncode != 0, (
         f"{finished} of {len(plan) - 1} runs finished, exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -129,9 +137,7 @@ def resumed(runs_done, models, tiny_aesthetic):
     out = runs_done / "alignprop-sd" / "fsdp"
     assert [c.name for c in rundir.checkpoints(out)] == ["epoch_0000"]  # killed after its first checkpoint
     script, argv = command("alignprop-sd", models, tiny_aesthetic, out, "--fsdp", "--resume")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     machines = [
         accelerate_launch("accelerate_2node.yaml", "--machine_rank", rank, "--main_process_ip", "127.0.0.1",
                           "--main_process_port", port, ROOT / script, *argv)
