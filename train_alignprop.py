@@ -88,7 +88,7 @@ def main(args: Args):
     from torch.utils.checkpoint import checkpoint
 
     from diffusion import decode, seeded
-    from explore import diffexp_conditioning, is_exploring
+    from explore import backprop_note, diffexp_conditioning, is_exploring
     from kernels import cfg_ddim_step
 
     pipe, reward_fn, unet = run.pipe, run.reward_fn, run.unet  # the frozen base model, the differentiable reward
@@ -99,6 +99,8 @@ def main(args: Args):
         pipe.vae.enable_gradient_checkpointing()
 
     timesteps_host, timesteps, schedule = run.timesteps_host, run.timesteps, run.schedule  # DDIM's or the flow's
+    if note := backprop_note(diffexp, timesteps_host, pipe.scheduler, args.backprop_steps):
+        run.accelerator.print(note)  # the schedule then changes what is sampled, not the path the gradient takes
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)
     latent_size = run.resolution // pipe.vae_scale_factor

@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler
 from explore import (
     DiffExpConfig,
     apply_prompt_weights,
+    backprop_note,
     cfg_scales,
     choose_words,
     describe_cfg_schedule,
@@ -65,6 +66,29 @@ def test_unswitched_schedule_warning_names_the_flags_or_the_setting():
     assert warn(t_sw=0.5) is None  # 751 and 501 at w_low, 251 and 1 at w_high
     assert warn(t_sw=0.8, w_low=7.5, w_high=7.5) is None  # the schedule cannot change a scale
     assert warn(t_sw=0.8, cfg_schedule=False) is None
+
+
+def test_backprop_note_says_when_the_gradient_misses_the_w_low_steps():
+    """AlignProp's start-up note. SD's 10 leading timesteps are 901, 801, ..., 1; at t_sw 0.8 the first two
+    (901, 801) run at w_low, so the gradient reaches a w_low step only through the last 9 steps (by hand)."""
+    sched = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    sched.set_timesteps(10)
+    ts = sched.timesteps
+    assert ts[:3].tolist() == [901, 801, 701]
+
+    def note(k, **kw):
+        return backprop_note(DiffExpConfig(**{"t_sw": 0.8, **kw}), ts, sched, k)
+
+    assert note(1) == (
+        "note: --backprop-steps 1 carries the gradient through the last 1 of 10 steps; the CFG schedule's w_low "
+        "steps are the first 2, so no gradient passes through them (--backprop-steps 9 reaches them)"
+    )
+    assert note(8) is not None and note(9) is None and note(10) is None
+    assert note(1, t_sw=0.0) is None  # every step at w_low: the last one too
+    assert note(2, t_sw=0.2) is not None and note(3, t_sw=0.2) is None  # w_low 901 ... 201: K = 3 reaches 201
+    assert note(3, t_sw=0.3) is not None and note(4, t_sw=0.3) is None  # w_low down to 301: K = 4 reaches it
+    assert note(1, cfg_schedule=False) is None and note(1, w_low=7.5, w_high=7.5) is None
+    assert note(1, explore_frac=0.0) is None
 
 
 def test_cfg_schedule_off_and_per_sample_shape():

@@ -551,6 +551,8 @@ def test_toy_preset_runs_offline_end_to_end(tmp_path):
     proc = run_script("train_alignprop.py", "--config", "toy", "--num-epochs", 1, "--samples-per-epoch", 8, "--gradient-accumulation-steps", 1,
                       "--eval-num", 2, "--output-dir", out)  # fmt: skip
     assert proc.stdout.startswith("mixed precision: no")
+    # 10 steps, t_sw 0.8: w_low on 901 and 801; K = 1 misses them, and the run says so
+    assert "the CFG schedule's w_low steps are the first 2, so no gradient passes" in proc.stdout
     log = read_log(out)
     assert [r["epoch"] for r in log] == [-1, 0] and "eval_reward_mean" in log[-1]
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["epoch_0000", "initial"]
