@@ -99,9 +99,8 @@ def test_groups_kl_and_timestep_fraction_in_one_run(monkeypatch, spies, tiny_sd_
     assert spies["denoise"] == 2 * (sampling + 2 * trained)
     assert len(spies["groups"]) == 2
     for record, (rewards32, groups, _) in zip(log, spies["groups"]):
-        rewards = rewards32.astype(
-            np.float64
-        )  # by hand in float64: float32 loses ~1e-5 to the cancellation in r - mean
+        # by hand in float64: float32 loses ~1e-5 to the cancellation in r - mean
+        rewards = rewards32.astype(np.float64)
         prompts = [p["prompt"] for p in record["prompt_weights"]]
         assert prompts[:3] == [prompts[0]] * 3 and prompts[3:] == [prompts[3]] * 3
         assert groups.tolist() == [0, 0, 0, 1, 1, 1]
