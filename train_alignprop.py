@@ -99,7 +99,7 @@ def main(args: Args):
         pipe.vae.enable_gradient_checkpointing()
 
     timesteps_host, timesteps, schedule = run.timesteps_host, run.timesteps, run.schedule  # DDIM's or the flow's
-    if note := backprop_note(diffexp, timesteps_host, pipe.scheduler, args.backprop_steps):
+    if note := backprop_note(diffexp, timesteps_host, pipe.scheduler, args.backprop_steps, args.backprop_steps_random):
         run.accelerator.print(note)  # the schedule then changes what is sampled, not the path the gradient takes
     text = run.text  # prompts -> conditioning; .negative is CFG's, .empty DiffExp's e_empty
     B, batches_per_epoch = args.batch_size, args.samples_per_epoch // (args.batch_size * run.world)

@@ -76,14 +76,16 @@ def test_backprop_note_says_when_the_gradient_misses_the_w_low_steps():
     ts = sched.timesteps
     assert ts[:3].tolist() == [901, 801, 701]
 
-    def note(k, **kw):
-        return backprop_note(DiffExpConfig(**{"t_sw": 0.8, **kw}), ts, sched, k)
+    def note(k, random_k=False, **kw):
+        return backprop_note(DiffExpConfig(**{"t_sw": 0.8, **kw}), ts, sched, k, random_k)
 
     assert note(1) == (
         "note: --backprop-steps 1 carries the gradient through the last 1 of 10 steps; the CFG schedule's w_low "
         "steps are the first 2, so no gradient passes through them (--backprop-steps 9 reaches them)"
     )
     assert note(8) is not None and note(9) is None and note(10) is None
+    # K ~ U{1..8}: never past the 8th step from the end either, said as "at most"; K ~ U{1..9} reaches it at times
+    assert "through at most the last 8 of 10 steps" in note(8, random_k=True) and note(9, random_k=True) is None
     assert note(1, t_sw=0.0) is None  # every step at w_low: the last one too
     assert note(2, t_sw=0.2) is not None and note(3, t_sw=0.2) is None  # w_low 901 ... 201: K = 3 reaches 201
     assert note(3, t_sw=0.3) is not None and note(4, t_sw=0.3) is None  # w_low down to 301: K = 4 reaches it
