@@ -613,6 +613,9 @@ class Run:
             yield epoch
         bar.close()
         self.epoch = None
+        # Every process past its last collective before any tears the group down (a 2-process CPU run's second
+        # process once aborted in teardown, 'terminate called without an active exception'; cause not found).
+        self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
         if self.accelerator.is_main_process:
             last = rundir.latest_checkpoint(self.dir)
