@@ -143,7 +143,8 @@ PRESET_TIME = {
     "2026-12-03 with toy-dropped beside it, one thread each: both finished in that time)",
     "toy-hidden-k10": "about 2.7 h on a 2-core CPU (20 AlignProp runs at K = 10, 465-510 s a run at one thread beside "
     "another comparison; measured 2026-12-06)",
-    "toy-hidden-krand": "about 1.5 h on a 2-core CPU (20 AlignProp runs at K ~ U{1..10}; estimated before the first measured run)",
+    "toy-hidden-krand": "about 1.5 h on a 2-core CPU (20 AlignProp runs at K ~ U{1..10}, 210-360 s a run at one thread "
+    "beside another comparison; measured 2026-12-06)",
     "toy-hidden-stuck": "about 3.8 h on a 2-core CPU (20 DDPO runs of 960 samples, 525-870 s a run at one thread beside "
     "another comparison; measured 2026-12-06)",
     "toy-dropped": "about 1.5 h on a 2-core CPU (40 runs: AlignProp ~90 s, DDPO ~180 s a run; measured 2026-12-03)",
