@@ -149,18 +149,3 @@ def pytest_xdist_auto_num_workers(config):
     """`-n auto` (pytest.ini): one worker a core, at most 4 (each builds its own tiny models; a many-core machine
     gains little beyond that, and the rest of its cores go to the workers' threads)."""
     return max(1, min(4, os.cpu_count() or 1))
-
-
-# The files that take longest (per-file test time, one process, 2026-12-06: test_train_ddpo 225 s, test_runs 140 s,
-# test_toy 116 s, test_toy_hidden 110 s, test_fsdp 92 s, test_train_alignprop 91 s, test_compile 76 s,
-# test_bench_arms 74 s, test_sdxl 47 s; the other 22 files 328 s together). pytest.ini hands whole files to the
-# workers in collection order (--no-loadscope-reorder; xdist's own order puts the files with the most tests first,
-# which left these few long files for the end, one worker running them while the other sat idle), so they go
-# first and the short files fill in around them.
-LONGEST_FIRST = ("test_train_ddpo.py", "test_runs.py", "test_toy.py", "test_toy_hidden.py", "test_fsdp.py",
-                 "test_train_alignprop.py", "test_compile.py", "test_bench_arms.py", "test_sdxl.py")  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
