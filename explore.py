@@ -472,8 +472,9 @@ def unswitched_schedule_warning(cfg: DiffExpConfig, timesteps, scheduler, settin
 
 def backprop_note(cfg: DiffExpConfig, timesteps, scheduler, backprop_steps: int, random_k: bool = False) -> str | None:
     """AlignProp: a note when the CFG schedule runs some steps at w_low but the gradient (through the last
-    `backprop_steps` steps, or K ~ U{1..backprop_steps} with `random_k`) never passes through them, so the schedule changes the
-    images trained on but not the path the update takes; None when it does, or the schedule does not act.
+    `backprop_steps` steps, or K ~ U{1..backprop_steps} with `random_k`) never passes through them, so the
+    schedule changes the images trained on but not the path the update takes; None when it does, or the
+    schedule does not act.
     (On the toy mode-drop world DiffExp cost AlignProp reward at K = 1 and did not at K = 10.)"""
     low = low_guidance_steps(torch.as_tensor(timesteps).cpu(), scheduler, cfg.t_sw)
     if not cfg.cfg_schedule or cfg.explore_frac == 0 or cfg.w_low == cfg.w_high or not bool(low.any()):
@@ -482,11 +483,11 @@ def backprop_note(cfg: DiffExpConfig, timesteps, scheduler, backprop_steps: int,
     needed = n - int(low.nonzero().max())  # the last w_low step is this many steps from the end
     if backprop_steps >= needed:
         return None
+    span = f"{'at most ' if random_k else ''}the last {backprop_steps} of {n} steps"
     return (
-        f"note: --backprop-steps {backprop_steps} carries the gradient through {'at most ' if random_k else ''}the "
-        f"last {backprop_steps} of "
-        f"{n} steps; the CFG schedule's w_low steps are the first {int(low.sum())}, so no gradient passes "
-        f"through them (--backprop-steps {needed} reaches them)"
+        f"note: --backprop-steps {backprop_steps} carries the gradient through {span}; the CFG schedule's w_low "
+        f"steps are the first {int(low.sum())}, so no gradient passes through them (--backprop-steps {needed} "
+        f"reaches them)"
     )
 
 
