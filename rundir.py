@@ -340,6 +340,16 @@ def _flag_value(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
+def run_outputs(out: str | Path) -> tuple[str, ...]:
+    """What a run in `out` computed (RUN_OUTPUTS present, folders with a trailing /): () for a folder
+    that holds nothing to resume, e.g. only a .lock left by a run killed while starting."""
+    out = Path(out)
+    found = tuple(n + ("/" if (out / n).is_dir() else "") for n in RUN_OUTPUTS if (out / n).exists())
+    if found == ("checkpoints/",) and not any((out / "checkpoints").iterdir()):
+        found = ()  # an empty checkpoints/ (a run stopped while writing its first checkpoint leaves .tmp_*)
+    return found
+
+
 def plan_run(args: dict, trainer: str | None = None, family: str | None = None) -> RunPlan:
     """Decide what to do with the run folder args['output_dir'] given --resume / --overwrite /
     --allow-changed-args (`args`: the trainer's flat arguments, as args.json holds them), reading only.
@@ -358,9 +368,7 @@ def plan_run(args: dict, trainer: str | None = None, family: str | None = None) 
         raise ValueError(
             f"--output-dir {out} holds {_result_name(found_kind['by'])}: choose another --output-dir (a folder holds one result)"
         )
-    found = tuple(n + ("/" if (out / n).is_dir() else "") for n in RUN_OUTPUTS if (out / n).exists())
-    if found == ("checkpoints/",) and not any((out / "checkpoints").iterdir()):
-        found = ()  # an empty checkpoints/ (a run stopped while writing its first checkpoint leaves .tmp_*)
+    found = run_outputs(out)
     ckpt = latest_checkpoint(out)
     if args["overwrite"]:
         return RunPlan("overwrite", found=found)

@@ -1,6 +1,8 @@
 """tools/bench_arms.py as a user runs it: the budget and time estimate it prints, a finished comparison
-skipped, an interrupted run continued with --resume, the paired report."""
+skipped, an interrupted run continued with --resume, one killed while
+starting begun afresh, the paired report."""
 
+import shutil
 import sys
 
 import pytest
@@ -33,11 +35,15 @@ def test_a_comparison_runs_reports_and_resumes(comparison, tmp_path):
     log = (run / "log.jsonl").read_text().splitlines()
     (run / "log.jsonl").write_text("\n".join(log[:-1]) + "\n")
     for ckpt in (run / "checkpoints").glob("epoch_0001"):
-        import shutil
-
         shutil.rmtree(ckpt)
+    # A run killed while starting leaves only its .lock: started afresh (with --resume it would fail: nothing to resume).
+    fresh = tmp_path / "bench" / "alignprop" / "baseline" / "seed0"
+    shutil.rmtree(fresh)
+    fresh.mkdir()
+    (fresh / ".lock").write_text('{"pid": 1, "owner": "alignprop"}')
     again = run_script("tools/bench_arms.py", *comparison)
-    assert "1 runs to go" in again.stdout and "[1/1] alignprop diffexp seed 1" in again.stdout
+    assert "2 runs to go" in again.stdout and "[2/2] alignprop diffexp seed 1" in again.stdout
+    assert [r["epoch"] for r in read_log(fresh)] == [-1, 0, 1]
     assert [r["epoch"] for r in read_log(run)] == [-1, 0, 1]
     history = (run / "args.jsonl").read_text().splitlines()
     assert '"mode": "resume"' in history[-1]

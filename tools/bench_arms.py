@@ -197,6 +197,8 @@ def curve(run: Path, key: str) -> list[tuple[int, float]]:
 
 def run_all(args: Args, out: Path):
     """Every (method, arm, seed) run not yet finished, in order; an interrupted one continues with --resume."""
+    import rundir
+
     todo = [
         (m, a, s)
         for m in args.methods
@@ -215,8 +217,9 @@ def run_all(args: Args, out: Path):
     seconds = {}  # method -> durations of the runs finished in this invocation (for the estimate)
     for i, (method, arm, seed) in enumerate(todo):
         run = out / method / arm / f"seed{seed}"
-        # --resume continues an interrupted run (a run stopped before its first checkpoint restarts there).
-        cmd = command(args, method, arm, seed, run) + (["--resume"] if run.is_dir() and any(run.iterdir()) else [])
+        # --resume continues an interrupted run (a run stopped before its first checkpoint restarts there); a
+        # folder with nothing to resume (a run killed while starting leaves only its .lock) starts afresh.
+        cmd = command(args, method, arm, seed, run) + (["--resume"] if run.is_dir() and rundir.run_outputs(run) else [])
         print(f"[{i + 1}/{len(todo)}] {method} {arm} seed {seed}", flush=True)
         # Passive OpenMP waiting: on a shared CPU, spinning threads made a run several times slower.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
