@@ -7,8 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# pytest.ini runs the suite in several worker processes (pytest-xdist): the cores are shared out among them,
-# and among the subprocesses the tests start, since two thread teams on one core slow each other many times.
+# pytest.ini's `-n auto` runs the suite in worker processes on 4 cores or more (pytest-xdist; on 2, in this one,
+# see pytest_xdist_auto_num_workers): the cores are shared out among the workers and the subprocesses the tests
+# start, since two thread teams on one core slow each other many times.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _WORKERS)))
@@ -146,6 +147,9 @@ def lora_weights(ckpt_dir) -> dict:
 
 
 def pytest_xdist_auto_num_workers(config):
-    """`-n auto` (pytest.ini): one worker a core, at most 4 (each builds its own tiny models; a many-core machine
-    gains little beyond that, and the rest of its cores go to the workers' threads)."""
-    return max(1, min(4, os.cpu_count() or 1))
+    """`-n auto` (pytest.ini): a worker per two cores, at most 4; on 2 cores or fewer none, the suite in this
+    process. Measured on 2 cores (2026-12-06, each alone): one process (torch's two threads) 17 min 28 s, two
+    single-thread workers 22 min 17 s: the long tests at the end ran at one thread each while the short ones
+    had gone, and each worker builds its own tiny models. 0 makes xdist run the tests here, undistributed."""
+    cores = os.cpu_count() or 1
+    return min(4, cores // 2) if cores >= 4 else 0
