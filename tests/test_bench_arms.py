@@ -1,6 +1,6 @@
 """tools/bench_arms.py as a user runs it: the budget and time estimate it prints, a finished comparison
-skipped, an interrupted run continued with --resume, one killed while
-starting begun afresh, the paired report."""
+skipped, an interrupted run continued with --resume (and only such a run), the paired
+report."""
 
 import shutil
 import sys
@@ -36,17 +36,27 @@ def test_a_comparison_runs_reports_and_resumes(comparison, tmp_path):
     (run / "log.jsonl").write_text("\n".join(log[:-1]) + "\n")
     for ckpt in (run / "checkpoints").glob("epoch_0001"):
         shutil.rmtree(ckpt)
-    # A run killed while starting leaves only its .lock: started afresh (with --resume it would fail: nothing to resume).
-    fresh = tmp_path / "bench" / "alignprop" / "baseline" / "seed0"
-    shutil.rmtree(fresh)
-    fresh.mkdir()
-    (fresh / ".lock").write_text('{"pid": 1, "owner": "alignprop"}')
     again = run_script("tools/bench_arms.py", *comparison)
-    assert "2 runs to go" in again.stdout and "[2/2] alignprop diffexp seed 1" in again.stdout
-    assert [r["epoch"] for r in read_log(fresh)] == [-1, 0, 1]
+    assert "1 runs to go" in again.stdout and "[1/1] alignprop diffexp seed 1" in again.stdout
     assert [r["epoch"] for r in read_log(run)] == [-1, 0, 1]
     history = (run / "args.jsonl").read_text().splitlines()
     assert '"mode": "resume"' in history[-1]
+
+
+def test_only_a_run_with_something_to_resume_is_passed_resume(tmp_path):
+    """A folder holding only the .lock of a run killed while starting gets no --resume (the trainer refuses
+    --resume there: 'holds no run to resume'), nor one whose checkpoints/ is empty; a log does."""
+    from tools import bench_arms
+
+    run = tmp_path / "seed0"
+    assert bench_arms.resume_flag(run) == []
+    run.mkdir()
+    (run / ".lock").write_text('{"pid": 1, "owner": "alignprop"}')
+    assert bench_arms.resume_flag(run) == []
+    (run / "checkpoints").mkdir()
+    assert bench_arms.resume_flag(run) == []
+    (run / "log.jsonl").write_text('{"epoch": -1}\n')
+    assert bench_arms.resume_flag(run) == ["--resume"]
 
 
 def test_wrong_arms_fail_in_one_line(tmp_path):

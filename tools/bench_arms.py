@@ -195,10 +195,17 @@ def curve(run: Path, key: str) -> list[tuple[int, float]]:
 # Running the comparison.
 
 
-def run_all(args: Args, out: Path):
-    """Every (method, arm, seed) run not yet finished, in order; an interrupted one continues with --resume."""
+def resume_flag(run: Path) -> list[str]:
+    """--resume for an interrupted run (one stopped before its first checkpoint restarts there); nothing for a
+    new one, or for a folder with nothing to resume (a run killed while starting leaves only its .lock), which
+    the trainer would refuse with --resume."""
     import rundir
 
+    return ["--resume"] if run.is_dir() and rundir.run_outputs(run) else []
+
+
+def run_all(args: Args, out: Path):
+    """Every (method, arm, seed) run not yet finished, in order; an interrupted one continues with --resume."""
     todo = [
         (m, a, s)
         for m in args.methods
@@ -217,9 +224,7 @@ def run_all(args: Args, out: Path):
     seconds = {}  # method -> durations of the runs finished in this invocation (for the estimate)
     for i, (method, arm, seed) in enumerate(todo):
         run = out / method / arm / f"seed{seed}"
-        # --resume continues an interrupted run (a run stopped before its first checkpoint restarts there); a
-        # folder with nothing to resume (a run killed while starting leaves only its .lock) starts afresh.
-        cmd = command(args, method, arm, seed, run) + (["--resume"] if run.is_dir() and rundir.run_outputs(run) else [])
+        cmd = command(args, method, arm, seed, run) + resume_flag(run)
         print(f"[{i + 1}/{len(todo)}] {method} {arm} seed {seed}", flush=True)
         # Passive OpenMP waiting: on a shared CPU, spinning threads made a run several times slower.
         env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
