@@ -1,6 +1,5 @@
 """tools/bench_arms.py as a user runs it: the budget and time estimate it prints, a finished comparison
-skipped, an interrupted run continued with --resume (and only such a run), the paired
-report."""
+skipped, an interrupted run continued with --resume (and only such a run), the paired report."""
 
 import shutil
 import sys

@@ -201,7 +201,7 @@ def resume_flag(run: Path) -> list[str]:
     the trainer would refuse with --resume."""
     import rundir
 
-    return ["--resume"] if run.is_dir() and rundir.run_outputs(run) else []
+    return ["--resume"] if rundir.run_outputs(run) else []  # () for a folder that does not exist, too
 
 
 def run_all(args: Args, out: Path):
